@@ -1,0 +1,419 @@
+"""The agent: its protocol and factory, request authentication and access checks, and the five
+order handlers (status, rlist, rsync, rkill, exec)."""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+import shlex
+import time
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+
+from deploy import auth
+from deploy.access import AllowedHosts, AllowedPaths, PathNotAllowed
+from deploy.commands import CommandError, build_command, group_leader_prefix, run_command
+from deploy.config import AgentConfig, RsyncGroup, agent_key_cipher
+from deploy.jobs import Job, JobError, JobRegistry
+from deploy.jobstate import OUTCOME_OK, OUTCOME_WARNING, error_message
+from deploy.rsync import RsyncOutputParser, RsyncTarget, build_argv, run_rsync
+from deploy.wire import HttpRequestReceiver, Request, RequestError, Response
+
+ORDERS = ("status", "rlist", "rsync", "rkill", "exec")
+MAX_OPTIONS = 8192
+DEFAULT_STATE_DIR = "/var/lib/deploy"
+_SURROGATES = re.compile("[\udc80-\udcff]")
+
+
+def b64(data: bytes | str) -> str:
+    if isinstance(data, str):
+        data = data.encode("utf-8", "surrogateescape")
+    return base64.b64encode(data).decode("ascii")
+
+
+def display_name(name: str) -> str:
+    """A file name for JSON: as is when it is UTF-8, else with rsync's own `\\#ooo` escapes for
+    the bytes that are not (JSON cannot carry them)."""
+    if not _SURROGATES.search(name):
+        return name
+    return _SURROGATES.sub(lambda m: f"\\#{ord(m.group()) - 0xDC00:03o}", name)
+
+
+class Busy(RequestError):
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            503, f"too many child processes running (max_prefork = {limit}); try again later"
+        )
+
+
+class AgentService:
+    """What every agent connection shares: config, access lists, auth state, jobs, children."""
+
+    log = Logger()
+
+    def __init__(self, config: AgentConfig, reactor: Any, *, clock: IReactorTime | None = None):
+        self.config = config
+        self.reactor = reactor
+        self.clock = clock or reactor
+        server = config.server
+        self.key_cipher = agent_key_cipher(server)
+        self.verifier = auth.HmacVerifier(
+            self.key_cipher, clock=self.clock, window=server.auth_window
+        )
+        self.allowed_hosts = AllowedHosts(config.allow_hosts)
+        self.allowed_paths = AllowedPaths(config.allow_paths)
+        self.state_dir = server.state_path or DEFAULT_STATE_DIR
+        self.jobs = JobRegistry(reactor, self.state_dir, grace=server.rkill_grace)
+        self.children = 0  # dry runs and exec commands in flight
+        self.prefix = group_leader_prefix()
+
+    def startup(self) -> None:
+        """Checks that must pass before the agent listens, and jobs a previous agent left."""
+        os.makedirs(self.state_dir, exist_ok=True)
+        for name in self.allowed_hosts.unresolved:
+            self.log.warn("allow::hosts entry {name} does not resolve; ignored", name=name)
+        if not self.config.allow_hosts:
+            self.log.warn("[allow::hosts] is empty: every request will be refused")
+        self.jobs.recover()
+
+    # -- checks
+
+    def authenticate(self, request: Request, fields: dict[str, str]) -> None:
+        header = request.headers.get("authorization")
+        target = request.path + (f"?{request.query}" if request.query else "")
+        try:
+            if header:
+                self.verifier.verify(header, request.method, target, request.body)
+            elif self.config.server.legacy_auth and fields.get("auth_key"):
+                auth.check_legacy_auth_key(
+                    self.key_cipher,
+                    fields["auth_key"],
+                    now=self.clock.seconds(),
+                    window=self.config.server.auth_window,
+                )
+            elif fields.get("auth_key"):
+                raise auth.AuthError(
+                    "legacy auth_key refused: this agent needs a signed request "
+                    "(or legacy_auth = true in [server])"
+                )
+            else:
+                raise auth.AuthError("missing Authorization header")
+        except auth.AuthError as e:
+            raise RequestError(401, str(e)) from None
+
+    def check_capacity(self) -> None:
+        limit = self.config.server.max_prefork
+        if limit and self.children + self.jobs.running_count() >= limit:
+            raise Busy(limit)
+
+    def resolve_target(self, options: str) -> tuple[RsyncTarget, RsyncGroup | None]:
+        """`options` is a group name, or inline `REMOTE_SOURCE,/local/path`."""
+        if "," in options:
+            dest, _, src = options.partition(",")
+            dest, src = dest.strip(), src.strip()
+            if not dest or not src:
+                raise RequestError(400, "empty value in options!")
+            if dest.startswith("-") or any(ord(c) < 32 or ord(c) == 127 for c in dest):
+                raise RequestError(400, f"bad remote source {dest!r}")
+            group = None
+            target = RsyncTarget(dest=dest, src=src)
+        else:
+            group = self.config.groups.get(options)
+            if group is None:
+                raise RequestError(400, "empty value in options!")
+            target = RsyncTarget(
+                dest=group.dest,
+                src=group.src,
+                rsync=group.rsync,
+                rsh=group.rsh,
+                options=tuple(group.options) if group.options is not None else None,
+                excludes=tuple(group.excludes),
+                includes=tuple(group.includes),
+                max_delete=group.max_delete,
+            )
+        try:
+            self.allowed_paths.check(target.src)
+        except PathNotAllowed as e:
+            raise RequestError(403, str(e)) from None
+        return target, group
+
+    # -- dry runs
+
+    @defer.inlineCallbacks
+    def dry_run(self, target: RsyncTarget, keep_lists: bool):
+        """Run rsync --dry-run on `target`; fires (parser, exit code, stderr text)."""
+        try:
+            argv = build_argv(target, dry_run=True)
+        except ValueError as e:
+            raise RequestError(400, str(e)) from None
+        parser = RsyncOutputParser(keep_lists=keep_lists)
+        self.children += 1
+        timer = None
+        try:
+            try:
+                proto, transport = run_rsync(self.reactor, [*self.prefix, *argv], parser)
+            except (OSError, FileNotFoundError) as e:
+                return parser, 127, f"cannot run {target.rsync}: {e}"
+            timeout = self.config.server.max_process_timeout
+            if timeout:
+                timer = self.clock.callLater(timeout, _stop_group, transport)
+            result = yield proto.ended
+        finally:
+            self.children -= 1
+            if timer is not None and timer.active():
+                timer.cancel()
+        code = result.exit_code
+        if timer is not None and not timer.active() and code != 0:
+            return parser, code, f"Process Timeout({timeout:g})!"
+        return parser, code, result.stderr
+
+    # -- orders
+
+    def order_status(self, options: str) -> defer.Deferred[Response]:
+        target, group = self.resolve_target(options)
+        job = self.jobs.running(target.checksum)
+        if job is not None:
+            return defer.succeed(Response.json(self._running_answer(job, with_progress=True)))
+        self.check_capacity()
+        d = self.dry_run(target, keep_lists=False)
+
+        def answer(result: tuple[RsyncOutputParser, int | None, str]) -> Response:
+            parser, code, stderr = result
+            if code != 0:
+                return Response.json(_rsync_failure(code, stderr))
+            stats = parser.stats
+            body: dict[str, Any] = {
+                "return": "true",
+                "alreadyRsync": "false",
+                "transferFilesCount": str(stats.files_transferred or 0),
+                "transferFilesSize": str(stats.transferred_size or 0),
+            }
+            last = self.jobs.last_result(target.checksum, _state_dir(group))
+            if last:
+                body["lastRsync"] = last
+            return Response.json(body)
+
+        return d.addCallback(answer)
+
+    def order_rlist(self, options: str) -> defer.Deferred[Response]:
+        target, _ = self.resolve_target(options)
+        self.check_capacity()
+        d = self.dry_run(target, keep_lists=True)
+
+        def answer(result: tuple[RsyncOutputParser, int | None, str]) -> Response:
+            parser, code, stderr = result
+            if code != 0:
+                return Response.json(_rsync_failure(code, stderr))
+            new = [display_name(n) for n in parser.new_files]
+            if parser.created_directory:
+                new.insert(0, "created directory " + display_name(parser.created_directory))
+            stats = parser.stats
+            return Response.json(
+                {
+                    "return": "true",
+                    "transferNewFiles": new,
+                    "transferDeleteFiles": [display_name(n) for n in parser.deleted_files],
+                    "transferFilesCount": str(stats.files_transferred or 0),
+                    "transferFilesSize": str(stats.transferred_size or 0),
+                }
+            )
+
+        return d.addCallback(answer)
+
+    def order_rsync(self, options: str) -> defer.Deferred[Response]:
+        target, group = self.resolve_target(options)
+        job = self.jobs.running(target.checksum)
+        if job is not None:
+            return defer.succeed(Response.json(self._running_answer(job, with_progress=False)))
+        self.check_capacity()
+        try:
+            build_argv(target, dry_run=False)
+            d = self.jobs.start(
+                target,
+                refuse_empty=_deletes(target) and not (group and group.allow_empty_source),
+                state_dir=_state_dir(group),
+            )
+        except ValueError as e:
+            raise RequestError(400, str(e)) from None
+        except (JobError, OSError) as e:
+            raise RequestError(500, str(e)) from None
+
+        def answer(job: Job) -> Response:
+            state = job.state
+            body: dict[str, Any] = {"checksum": target.checksum, "return": "true"}
+            if state.get("state") == "ended" and state.get("outcome") not in (
+                OUTCOME_OK,
+                OUTCOME_WARNING,
+            ):
+                message = state.get("message") or "rsync failed"
+                body.update(
+                    {
+                        "return": "false",
+                        "content": b64(message + "\n"),
+                        "message": message,
+                        "outcome": state.get("outcome"),
+                    }
+                )
+                if state.get("exitCode") is not None:
+                    body["exitCode"] = state["exitCode"]
+            return Response.json(body)
+
+        return d.addCallback(answer)
+
+    def order_rkill(self, options: str) -> Response:
+        target, _ = self.resolve_target(options)
+        pids = self.jobs.kill(target.checksum)
+        return Response.json({"return": "true", "process": [str(p) for p in pids]})
+
+    def order_exec(self, options: str) -> defer.Deferred[Response]:
+        try:
+            name, argv = build_command(self.config.jobs, options)
+        except CommandError as e:
+            raise RequestError(400, str(e)) from None
+        self.check_capacity()
+        command_line = shlex.join(argv)
+        self.children += 1
+        started = time.monotonic()
+        d = run_command(
+            self.reactor,
+            argv,
+            timeout=self.config.server.max_process_timeout,
+            prefix=self.prefix,
+        )
+
+        def done(result: Any) -> Response:
+            self.children -= 1
+            if isinstance(result, BaseException) or hasattr(result, "value"):
+                err = getattr(result, "value", result)
+                if isinstance(err, CommandError):
+                    return Response.json(
+                        {
+                            "return": "false",
+                            "command": b64(command_line),
+                            "content": "",
+                            "message": str(err),
+                        }
+                    )
+                raise err
+            body: dict[str, Any] = {
+                "return": "true" if result.ok else "false",
+                "command": b64(command_line),
+                "content": b64(result.output),
+            }
+            if result.exit_code is not None:
+                body["exitCode"] = result.exit_code
+            if result.timed_out:
+                body["message"] = f"Process Timeout({self.config.server.max_process_timeout:g})!"
+            elif result.signal is not None:
+                body["message"] = f"killed by signal {result.signal}"
+            if result.truncated:
+                body["outputTruncated"] = True
+            self.log.info(
+                "exec {name} exited {code} in {secs:.3f}s",
+                name=name,
+                code=result.exit_code,
+                secs=time.monotonic() - started,
+            )
+            return Response.json(body)
+
+        return d.addBoth(done)
+
+    def _running_answer(self, job: Job, *, with_progress: bool) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "return": "true",
+            "alreadyRsync": "true",
+            "process": [str(p) for p in job.pids()],
+            "checksum": job.checksum,
+        }
+        if with_progress:
+            progress = self.jobs.progress(job)
+            if progress:
+                body["progress"] = progress
+        return body
+
+
+def _rsync_failure(code: int | None, stderr: str) -> dict[str, Any]:
+    message = error_message(stderr) or f"rsync exited with code {code}"
+    body: dict[str, Any] = {
+        "return": "false",
+        "content": b64(stderr if stderr.strip() else message + "\n"),
+        "message": message,
+    }
+    if code is not None:
+        body["exitCode"] = code
+    return body
+
+
+def _state_dir(group: RsyncGroup | None) -> str | None:
+    return group.queue_path if group is not None and group.queue_path else None
+
+
+def _deletes(target: RsyncTarget) -> bool:
+    options = target.options if target.options is not None else ("--delete",)
+    return any(o.startswith("--delete") or o.startswith("--del") for o in options)
+
+
+def _stop_group(transport: Any) -> None:
+    import signal
+
+    pid = getattr(transport, "pid", None)
+    if pid:
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
+class AgentProtocol(HttpRequestReceiver):
+    """One request: peer check, method/path, auth, then the order handler."""
+
+    factory: AgentFactory
+
+    def connectionMade(self) -> None:
+        self.socket_timeout = self.factory.service.config.server.socket_timeout
+        super().connectionMade()
+        if not self.factory.service.allowed_hosts.allows(self.peer):
+            self.factory.log.warn("refused connection from {peer}", peer=self.peer)
+            self.answer(Response.text(403, f"{self.peer} is not allowed!"))
+
+    def handleRequest(self, request: Request) -> Response | defer.Deferred[Response]:
+        service = self.factory.service
+        segments = request.segments
+        if len(segments) != 2 or segments[0] != "agent" or segments[1] not in ORDERS:
+            raise RequestError(404, "")
+        order = segments[1]
+        fields = request.form()
+        service.authenticate(request, fields)
+        options = fields.get("options", "")
+        if len(options) > MAX_OPTIONS:
+            raise RequestError(400, "options too long")
+        if not options:
+            raise RequestError(400, "empty value in options!")
+        self.factory.log.info(
+            "{order} {options!r} from {peer}", order=order, options=options, peer=request.peer
+        )
+        handler: Callable[[str], Any] = getattr(service, "order_" + order)
+        return handler(options)
+
+    def responseSent(self, response: Response) -> None:
+        self.factory.responseSent(self, response)
+
+
+class AgentFactory(Factory):
+    protocol = AgentProtocol
+    log = Logger()
+
+    def __init__(self, service: AgentService) -> None:
+        self.service = service
+
+    def responseSent(self, proto: AgentProtocol, response: Response) -> None:
+        """Access logging hook."""

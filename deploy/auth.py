@@ -1,0 +1,186 @@
+"""Request signing and checking: HMAC-SHA256 over method, path, time, nonce and body, with a
+clock window and a nonce replay cache; and the original's one-time ``auth_key``, only when enabled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import hmac
+import re
+import secrets
+
+from twisted.internet.interfaces import IReactorTime
+
+DEFAULT_KEY_CIPHER = "65535"
+SCHEME = "Deploy-HMAC-SHA256"
+
+MAX_HEADER_LENGTH = 512
+
+_TS = re.compile(r"[0-9]{1,15}")
+_NONCE = re.compile(r"[0-9a-fA-F]{16,64}")
+_SIG = re.compile(r"[0-9a-fA-F]{64}")
+_DIGITS = re.compile(r"[0-9]{1,20}")
+_MD5_HEX_LENGTH = 32
+
+
+class AuthError(Exception):
+    """A request failed authentication; the message is what the user reads."""
+
+
+def _sha256_hex(body: bytes) -> str:
+    return hashlib.sha256(body).hexdigest()
+
+
+def _signature(key: str, method: str, path: str, ts: int, nonce: str, body: bytes) -> str:
+    # surrogatepass: a path decoded leniently by the wire layer must still sign, never crash.
+    message = f"{method}\n{path}\n{ts}\n{nonce}\n{_sha256_hex(body)}"
+    return hmac.new(
+        key.encode("utf-8", "surrogatepass"),
+        message.encode("utf-8", "surrogatepass"),
+        hashlib.sha256,
+    ).hexdigest()
+
+
+def sign_request(
+    key: str, method: str, path: str, body: bytes, *, now: float, nonce: str | None = None
+) -> str:
+    """Return the ``Authorization`` header value for one request sent at ``now``."""
+    if not key:
+        raise ValueError("key must not be empty")
+    if nonce is None:
+        nonce = secrets.token_hex(16)
+    elif not _NONCE.fullmatch(nonce):
+        raise ValueError("nonce must be 16 to 64 hex characters")
+    ts = int(now)
+    sig = _signature(key, method, path, ts, nonce, body)
+    return f"{SCHEME} ts={ts}, nonce={nonce}, sig={sig}"
+
+
+def _parse_header(header: object) -> tuple[int, str, str]:
+    """Split a header value into (ts, nonce, sig), or raise AuthError."""
+    if header is None or header == "":
+        raise AuthError("missing Authorization header")
+    if not isinstance(header, str) or len(header) > MAX_HEADER_LENGTH:
+        raise AuthError("malformed Authorization header")
+    scheme, _, params = header.strip(" \t").partition(" ")
+    # Auth schemes are case-insensitive (RFC 9110 section 11.1).
+    if scheme.lower() != SCHEME.lower():
+        raise AuthError(f"unsupported authorization scheme, expected {SCHEME}")
+    fields: dict[str, str] = {}
+    for part in params.split(","):
+        name, eq, value = part.strip(" \t").partition("=")
+        if not eq or name not in ("ts", "nonce", "sig") or name in fields:
+            raise AuthError("malformed Authorization header")
+        fields[name] = value
+    if (
+        len(fields) != 3
+        or not _TS.fullmatch(fields["ts"])
+        or not _NONCE.fullmatch(fields["nonce"])
+        or not _SIG.fullmatch(fields["sig"])
+    ):
+        raise AuthError("malformed Authorization header")
+    return int(fields["ts"]), fields["nonce"], fields["sig"].lower()
+
+
+class HmacVerifier:
+    """Checks signed requests against one shared key and remembers recent nonces.
+
+    One instance per daemon (the factory holds it), so the replay cache covers every connection.
+    """
+
+    def __init__(
+        self,
+        key: str,
+        *,
+        clock: IReactorTime,
+        window: float = 60.0,
+        max_nonces: int = 100_000,
+    ) -> None:
+        if not key:
+            raise ValueError("key must not be empty")
+        if window < 0:
+            raise ValueError("window must not be negative")
+        if max_nonces < 1:
+            raise ValueError("max_nonces must be at least 1")
+        self._key = key
+        self._clock = clock
+        self.window = window
+        self.max_nonces = max_nonces
+        # nonce -> time after which the ts check alone refuses it; the heap orders the same
+        # entries by that time so pruning only ever looks at the front.
+        self._nonces: dict[str, float] = {}
+        self._expiries: list[tuple[float, str]] = []
+
+    def verify(self, header: str | None, method: str, path: str, body: bytes) -> None:
+        """Accept the request (and remember its nonce) or raise AuthError."""
+        ts, nonce, sig = _parse_header(header)
+        now = self._clock.seconds()
+        if abs(now - ts) > self.window:
+            raise AuthError("request time outside the allowed window")
+        # The signature is checked before the replay cache so that someone without the key
+        # learns nothing about which nonces were seen.
+        expected = _signature(self._key, method, path, ts, nonce, body)
+        if not hmac.compare_digest(expected, sig):
+            raise AuthError("bad signature")
+        self._prune(now)
+        if nonce in self._nonces:
+            raise AuthError("replayed request")
+        if len(self._nonces) >= self.max_nonces:
+            # Forgetting an unexpired nonce would reopen a replay, so when full we refuse new
+            # requests until old nonces expire (at most one window). Only correctly signed
+            # requests get here, so filling the cache needs the key.
+            raise AuthError("too many requests inside the replay window, try again later")
+        expiry = ts + self.window
+        self._nonces[nonce] = expiry
+        heapq.heappush(self._expiries, (expiry, nonce))
+
+    def _prune(self, now: float) -> None:
+        # A nonce can go once its ts is outside the window: the ts check then refuses a replay.
+        # If the system clock steps backwards after pruning, a pruned nonce could be replayed
+        # until the clock catches up; NTP slewing does not do that.
+        expiries = self._expiries
+        while expiries and expiries[0][0] < now:
+            _, nonce = heapq.heappop(expiries)
+            del self._nonces[nonce]
+
+    def __len__(self) -> int:
+        """How many nonces are remembered right now."""
+        return len(self._nonces)
+
+
+def _md5_hex(key: str) -> str:
+    return hashlib.md5(key.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def _xor_digits(digits: str) -> str:
+    return "".join(chr(ord(d) ^ 1) for d in digits)
+
+
+def legacy_auth_key(key: str, now: float) -> str:
+    """The original's one-time key: md5hex(key) + the Unix time, each digit XOR 1, reversed."""
+    t = int(now)
+    if t < 0:
+        raise ValueError("time must not be negative")
+    return _md5_hex(key) + _xor_digits(str(t))[::-1]
+
+
+def check_legacy_auth_key(key: str, auth_key: str, *, now: float, window: float = 60.0) -> None:
+    """Accept an original-style ``auth_key`` made with ``key`` less than ``window`` seconds from
+    ``now``, or raise AuthError.
+
+    The old scheme binds nothing but the time: anyone who sees a key can reuse it, for any
+    request, inside the window. It is only for fleets that still run the original clients.
+    """
+    if (
+        not isinstance(auth_key, str)
+        or not auth_key.isascii()
+        or not _MD5_HEX_LENGTH < len(auth_key) <= _MD5_HEX_LENGTH + 20
+    ):
+        raise AuthError("bad auth_key")
+    prefix, suffix = auth_key[:_MD5_HEX_LENGTH], auth_key[_MD5_HEX_LENGTH:]
+    if not hmac.compare_digest(_md5_hex(key), prefix) or not _DIGITS.fullmatch(suffix):
+        raise AuthError("bad auth_key")
+    t = int(_xor_digits(suffix[::-1]))
+    if not abs(now - t) < window:
+        raise AuthError("auth_key time outside the allowed window")

@@ -1,0 +1,187 @@
+"""The `exec` order: looking a command up in the jobs file by its exact name, turning the template
+and the caller's arguments into an argv (never a shell), and running it with a timeout and a cap
+on the output kept."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import signal
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from twisted.internet import defer, error, protocol
+from twisted.internet.interfaces import IReactorProcess
+from twisted.python.failure import Failure
+
+MAX_OUTPUT = 1024 * 1024
+MAX_ARGS = 32
+MAX_ARG_LENGTH = 4096
+KILL_GRACE = 2.0
+
+
+class CommandError(Exception):
+    """An exec order that cannot run; the message is what the caller reads (HTTP 400)."""
+
+
+def build_command(jobs: Mapping[str, str], options: str) -> tuple[str, list[str]]:
+    """`NAME,arg1,arg2` → (NAME, argv). NAME must equal a jobs-file key exactly."""
+    name, *args = options.split(",")
+    template = jobs.get(name)
+    if template is None:
+        raise CommandError(f"exec[{name}] not found!")
+    if len(args) > MAX_ARGS:
+        raise CommandError(f"exec[{name}]: more than {MAX_ARGS} arguments")
+    for arg in args:
+        check_argument(name, arg)
+    args = [a for a in args if a != ""]
+    try:
+        tokens = shlex.split(template)
+    except ValueError as e:
+        raise CommandError(f"exec[{name}]: bad command template in the jobs file: {e}") from None
+    if not tokens:
+        raise CommandError(f"exec[{name}]: empty command in the jobs file")
+    argv: list[str] = []
+    placed = False
+    for token in tokens:
+        if token == "%s":
+            argv.extend(args)
+            placed = True
+        elif "%s" in token:
+            argv.append(token.replace("%s", " ".join(args)))
+            placed = True
+        else:
+            argv.append(token)
+    if args and not placed:
+        raise CommandError(f"exec[{name}] takes no arguments")
+    return name, argv
+
+
+def check_argument(name: str, arg: str) -> None:
+    """An argument may not be an option or carry control characters (a newline was the old
+    system's command injection)."""
+    if len(arg) > MAX_ARG_LENGTH:
+        raise CommandError(f"exec[{name}]: argument longer than {MAX_ARG_LENGTH} characters")
+    if arg.startswith("-"):
+        raise CommandError(f"exec[{name}]: argument {arg!r} may not start with '-'")
+    if any(ord(c) < 32 or ord(c) == 127 for c in arg):
+        raise CommandError(f"exec[{name}]: argument {arg!r} holds a control character")
+
+
+@dataclass
+class CommandResult:
+    argv: list[str]
+    exit_code: int | None
+    signal: int | None
+    output: bytes
+    truncated: bool
+    timed_out: bool
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0 and not self.timed_out
+
+
+class CommandProcess(protocol.ProcessProtocol):
+    """Collects a command's stdout and stderr (merged, capped) and fires `ended` once."""
+
+    def __init__(self, argv: list[str], limit: int = MAX_OUTPUT) -> None:
+        self.argv = argv
+        self.limit = limit
+        self.output = bytearray()
+        self.truncated = False
+        self.timed_out = False
+        self.ended: defer.Deferred[CommandResult] = defer.Deferred()
+
+    def _collect(self, data: bytes) -> None:
+        room = self.limit - len(self.output)
+        if room > 0:
+            self.output += data[:room]
+        if len(data) > room:
+            self.truncated = True
+
+    outReceived = _collect
+    errReceived = _collect
+
+    def processEnded(self, reason: Failure) -> None:
+        value = reason.value
+        code = getattr(value, "exitCode", None)
+        sig = getattr(value, "signal", None)
+        if isinstance(value, error.ProcessDone):
+            code = 0
+        self.ended.callback(
+            CommandResult(self.argv, code, sig, bytes(self.output), self.truncated, self.timed_out)
+        )
+
+
+def group_leader_prefix() -> list[str]:
+    """`setsid` puts a child in its own process group (spawnProcess cannot), so a timeout can
+    stop everything the command started."""
+    path = shutil.which("setsid")
+    return [path] if path else []
+
+
+def run_command(
+    reactor: IReactorProcess,
+    argv: list[str],
+    *,
+    timeout: float = 0.0,
+    env: Mapping[str, str] | None = None,
+    prefix: list[str] | None = None,
+    limit: int = MAX_OUTPUT,
+) -> defer.Deferred[CommandResult]:
+    """Run `argv` (no shell); on `timeout` (> 0) TERM its process group, KILL after a grace."""
+    proto = CommandProcess(argv, limit)
+    full = [*(prefix if prefix is not None else group_leader_prefix()), *argv]
+    executable = full[0]
+    if not os.path.isabs(executable):
+        found = shutil.which(executable)
+        if found is None:
+            return defer.fail(CommandError(f"command not found: {executable}"))
+        executable = found
+    try:
+        transport = reactor.spawnProcess(
+            proto,
+            executable,
+            full,
+            env=dict(env if env is not None else os.environ),
+            usePTY=False,
+            childFDs={0: "w", 1: "r", 2: "r"},
+        )
+    except OSError as e:
+        return defer.fail(CommandError(f"cannot run {argv[0]}: {e}"))
+    transport.closeStdin()
+    grouped = bool(full is not argv and len(full) > len(argv))
+    timers = []
+
+    def signal_child(sig: int) -> None:
+        pid = transport.pid
+        if pid is None:
+            return
+        try:
+            if grouped:
+                try:
+                    os.killpg(pid, sig)
+                    return
+                except ProcessLookupError:
+                    pass  # setsid has not run yet: signal the process itself
+            os.kill(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def on_timeout() -> None:
+        proto.timed_out = True
+        signal_child(signal.SIGTERM)
+        timers.append(reactor.callLater(KILL_GRACE, signal_child, signal.SIGKILL))
+
+    if timeout and timeout > 0:
+        timers.append(reactor.callLater(timeout, on_timeout))
+
+    def cancel_timers(result: CommandResult) -> CommandResult:
+        for t in timers:
+            if t.active():
+                t.cancel()
+        return result
+
+    return proto.ended.addBoth(cancel_timers)

@@ -1,0 +1,217 @@
+"""The proxy: its protocol and factory, API key → groups → hosts authorisation, and the fan-out of
+an order to the granted agents through `deploy.client` (bounded, per-host timeouts, rolling)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+
+from deploy import auth
+from deploy.access import AllowedHosts
+from deploy.client import ClientOptions, Order, OrderClient, fan_out, parse_budget, result_map
+from deploy.config import DEFAULT_KEY_CIPHER, ClientSettings, ProxyConfig
+from deploy.wire import TEXT_TYPE, HttpRequestReceiver, Request, RequestError, Response
+
+ORDERS = ("status", "rlist", "rsync", "rkill", "exec")
+MAX_HOSTS = 100_000
+
+
+def denied(name: str) -> RequestError:
+    # The original's text, spelling included: scripts match on it.
+    return RequestError(403, f"You don't have permisson to access on this[{name}].")
+
+
+@dataclass
+class ProxyRequest:
+    order: str
+    options: str
+    args: str
+    api_key: str
+    batch: str | None
+    max_fail: str | None
+
+
+class ProxyService:
+    """What every proxy connection shares: the API grants, auth state and the agent client."""
+
+    log = Logger()
+
+    def __init__(self, config: ProxyConfig, reactor: Any) -> None:
+        self.config = config
+        self.reactor = reactor
+        server = config.server
+        self.verifier = (
+            auth.HmacVerifier(server.key_cipher, clock=reactor, window=server.auth_window)
+            if server.key_cipher
+            else None
+        )
+        self.allowed_hosts = AllowedHosts(config.allow_hosts)
+        self.client = OrderClient(reactor, client_options(config.client))
+
+    # -- checks
+
+    def authenticate(self, request: Request, fields: dict[str, str]) -> None:
+        """Only when `[server] key_cipher` is set: then requests must be signed like an agent's."""
+        server = self.config.server
+        if not server.key_cipher:
+            return
+        header = request.headers.get("authorization")
+        target = request.path + (f"?{request.query}" if request.query else "")
+        try:
+            if header:
+                assert self.verifier is not None
+                self.verifier.verify(header, request.method, target, request.body)
+            elif server.legacy_auth and fields.get("auth_key"):
+                auth.check_legacy_auth_key(
+                    server.key_cipher,
+                    fields["auth_key"],
+                    now=self.reactor.seconds(),
+                    window=server.auth_window,
+                )
+            else:
+                raise auth.AuthError("missing Authorization header")
+        except auth.AuthError as e:
+            raise RequestError(401, str(e)) from None
+
+    def granted_hosts(self, api_key: str, args: str) -> list[str]:
+        """The hosts `args` names (`hosts:a,b` or `groups:g1,g2`), each granted to `api_key`."""
+        kind, sep, names_text = args.partition(":")
+        if not sep or kind not in ("hosts", "groups"):
+            raise RequestError(403, f"Syntax error, unrecognized expression: [{args}]")
+        names = [n.strip() for n in names_text.split(",") if n.strip()]
+        if not names:
+            raise RequestError(403, f"Syntax error, unrecognized expression: [{args}]")
+        groups = self.config.keys.get(api_key) if api_key else None
+        if groups is None:
+            raise denied(names_text)
+        servers = self.config.servers
+        if kind == "groups":
+            hosts: list[str] = []
+            for name in names:
+                if name not in groups or name not in servers:
+                    raise denied(name)
+                hosts.extend(servers[name])
+            return list(dict.fromkeys(hosts))
+        reachable = {h for g in groups for h in servers.get(g, ())}
+        for name in names:
+            if name not in reachable:
+                raise denied(name)
+        return list(dict.fromkeys(names))
+
+    # -- the order
+
+    def handle(self, request: ProxyRequest, peer: str) -> defer.Deferred[Response]:
+        hosts = self.granted_hosts(request.api_key, request.args)
+        try:
+            parse_budget(request.batch, len(hosts), "batch")
+            parse_budget(request.max_fail, len(hosts), "max_fail")
+        except ValueError as e:
+            raise RequestError(400, str(e)) from None
+        # What the agents get: the same order, options and args; the API key stays here.
+        order = Order(request.order, request.options, request.args, "")
+        self.log.info(
+            "{order} {options!r} for {args} ({count} hosts) from {peer}",
+            order=request.order,
+            options=request.options,
+            args=request.args,
+            count=len(hosts),
+            peer=peer,
+        )
+        d = fan_out(
+            self.client,
+            hosts,
+            order,
+            max_parallel=self.config.client.max_parallel,
+            batch=request.batch,
+            max_fail=request.max_fail,
+        )
+
+        def answer(result: Any) -> Response:
+            body = json.dumps(
+                result_map(result.results.values(), numeric_code=True),
+                indent=3,
+                ensure_ascii=False,
+            )
+            if result.stopped:
+                self.log.warn("rollout of {order} stopped at its failure budget", order=order.order)
+            return Response(200, body.encode("utf-8") + b"\n", TEXT_TYPE)
+
+        return d.addCallback(answer)
+
+
+def client_options(settings: ClientSettings) -> ClientOptions:
+    """The proxy's `[client]` settings as options for `OrderClient`."""
+    tls = None
+    if settings.ssl or settings.ssl_public_key or settings.ssl_ca:
+        from deploy.tls import client_context_factory
+
+        def tls(host: str) -> Any:
+            return client_context_factory(
+                host,
+                public_key_path=settings.ssl_public_key,
+                ca_path=settings.ssl_ca,
+                cert_path=settings.ssl_cert,
+                key_path=settings.ssl_key,
+            )
+
+    return ClientOptions(
+        port=settings.port,
+        key_cipher=settings.key_cipher or DEFAULT_KEY_CIPHER,
+        legacy_auth=settings.legacy_auth,
+        socket_timeout=settings.socket_timeout,
+        thread_timeout=settings.thread_timeout,
+        tls=tls,
+        max_parallel=settings.max_parallel,
+    )
+
+
+class ProxyProtocol(HttpRequestReceiver):
+    factory: ProxyFactory
+
+    def connectionMade(self) -> None:
+        self.socket_timeout = self.factory.service.config.server.socket_timeout
+        super().connectionMade()
+        if not self.factory.service.allowed_hosts.allows(self.peer):
+            self.factory.log.warn("refused connection from {peer}", peer=self.peer)
+            self.answer(Response.text(403, f"{self.peer} is not allowed!"))
+
+    def handleRequest(self, request: Request) -> defer.Deferred[Response]:
+        service = self.factory.service
+        segments = request.segments
+        if len(segments) < 2 or segments[0] not in ("agent", "api") or segments[1] not in ORDERS:
+            raise RequestError(404, "")
+        if len(segments) > 5 or (segments[0] == "agent" and len(segments) > 2):
+            raise RequestError(404, "")
+        fields = request.form()
+        service.authenticate(request, fields)
+        # /api/<order>/<options>/<args>/<api_key>: path segments, when present, win.
+        for name, value in zip(("options", "args", "api_key"), segments[2:], strict=False):
+            fields[name] = value
+        proxy_request = ProxyRequest(
+            order=segments[1],
+            options=fields.get("options", ""),
+            args=fields.get("args", ""),
+            api_key=fields.get("api_key", ""),
+            batch=fields.get("batch") or None,
+            max_fail=fields.get("max_fail") or None,
+        )
+        return service.handle(proxy_request, request.peer)
+
+    def responseSent(self, response: Response) -> None:
+        self.factory.responseSent(self, response)
+
+
+class ProxyFactory(Factory):
+    protocol = ProxyProtocol
+    log = Logger()
+
+    def __init__(self, service: ProxyService) -> None:
+        self.service = service
+
+    def responseSent(self, proto: ProxyProtocol, response: Response) -> None:
+        """Access logging hook."""

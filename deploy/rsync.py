@@ -1,0 +1,400 @@
+"""rsync argv building (no shell), the ProcessProtocol streaming rsync output, and an
+incremental parser of --itemize-changes/--stats/progress2 output."""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import os
+import re
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.internet import protocol
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IProcessTransport
+from twisted.python.failure import Failure
+
+DEFAULT_FLAGS: tuple[str, ...] = ("--archive", "--delete", "--force")
+FORCED_FLAGS: tuple[str, ...] = ("--stats", "--itemize-changes")
+
+OTHER_LINES_KEPT = 50
+
+
+@dataclass(frozen=True)
+class RsyncTarget:
+    """One sync: pull the remote `dest` into the local directory `src` (the original's naming)."""
+
+    dest: str
+    src: str
+    rsync: str = "rsync"
+    rsh: str | None = None
+    options: tuple[str, ...] | None = None
+    excludes: tuple[str, ...] = ()
+    includes: tuple[str, ...] = ()
+    max_delete: int | None = None
+
+    @property
+    def checksum(self) -> str:
+        """The job id, as the original computes it: md5hex(dest + src)."""
+        return hashlib.md5((self.dest + self.src).encode("utf-8")).hexdigest()
+
+
+def _check_path(kind: str, value: str) -> None:
+    if not value:
+        raise ValueError(f"rsync {kind} must not be empty")
+    if value.startswith("-"):
+        raise ValueError(f"rsync {kind} must not start with '-': {value!r}")
+
+
+def build_argv(target: RsyncTarget, *, dry_run: bool, progress: bool = False) -> list[str]:
+    """The rsync command line for `target`, as an argv list for spawnProcess (never a shell)."""
+    _check_path("source (dest)", target.dest)
+    _check_path("destination (src)", target.src)
+    argv = [target.rsync, *FORCED_FLAGS]
+    argv.extend(DEFAULT_FLAGS if target.options is None else target.options)
+    if dry_run:
+        argv.append("--dry-run")
+    if progress:
+        argv.append("--info=progress2")
+    if target.rsh:
+        argv.append(f"--rsh={target.rsh}")
+    if target.max_delete is not None:
+        argv.append(f"--max-delete={target.max_delete}")
+    argv.extend(f"--include={pattern}" for pattern in target.includes)
+    argv.extend(f"--exclude={pattern}" for pattern in target.excludes)
+    # rsync 3.x (checked with 3.5.0) accepts "--" before host::, rsync:// and local paths;
+    # it is a second fence, after the leading "-" check, against option injection.
+    argv.extend(("--", target.dest, target.src))
+    return argv
+
+
+# rsync escapes a non-printable byte as \#ooo, and a literal backslash that would read as
+# such an escape as \#134, so every \#ooo in its output is an escape.
+_ESCAPE = re.compile(rb"\\#([0-3][0-7]{2})")
+_ESCAPED_BYTES = {b"%03o" % value: bytes((value,)) for value in range(256)}
+
+
+def _unescape_match(match: re.Match[bytes]) -> bytes:
+    return _ESCAPED_BYTES[match.group(1)]
+
+
+def unescape_name(raw: bytes) -> str:
+    """Decode rsync's \\#ooo escapes; bytes that are not UTF-8 survive as surrogates."""
+    if b"\\#" in raw:
+        raw = _ESCAPE.sub(_unescape_match, raw)
+    return raw.decode("utf-8", "surrogateescape")
+
+
+@dataclass
+class RsyncStats:
+    """The numbers of rsync's --stats block (3.0 and 3.1+ formats); None when not printed."""
+
+    files: int | None = None
+    files_transferred: int | None = None
+    created: int | None = None
+    deleted: int | None = None
+    total_file_size: int | None = None
+    transferred_size: int | None = None
+    literal_data: int | None = None
+    matched_data: int | None = None
+    bytes_sent: int | None = None
+    bytes_received: int | None = None
+
+
+@dataclass(frozen=True)
+class Progress:
+    """One --info=progress2 record: whole-transfer bytes, percent, rate and ETA as printed."""
+
+    bytes: int
+    percent: int
+    rate: str
+    eta: str
+
+
+_SEPARATORS = re.compile(rb"[\r\n]")
+
+# YXcstpoguax: Y the update type, X the file type, then 9 attribute columns (7 in
+# rsync 2.6); an identical item prints its columns as spaces.
+_ITEMIZE = re.compile(rb"([<>ch.])([fdLDS])[-.+ ?a-zA-Z]{7,9} (.*)", re.DOTALL)
+_PROGRESS = re.compile(rb"\s*(\d[\d,]*)\s+(\d{1,3})%\s+(\S+)\s+(\S+)")
+_STATS = re.compile(
+    rb"(Number of files|Number of created files|Number of deleted files"
+    rb"|Number of regular files transferred|Number of files transferred"
+    rb"|Total file size|Total transferred file size|Literal data|Matched data"
+    rb"|Total bytes sent|Total bytes received): (\d[\d,]*)"
+)
+# Lines of the stats block and of -v that carry nothing the callers use.
+_NOISE = re.compile(
+    rb"File list (?:size|generation time|transfer time): "
+    rb"|sent \d[\d,]* bytes +received "
+    rb"|total size is \d"
+    rb"|(?:sending|receiving) incremental file list$"
+)
+_STATS_FIELDS = {
+    b"Number of files": "files",
+    b"Number of created files": "created",
+    b"Number of deleted files": "deleted",
+    b"Number of regular files transferred": "files_transferred",
+    b"Number of files transferred": "files_transferred",
+    b"Total file size": "total_file_size",
+    b"Total transferred file size": "transferred_size",
+    b"Literal data": "literal_data",
+    b"Matched data": "matched_data",
+    b"Total bytes sent": "bytes_sent",
+    b"Total bytes received": "bytes_received",
+}
+_DELETING = b"*deleting"
+_CREATED_DIRECTORY = b"created directory "
+_NEW_TYPES = frozenset(b"<>ch")
+_DIRECTORY = ord("d")
+_SYMLINK = ord("L")
+_HARDLINK = ord("h")
+_SPACE = ord(" ")
+_STAR = ord("*")
+
+
+def _number(digits: bytes) -> int:
+    return int(digits.replace(b",", b""))
+
+
+class RsyncOutputParser:
+    """Fed stdout bytes in arbitrary chunks; splits records at both \\n and \\r; keeps a
+    partial last record between feeds; never raises on any input."""
+
+    def __init__(
+        self,
+        *,
+        keep_lists: bool = True,
+        max_line: int = 65536,
+        on_progress: Callable[[Progress], None] | None = None,
+    ) -> None:
+        self.keep_lists = keep_lists
+        self.max_line = max(1, max_line)
+        self.on_progress = on_progress
+        self.stats = RsyncStats()
+        self.progress: Progress | None = None
+        self.new_files: list[str] = []
+        self.deleted_files: list[str] = []
+        self.created_directory: str | None = None
+        self.other_lines: collections.deque[str] = collections.deque(maxlen=OTHER_LINES_KEPT)
+        self._partial = bytearray()
+        # Width of the itemize code last seen: "*deleting" is padded to it.
+        self._code_width = 11
+
+    def feed(self, data: bytes) -> None:
+        """Parse every record `data` completes; keep the rest for the next feed."""
+        parts = _SEPARATORS.split(data)
+        if len(parts) == 1:
+            self._keep_partial(data)
+            return
+        limit = self.max_line
+        first = parts[0]
+        if self._partial:
+            self._partial += first[: limit - len(self._partial)]
+            first = bytes(self._partial)
+            self._partial.clear()
+        self._record(first[:limit])
+        for record in parts[1:-1]:
+            self._record(record[:limit])
+        self._keep_partial(parts[-1])
+
+    def close(self) -> None:
+        """Parse the partial last record, if any (the child ended without a newline)."""
+        if self._partial:
+            record = bytes(self._partial)
+            self._partial.clear()
+            self._record(record)
+
+    def _keep_partial(self, data: bytes) -> None:
+        # A record longer than max_line is truncated, so memory stays bounded.
+        room = self.max_line - len(self._partial)
+        if room > 0 and data:
+            self._partial += data[:room]
+
+    def _record(self, line: bytes) -> None:
+        if not line:
+            return
+        first = line[0]
+        if first == _SPACE:
+            match = _PROGRESS.match(line)
+            if match is not None:
+                self._progress(match)
+                return
+        elif first == _STAR:
+            if line.startswith(_DELETING):
+                name = line[self._code_width + 1 :]
+                if self.keep_lists and name:
+                    self.deleted_files.append(unescape_name(name))
+                return
+        else:
+            match = _ITEMIZE.match(line)
+            if match is not None:
+                self._itemized(line, match)
+                return
+            match = _STATS.match(line)
+            if match is not None:
+                setattr(self.stats, _STATS_FIELDS[match.group(1)], _number(match.group(2)))
+                return
+            if line.startswith(_CREATED_DIRECTORY):
+                self.created_directory = unescape_name(line[len(_CREATED_DIRECTORY) :])
+                return
+            if _NOISE.match(line):
+                return
+        self.other_lines.append(line.decode("utf-8", "replace"))
+
+    def _itemized(self, line: bytes, match: re.Match[bytes]) -> None:
+        name_start = match.start(3)
+        self._code_width = name_start - 1
+        if not self.keep_lists:
+            return
+        update_type = line[0]
+        file_type = line[1]
+        if update_type not in _NEW_TYPES or file_type == _DIRECTORY:
+            return
+        name = match.group(3)
+        # rsync appends " -> target" to a symlink and " => target" to a hard link; a
+        # name that itself holds that arrow is ambiguous, the first arrow wins.
+        if file_type == _SYMLINK:
+            name = name.split(b" -> ", 1)[0]
+        elif update_type == _HARDLINK:
+            name = name.split(b" => ", 1)[0]
+        self.new_files.append(unescape_name(name))
+
+    def _progress(self, match: re.Match[bytes]) -> None:
+        progress = Progress(
+            bytes=_number(match.group(1)),
+            percent=int(match.group(2)),
+            rate=match.group(3).decode("ascii", "replace"),
+            eta=match.group(4).decode("ascii", "replace"),
+        )
+        self.progress = progress
+        if self.on_progress is not None:
+            self.on_progress(progress)
+
+
+class TailBuffer:
+    """Keeps the last `limit` bytes of a stream, split into lines on demand."""
+
+    def __init__(self, limit: int = 8192) -> None:
+        self.limit = max(1, limit)
+        self.truncated = False
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> None:
+        self._buffer += data
+        # Trim only once the buffer doubles, so feeding stays linear in the input.
+        if len(self._buffer) > 2 * self.limit:
+            del self._buffer[: -self.limit]
+            self.truncated = True
+
+    def _tail(self) -> bytes:
+        tail = bytes(self._buffer[-self.limit :])
+        if self.truncated or len(self._buffer) > self.limit:
+            # The first line was cut (maybe mid-character): drop it if a whole line follows.
+            newline = tail.find(b"\n")
+            if 0 <= newline < len(tail) - 1:
+                tail = tail[newline + 1 :]
+        return tail
+
+    def text(self) -> str:
+        return self._tail().decode("utf-8", "replace")
+
+    def lines(self) -> list[str]:
+        return self.text().splitlines()
+
+
+@dataclass
+class RsyncResult:
+    """How an rsync child ended, with its parsed stdout and the tail of its stderr."""
+
+    exit_code: int | None
+    signal: int | None
+    parser: RsyncOutputParser
+    stderr: str
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0
+
+
+class RsyncProcessProtocol(protocol.ProcessProtocol):
+    """Thin: forwards stdout to the parser, stderr to a TailBuffer; fires `self.ended`
+    (a Deferred[RsyncResult]) once in processEnded."""
+
+    def __init__(self, parser: RsyncOutputParser, stderr_limit: int = 8192) -> None:
+        self.parser = parser
+        self.stderr = TailBuffer(stderr_limit)
+        self.ended: Deferred[RsyncResult] = Deferred()
+        self._ended = False
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:  # noqa: N802
+        if childFD == 1:
+            self.parser.feed(data)
+        elif childFD == 2:
+            self.stderr.feed(data)
+
+    def processEnded(self, reason: Failure) -> None:  # noqa: N802
+        if self._ended:
+            return
+        self._ended = True
+        self.parser.close()
+        value: Any = reason.value
+        result = RsyncResult(
+            exit_code=getattr(value, "exitCode", None),
+            signal=getattr(value, "signal", None),
+            parser=self.parser,
+            stderr=self.stderr.text(),
+        )
+        self.ended.callback(result)
+
+
+def rsync_environment() -> dict[str, str]:
+    """The agent's environment with LC_ALL=C, so rsync does not localise numbers."""
+    env = dict(os.environ)
+    env["LC_ALL"] = "C"
+    return env
+
+
+def run_rsync(
+    reactor: Any,
+    argv: list[str],
+    parser: RsyncOutputParser,
+    *,
+    env: dict[str, str] | None = None,
+) -> tuple[RsyncProcessProtocol, IProcessTransport]:
+    """Spawn rsync (no shell, no PTY) streaming stdout into `parser`; stdin is closed."""
+    if not argv:
+        raise ValueError("rsync argv is empty")
+    executable = shutil.which(argv[0])
+    if executable is None:
+        raise FileNotFoundError(f"rsync executable {argv[0]!r} not found or not executable")
+    proto = RsyncProcessProtocol(parser)
+    transport = reactor.spawnProcess(
+        proto,
+        executable,
+        list(argv),
+        env=rsync_environment() if env is None else env,
+        usePTY=False,
+        childFDs={0: "w", 1: "r", 2: "r"},
+    )
+    transport.closeStdin()
+    return proto, transport
+
+
+__all__ = [
+    "DEFAULT_FLAGS",
+    "FORCED_FLAGS",
+    "Progress",
+    "RsyncOutputParser",
+    "RsyncProcessProtocol",
+    "RsyncResult",
+    "RsyncStats",
+    "RsyncTarget",
+    "TailBuffer",
+    "build_argv",
+    "run_rsync",
+    "unescape_name",
+]

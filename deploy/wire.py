@@ -1,0 +1,300 @@
+"""The message format: `Request`/`Response` values, their encoding, form decoding, and the
+`HttpRequestReceiver` base protocol that reads one bounded HTTP/1.1 request per connection."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import unquote_to_bytes
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.protocols.basic import LineReceiver
+from twisted.protocols.policies import TimeoutMixin
+from twisted.python.failure import Failure
+
+STATUS_TEXT = {
+    200: "OK",
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Permission Denied",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    408: "Request Timeout",
+    411: "Length Required",
+    413: "Payload Too Large",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
+
+JSON_TYPE = "application/json; charset=utf-8"
+TEXT_TYPE = "text/plain; charset=utf-8"
+
+MAX_LINE = 8192
+MAX_HEADERS = 64
+MAX_BODY = 1024 * 1024
+MAX_FIELDS = 64
+
+
+class RequestError(Exception):
+    """A request that gets a 4xx/5xx answer; the message is the text/plain body the user reads."""
+
+    def __init__(self, status: int, message: str = "") -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass
+class Request:
+    method: str
+    path: str
+    query: str = ""
+    headers: dict[str, str] = field(default_factory=dict)
+    body: bytes = b""
+    peer: str = ""
+
+    @property
+    def segments(self) -> list[str]:
+        """The path split at `/`, without the empty leading segment, each percent-decoded."""
+        return [unquote_to_bytes(s).decode("utf-8", "replace") for s in self.path.split("/")[1:]]
+
+    def form(self) -> dict[str, str]:
+        """The request's fields: the query string, then the form body (which wins)."""
+        fields = decode_form(self.query.encode("latin-1", "replace")) if self.query else {}
+        if self.body:
+            fields.update(decode_form(self.body))
+        return fields
+
+
+@dataclass
+class Response:
+    status: int
+    body: bytes = b""
+    content_type: str = TEXT_TYPE
+
+    @classmethod
+    def json(cls, obj: Any, status: int = 200) -> Response:
+        return cls(status, encode_json(obj), JSON_TYPE)
+
+    @classmethod
+    def text(cls, status: int, message: str = "") -> Response:
+        return cls(status, message.encode("utf-8"), TEXT_TYPE)
+
+    def to_bytes(self) -> bytes:
+        reason = STATUS_TEXT.get(self.status, "Unknown")
+        head = (
+            f"HTTP/1.1 {self.status} {reason}\r\n"
+            f"Content-Type: {self.content_type}\r\n"
+            f"Content-Length: {len(self.body)}\r\n"
+            "Connection: close\r\n\r\n"
+        )
+        return head.encode("ascii") + self.body
+
+
+def encode_json(obj: Any) -> bytes:
+    """JSON laid out as the original agent wrote it: one key per line, no indentation."""
+    return json.dumps(obj, indent=0, ensure_ascii=False).encode("utf-8", "surrogateescape")
+
+
+def decode_form(data: bytes) -> dict[str, str]:
+    """Decode `a=1&b=x+y%2C` (`+` is a space, `%XX` a byte) into text fields.
+
+    Bytes that are not UTF-8 are refused: every field feeds a command line or a path."""
+    fields: dict[str, str] = {}
+    if not data:
+        return fields
+    pairs = data.split(b"&")
+    if len(pairs) > MAX_FIELDS:
+        raise RequestError(400, f"too many fields (more than {MAX_FIELDS})")
+    for pair in pairs:
+        if not pair:
+            continue
+        key, _, value = pair.partition(b"=")
+        try:
+            k = unquote_to_bytes(key.replace(b"+", b" ")).decode("utf-8")
+            v = unquote_to_bytes(value.replace(b"+", b" ")).decode("utf-8")
+        except UnicodeDecodeError:
+            raise RequestError(400, "request fields must be UTF-8") from None
+        fields[k] = v
+    return fields
+
+
+def encode_form(fields: Mapping[str, str]) -> bytes:
+    """The inverse of `decode_form`, in the original client's field order."""
+    from urllib.parse import quote_plus
+
+    return "&".join(
+        f"{quote_plus(k)}={quote_plus(v, safe=':,/')}" for k, v in fields.items()
+    ).encode("ascii")
+
+
+class HttpRequestReceiver(LineReceiver, TimeoutMixin):
+    """Reads one request (start line, headers in line mode, body in raw mode), hands it to
+    `handleRequest`, writes the answer and closes. Every size is bounded; a bad request gets a
+    4xx and the connection closes. `socket_timeout` is the idle timeout (0 disables it)."""
+
+    log = Logger()
+    delimiter = b"\n"
+    MAX_LENGTH = MAX_LINE
+    max_headers = MAX_HEADERS
+    max_body = MAX_BODY
+    socket_timeout: float = 5.0
+
+    def connectionMade(self) -> None:
+        self._method: str | None = None
+        self._target = ""
+        self._headers: dict[str, str] = {}
+        self._header_count = 0
+        self._body = bytearray()
+        self._length = 0
+        self._answered = False
+        self._dispatched = False
+        self.peer = _peer_host(self.transport.getPeer())
+        if self.socket_timeout:
+            self.setTimeout(self.socket_timeout)
+
+    # -- reading
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._answered or self._dispatched:
+            return  # one request per connection: anything after it is ignored
+        self.resetTimeout()
+        super().dataReceived(data)
+
+    def lineReceived(self, line: bytes) -> None:
+        if self._answered or self._dispatched:
+            return
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        try:
+            if self._method is None:
+                self._startLine(line)
+            elif line:
+                self._headerLine(line)
+            else:
+                self._headersDone()
+        except RequestError as e:
+            self.answer(Response.text(e.status, e.message))
+
+    def _startLine(self, line: bytes) -> None:
+        if not line:
+            return  # tolerate blank lines before the request, as HTTP servers do
+        parts = line.split(b" ")
+        if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
+            raise RequestError(405, "")
+        method = parts[0].decode("ascii", "replace")
+        if method not in ("GET", "POST"):
+            raise RequestError(405, "")
+        target = parts[1].decode("ascii", "replace")
+        if not target.startswith("/"):
+            raise RequestError(400, "bad request target")
+        self._method = method
+        self._target = target
+
+    def _headerLine(self, line: bytes) -> None:
+        self._header_count += 1
+        if self._header_count > self.max_headers:
+            raise RequestError(431, f"too many headers (more than {self.max_headers})")
+        name, sep, value = line.partition(b":")
+        if not sep or not name.strip() or name != name.strip():
+            raise RequestError(400, "malformed header line")
+        self._headers[name.decode("ascii", "replace").lower()] = value.strip().decode("latin-1")
+
+    def _headersDone(self) -> None:
+        if "transfer-encoding" in self._headers:
+            raise RequestError(400, "Transfer-Encoding is not supported; send Content-Length")
+        length = self._headers.get("content-length")
+        if length is None:
+            if self._method == "POST":
+                raise RequestError(411, "POST needs a Content-Length header")
+            self._length = 0
+        else:
+            if not length.isdigit() or len(length) > 12:
+                raise RequestError(400, f"bad Content-Length: {length[:40]!r}")
+            self._length = int(length)
+            if self._length > self.max_body:
+                raise RequestError(413, f"body larger than {self.max_body} bytes")
+        if self._length == 0:
+            self._dispatch()
+        else:
+            self.setRawMode()
+
+    def rawDataReceived(self, data: bytes) -> None:
+        if self._answered or self._dispatched:
+            return
+        self.resetTimeout()
+        need = self._length - len(self._body)
+        self._body += data[:need]
+        if len(self._body) >= self._length:
+            self._dispatch()
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        status = 400 if self._method is None else 431
+        self.answer(Response.text(status, f"line longer than {self.MAX_LENGTH} bytes"))
+
+    def timeoutConnection(self) -> None:
+        if self._method is None and not self._header_count:
+            # Nothing arrived at all: an idle socket, not a request.
+            self.log.debug("idle connection from {peer} closed", peer=self.peer)
+        self.answer(Response.text(408, f"no complete request within {self.socket_timeout:g} s"))
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self.setTimeout(None)
+        self._answered = True
+
+    # -- dispatching
+
+    def _dispatch(self) -> None:
+        self._dispatched = True
+        self.setTimeout(None)
+        path, _, query = self._target.partition("?")
+        request = Request(
+            method=self._method or "GET",
+            path=path,
+            query=query,
+            headers=self._headers,
+            body=bytes(self._body),
+            peer=self.peer,
+        )
+        self._body = bytearray()
+        d = defer.maybeDeferred(self.handleRequest, request)
+        d.addErrback(self._requestFailed, request)
+        d.addCallback(self.answer)
+
+    def _requestFailed(self, failure: Failure, request: Request) -> Response:
+        if failure.check(RequestError):
+            e = failure.value
+            return Response.text(e.status, e.message)
+        self.log.failure(
+            "unexpected error handling {method} {path} from {peer}",
+            failure,
+            method=request.method,
+            path=request.path,
+            peer=request.peer,
+        )
+        return Response.text(500, "internal error; see the daemon's log")
+
+    def handleRequest(self, request: Request) -> Response | defer.Deferred[Response]:
+        raise NotImplementedError
+
+    def answer(self, response: Response) -> None:
+        """Write the answer and close; later calls are ignored (an answer is written once)."""
+        if self._answered:
+            return
+        self._answered = True
+        self.setTimeout(None)
+        self.responseSent(response)
+        if self.transport is not None:
+            self.transport.write(response.to_bytes())
+            self.transport.loseConnection()
+
+    def responseSent(self, response: Response) -> None:
+        """Hook for access logging."""
+
+
+def _peer_host(address: Any) -> str:
+    return getattr(address, "host", "") or str(address)

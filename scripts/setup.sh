@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Install what deploy needs on a Debian machine (run as root): system packages when missing,
+# then a virtual environment in .venv with deploy and its test tools installed into it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+command -v rsync >/dev/null 2>&1 || need+=(rsync)
+command -v openssl >/dev/null 2>&1 || need+=(openssl)
+command -v setsid >/dev/null 2>&1 || need+=(util-linux)
+command -v python3 >/dev/null 2>&1 || need+=(python3)
+if command -v python3 >/dev/null 2>&1 && ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
+    need+=(python3-venv)
+fi
+if [ ${#need[@]} -gt 0 ]; then
+    echo "setup: installing ${need[*]}" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+python3 - <<'PY'
+import sys
+if sys.version_info < (3, 11):
+    sys.exit(f"setup: deploy needs Python 3.11 or newer, this is {sys.version.split()[0]}")
+PY
+
+if [ ! -x .venv/bin/python ]; then
+    python3 -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip >/dev/null
+# A regular (not editable) install, as an operator gets it: the twistd plugin file goes into
+# site-packages/twisted/plugins and the `deploy-client` script into .venv/bin.
+.venv/bin/python -m pip install -q --force-reinstall --no-deps . >/dev/null
+.venv/bin/python -m pip install -q ".[test]" >/dev/null
+# Regenerate the plugin cache so `twistd --help` lists deploy-agent and deploy-proxy.
+.venv/bin/python -c 'from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))'
+echo "setup: ready in .venv" >&2
