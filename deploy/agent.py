@@ -13,7 +13,6 @@ from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
 from deploy import auth
@@ -23,7 +22,7 @@ from deploy.config import AgentConfig, RsyncGroup, agent_key_cipher
 from deploy.jobs import Job, JobError, JobRegistry
 from deploy.jobstate import OUTCOME_OK, OUTCOME_WARNING, error_message
 from deploy.rsync import RsyncOutputParser, RsyncTarget, build_argv, run_rsync
-from deploy.wire import HttpRequestReceiver, Request, RequestError, Response
+from deploy.wire import HttpRequestReceiver, Request, RequestError, RequestFactory, Response
 
 ORDERS = ("status", "rlist", "rsync", "rkill", "exec")
 MAX_OPTIONS = 8192
@@ -404,16 +403,11 @@ class AgentProtocol(HttpRequestReceiver):
         handler: Callable[[str], Any] = getattr(service, "order_" + order)
         return handler(options)
 
-    def responseSent(self, response: Response) -> None:
-        self.factory.responseSent(self, response)
 
-
-class AgentFactory(Factory):
+class AgentFactory(RequestFactory):
     protocol = AgentProtocol
     log = Logger()
 
     def __init__(self, service: AgentService) -> None:
+        super().__init__()
         self.service = service
-
-    def responseSent(self, proto: AgentProtocol, response: Response) -> None:
-        """Access logging hook."""

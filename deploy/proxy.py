@@ -8,14 +8,20 @@ from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet import defer
-from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
 from deploy import auth
 from deploy.access import AllowedHosts
 from deploy.client import ClientOptions, Order, OrderClient, fan_out, parse_budget, result_map
 from deploy.config import DEFAULT_KEY_CIPHER, ClientSettings, ProxyConfig
-from deploy.wire import TEXT_TYPE, HttpRequestReceiver, Request, RequestError, Response
+from deploy.wire import (
+    TEXT_TYPE,
+    HttpRequestReceiver,
+    Request,
+    RequestError,
+    RequestFactory,
+    Response,
+)
 
 ORDERS = ("status", "rlist", "rsync", "rkill", "exec")
 MAX_HOSTS = 100_000
@@ -202,16 +208,11 @@ class ProxyProtocol(HttpRequestReceiver):
         )
         return service.handle(proxy_request, request.peer)
 
-    def responseSent(self, response: Response) -> None:
-        self.factory.responseSent(self, response)
 
-
-class ProxyFactory(Factory):
+class ProxyFactory(RequestFactory):
     protocol = ProxyProtocol
     log = Logger()
 
     def __init__(self, service: ProxyService) -> None:
+        super().__init__()
         self.service = service
-
-    def responseSent(self, proto: ProxyProtocol, response: Response) -> None:
-        """Access logging hook."""

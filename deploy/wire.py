@@ -4,12 +4,14 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
 from twisted.internet import defer
+from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 from twisted.protocols.policies import TimeoutMixin
@@ -153,6 +155,11 @@ class HttpRequestReceiver(LineReceiver, TimeoutMixin):
         self._length = 0
         self._answered = False
         self._dispatched = False
+        self.opened_at = time.monotonic()
+        self.request_line = ""
+        self.request: Request | None = None
+        # What the order handler wants in the audit log (order, target, key id...).
+        self.audit: dict[str, Any] = {}
         self.peer = _peer_host(self.transport.getPeer())
         if self.socket_timeout:
             self.setTimeout(self.socket_timeout)
@@ -194,6 +201,7 @@ class HttpRequestReceiver(LineReceiver, TimeoutMixin):
             raise RequestError(400, "bad request target")
         self._method = method
         self._target = target
+        self.request_line = f"{method} {target[:2048]} {parts[2].decode('ascii', 'replace')}"
 
     def _headerLine(self, line: bytes) -> None:
         self._header_count += 1
@@ -261,6 +269,7 @@ class HttpRequestReceiver(LineReceiver, TimeoutMixin):
             peer=self.peer,
         )
         self._body = bytearray()
+        self.request = request
         d = defer.maybeDeferred(self.handleRequest, request)
         d.addErrback(self._requestFailed, request)
         d.addCallback(self.answer)
@@ -293,7 +302,26 @@ class HttpRequestReceiver(LineReceiver, TimeoutMixin):
             self.transport.loseConnection()
 
     def responseSent(self, response: Response) -> None:
-        """Hook for access logging."""
+        """Tell the factory's observers (access and audit logs) about the answer."""
+        notify = getattr(self.factory, "responseSent", None)
+        if notify is not None:
+            notify(self, response)
+
+
+class RequestFactory(Factory):
+    """A factory whose `observers` see every answer: `observer(protocol, response)`."""
+
+    log = Logger()
+
+    def __init__(self) -> None:
+        self.observers: list[Callable[[HttpRequestReceiver, Response], None]] = []
+
+    def responseSent(self, proto: HttpRequestReceiver, response: Response) -> None:
+        for observer in self.observers:
+            try:
+                observer(proto, response)
+            except Exception:
+                self.log.failure("response observer {observer!r} failed", observer=observer)
 
 
 def _peer_host(address: Any) -> str:

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Install everything (system packages when missing, .venv) and run the whole test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+.venv/bin/ruff check deploy tests twisted bench
+exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
