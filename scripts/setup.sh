@@ -28,11 +28,19 @@ PY
 if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
-.venv/bin/python -m pip install -q --upgrade pip >/dev/null
+log=$(mktemp)
+pip_install() {
+    if ! .venv/bin/python -m pip install -q --disable-pip-version-check "$@" >"$log" 2>&1; then
+        cat "$log" >&2
+        echo "setup: pip install $* failed" >&2
+        exit 1
+    fi
+}
 # A regular (not editable) install, as an operator gets it: the twistd plugin file goes into
 # site-packages/twisted/plugins and the `deploy-client` script into .venv/bin.
-.venv/bin/python -m pip install -q --force-reinstall --no-deps . >/dev/null
-.venv/bin/python -m pip install -q ".[test]" >/dev/null
+pip_install --force-reinstall --no-deps .
+pip_install ".[test]"
+rm -f "$log"
 # Regenerate the plugin cache so `twistd --help` lists deploy-agent and deploy-proxy.
 .venv/bin/python -c 'from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))'
 echo "setup: ready in .venv" >&2
