@@ -132,7 +132,8 @@ class OrderProtocol(protocol.Protocol):
             del self.buffer[: end + 4]
             length = self.head[2].get("content-length")
             if length is not None:
-                if not length.isdigit():
+                # isascii: "²" (latin-1 0xB2) passes isdigit() but not int()
+                if not (length.isascii() and length.isdigit()):
                     self._fail(ResponseError(f"bad Content-Length in answer: {length[:20]!r}"))
                     return
                 self.length = int(length)
@@ -189,7 +190,7 @@ def build_request(order: Order, options: ClientOptions, host: str, now: float) -
     body = encode_form(fields)
     lines = [
         f"POST {order.path} HTTP/1.1",
-        f"Host: {host}",
+        f"Host: [{host}]" if ":" in host else f"Host: {host}",  # an IPv6 literal is bracketed
         "Connection: close",
         "Content-Type: application/x-www-form-urlencoded",
         f"Content-Length: {len(body)}",
@@ -323,8 +324,14 @@ class OrderClient:
         return f"{host}:{port}: {f.getErrorMessage()}"
 
 
-def parse_budget(value: str | int | None, total: int, name: str) -> int | None:
-    """`N` or `N%` of `total` (a percentage rounds up, at least 1); None when unset."""
+def parse_budget(
+    value: str | int | None, total: int, name: str, *, round_up: bool = True
+) -> int | None:
+    """`N` or `N%` of `total`; None when unset.
+
+    A batch size rounds a percentage up (at least 1 host when the percentage is above 0); a
+    failure budget rounds it down, so that "more than 10% failed" means exactly that: with 5
+    hosts, one failure (20%) is already more than 10%."""
     if value is None or value == "":
         return None
     text = str(value).strip()
@@ -333,7 +340,12 @@ def parse_budget(value: str | int | None, total: int, name: str) -> int | None:
             pct = float(text[:-1])
             if not 0 <= pct <= 100:
                 raise ValueError
-            return max(1, math.ceil(total * pct / 100)) if pct else 0
+            # rounded first so that float noise (1.1% of 110 = 1.2100000000000002) cannot
+            # move a result across a whole number
+            share = round(total * pct / 100, 9)
+            if round_up:
+                return max(1, math.ceil(share)) if pct else 0
+            return math.floor(share)
         n = int(text)
         if n < 0:
             raise ValueError
@@ -351,6 +363,10 @@ class FanOutResult:
     def failed(self) -> list[HostResult]:
         return [r for r in self.results.values() if not r.skipped and not r.succeeded]
 
+    @property
+    def skipped(self) -> list[HostResult]:
+        return [r for r in self.results.values() if r.skipped]
+
 
 def fan_out(
     client: OrderClient,
@@ -362,28 +378,43 @@ def fan_out(
     max_fail: str | int | None = None,
     on_result: Callable[[HostResult], None] | None = None,
 ) -> defer.Deferred[FanOutResult]:
-    """Send an order to every host, at most `max_parallel` at once. With `batch`, hosts go in
-    batches; once more hosts failed than `max_fail`, no new batch starts and the rest are
-    reported as skipped."""
+    """Send an order to every host, at most `max_parallel` at once (None: the client's setting;
+    0: no limit). With `batch`, hosts go in batches, each started once the one before has
+    answered; once more hosts failed than `max_fail` (unreachable and timed-out hosts count as
+    failed), no new batch starts and the rest are reported as skipped. Fires as soon as the
+    last host started has answered."""
     hosts = list(dict.fromkeys(hosts))
     total = len(hosts)
     batch_size = parse_budget(batch, total, "batch") or total or 1
-    budget = parse_budget(max_fail, total, "max_fail")
-    sem = defer.DeferredSemaphore(max(1, max_parallel or client.options.max_parallel))
+    budget = parse_budget(max_fail, total, "max_fail", round_up=False)
+    limit = client.options.max_parallel if max_parallel is None else max_parallel
+    sem = defer.DeferredSemaphore(limit if limit > 0 else max(1, total))
     results: dict[str, HostResult] = {}
     make = order_for if callable(order_for) else (lambda _h, o=order_for: o)
 
-    def record(result: HostResult) -> HostResult:
-        results[result.host] = result
+    def record(result: HostResult, host: str) -> None:
+        # Keyed by the host as given, whatever the client put in the result.
+        results[host] = result
         if on_result is not None:
             on_result(result)
-        return result
+
+    def send(host: str) -> defer.Deferred[None]:
+        order = make(host)
+
+        def broken(f: Failure) -> HostResult:
+            # `send` promises never to fail; if it does, the host still gets a result.
+            OrderClient.log.failure(
+                "sending {order} to {host} failed", f, order=order.order, host=host
+            )
+            return HostResult(host, order.order, 0, content=f"{host}: {f.getErrorMessage()}")
+
+        d = sem.run(client.send, host, order)
+        return d.addErrback(broken).addCallback(record, host)
 
     @defer.inlineCallbacks
     def run() -> Any:
         stopped = False
         for start in range(0, total, batch_size):
-            chunk = hosts[start : start + batch_size]
             if budget is not None and start > 0:
                 failed = sum(1 for r in results.values() if not r.succeeded)
                 if failed > budget:
@@ -397,15 +428,12 @@ def fan_out(
                                 content=SKIPPED,
                                 skipped=True,
                                 reason="Skipped",
-                            )
+                            ),
+                            host,
                         )
                     break
-            yield defer.DeferredList(
-                [sem.run(client.send, h, make(h)).addCallback(record) for h in chunk],
-                consumeErrors=True,
-            )
-        ordered = {h: results[h] for h in hosts if h in results}
-        return FanOutResult(ordered, stopped)
+            yield defer.gatherResults([send(h) for h in hosts[start : start + batch_size]])
+        return FanOutResult({h: results[h] for h in hosts}, stopped)
 
     return run()
 

@@ -10,7 +10,7 @@ from typing import Any
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from deploy import auth
+from deploy import auth, logs
 from deploy.access import AllowedHosts
 from deploy.client import ClientOptions, Order, OrderClient, fan_out, parse_budget, result_map
 from deploy.config import DEFAULT_KEY_CIPHER, ClientSettings, ProxyConfig
@@ -24,7 +24,6 @@ from deploy.wire import (
 )
 
 ORDERS = ("status", "rlist", "rsync", "rkill", "exec")
-MAX_HOSTS = 100_000
 
 
 def denied(name: str) -> RequestError:
@@ -154,16 +153,16 @@ def client_options(settings: ClientSettings) -> ClientOptions:
     """The proxy's `[client]` settings as options for `OrderClient`."""
     tls = None
     if settings.ssl or settings.ssl_public_key or settings.ssl_ca:
-        from deploy.tls import client_context_factory
+        from deploy.tls import client_context_factories
 
-        def tls(host: str) -> Any:
-            return client_context_factory(
-                host,
-                public_key_path=settings.ssl_public_key,
-                ca_path=settings.ssl_ca,
-                cert_path=settings.ssl_cert,
-                key_path=settings.ssl_key,
-            )
+        # Files are read once, here: a missing key or a TLS setting without a way to verify
+        # the agents stops the proxy at start (TLSConfigError), not every order at every host.
+        tls = client_context_factories(
+            public_key_path=settings.ssl_public_key,
+            ca_path=settings.ssl_ca,
+            cert_path=settings.ssl_cert,
+            key_path=settings.ssl_key,
+        )
 
     return ClientOptions(
         port=settings.port,
@@ -206,6 +205,7 @@ class ProxyProtocol(HttpRequestReceiver):
             batch=fields.get("batch") or None,
             max_fail=fields.get("max_fail") or None,
         )
+        self.audit.update(logs.proxy_audit(proxy_request, service.granted_hosts))
         return service.handle(proxy_request, request.peer)
 
 

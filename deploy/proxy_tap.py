@@ -12,15 +12,35 @@ from deploy.config import ConfigError, ProxyConfig, load_proxy_config
 from deploy.daemon import (
     COMMON_PARAMETERS,
     IGNORED_OPTIONS,
+    ProcessTitleService,
     collect_overrides,
     listening_service,
     log_ignored_options,
+    run_as,
+    setup_logging,
 )
 
 DEFAULT_PATH = "/etc/deploy/deploy_proxy.ini"
 
+PROXY_UNUSED_OPTIONS = ("max_prefork", "max_process_timeout")
+CLIENT_IGNORED_OPTIONS = ("worker_method", "ipc_path")
+
+_UNUSED = "accepted for compatibility; ignored (the proxy runs no child processes)"
+# The agent's wording of the shared options, where the proxy differs.
+_PROXY_HELP = {
+    "port": "listen port (default: 3441)",
+    "max-prefork": _UNUSED,
+    "max-process-timeout": _UNUSED,
+    "key-cipher": "key clients must sign requests with (unset: the API key alone decides)",
+}
+SERVER_PARAMETERS = [
+    [name, short, default, _PROXY_HELP.get(name, text)]
+    for name, short, default, text in COMMON_PARAMETERS
+]
+
 CLIENT_PARAMETERS = [
     ["client-port", None, None, "port to connect to agents (default: 3440)"],
+    ["client-max-parallel", None, None, "most agents ordered at once (default: 64; 0: no limit)"],
     [
         "client-thread-timeout",
         None,
@@ -48,17 +68,15 @@ class Options(usage.Options):
     ]
     optParameters = [
         ["path", None, DEFAULT_PATH, "server configuration file"],
-        *COMMON_PARAMETERS,
+        *SERVER_PARAMETERS,
         *CLIENT_PARAMETERS,
     ]
 
     def postOptions(self) -> None:
         overrides = collect_overrides(self)
         for name, *_ in CLIENT_PARAMETERS:
-            if self.get(name) is not None and name not in (
-                "client-worker-method",
-                "client-ipc-path",
-            ):
+            # --client-worker-method/--client-ipc-path too: makeService warns they are ignored
+            if self.get(name) is not None:
                 overrides[name.replace("-", "_")] = self[name]
         if self["legacy-auth"]:
             overrides["legacy_auth"] = True
@@ -76,12 +94,38 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
 
         reactor = default_reactor
     from deploy.proxy import ProxyFactory, ProxyService
+    from deploy.tls import TLSConfigError
 
     config = options.config
-    proxy = ProxyService(config, reactor)
+    try:
+        proxy = ProxyService(config, reactor)
+    except TLSConfigError as e:
+        raise usage.UsageError(f"[client] {e}") from None
     for name in proxy.allowed_hosts.unresolved:
         ProxyService.log.warn("allow::hosts entry {name} does not resolve; ignored", name=name)
+    if not config.allow_hosts:
+        ProxyService.log.warn("[allow::hosts] is empty: every request will be refused")
+    if not config.keys:
+        ProxyService.log.warn("no API keys (see [api] path): every order will be refused")
+    factory = ProxyFactory(proxy)
+    # From here on the error log keeps what is logged, for its file once the daemon starts.
+    logs = setup_logging(config.server, factory, daemon="proxy")
+    drop = run_as(config.server, logs)
     top = service.MultiService()
-    log_ignored_options(config.server, IGNORED_OPTIONS)
-    listening_service(reactor, config.server, ProxyFactory(proxy)).setServiceParent(top)
+    # The proxy runs no child processes: the agent's process limits mean nothing here.
+    log_ignored_options(config.server, (*IGNORED_OPTIONS, *PROXY_UNUSED_OPTIONS))
+    for name in CLIENT_IGNORED_OPTIONS:
+        value = getattr(config.client, name)
+        if value:
+            ProxyService.log.warn(
+                "[client] {name} = {value} is accepted for compatibility and ignored",
+                name=name,
+                value=value,
+            )
+    # Order matters: the port is bound (privilegedStartService) before privileges are dropped,
+    # and the log files open (startService) after.
+    listening_service(reactor, config.server, factory).setServiceParent(top)
+    drop.setServiceParent(top)
+    logs.setServiceParent(top)
+    ProcessTitleService(config.server).setServiceParent(top)
     return top
