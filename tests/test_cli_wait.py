@@ -1,0 +1,190 @@
+"""`deploy-client --order=rsync --wait`: start the syncs, follow each by polling `status` until it
+ends (live progress on a terminal), print each host's `lastRsync`, exit by the syncs' outcomes —
+directly and through a proxy, against a real rsync daemon with a slowed transfer."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from twisted.internet import defer
+from twisted.internet.task import Clock
+
+from deploy.cli import WAIT_LOST_CONTACT, SyncWaiter
+from deploy.client import ClientOptions, HostResult, Order
+from tests.harness import free_port, wait_until
+from tests.test_cli_formats import TtyClient, clean_env, client, down_host, proxy_text
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    """An empty HOME, so no ~/.config/deploy/client.ini of the machine leaks in."""
+    h = tmp_path / "home"
+    h.mkdir()
+    return h
+
+
+def add_big_file(tree: Path, size: int) -> None:
+    """Make the `webslow` sync (200 KB/s) last about size/200000 seconds."""
+    (tree / "big.bin").write_bytes(os.urandom(size))
+
+
+def test_wait_follows_a_slow_sync_to_ok(site, home):
+    """--wait polls status while the sync runs (percent shown on the terminal), then prints
+    the rsync answer with the sync's lastRsync and exits 0."""
+    add_big_file(site.tree, 500_000)
+    run = TtyClient(
+        [f"--hosts={site.agent.address}", "--order=rsync", "--options=webslow", "--wait"],
+        clean_env(HOME=str(home)),
+    )
+    rc, out, tty = run.finish()
+    assert rc == 0, out + tty
+    content = json.loads(out)[site.agent.address]["rsync"]["content"]
+    last = content["lastRsync"]
+    assert last["outcome"] == "ok" and last["exitCode"] == 0
+    assert last["checksum"] == content["checksum"]
+    assert last["transferFilesCount"] == 41
+    assert content["outcome"] == "ok" and content["return"] == "true"
+    assert "0/1 answered, 0 failed" in tty
+    assert f"{site.agent.address} starting" in tty
+    assert re.search(rf"{re.escape(site.agent.address)} \d+% ", tty), tty
+    assert "1/1 answered, 0 failed" in tty
+    assert (site.targets / "webslow" / "big.bin").stat().st_size == 500_000
+
+
+def test_wait_on_a_refused_sync_exits_2(site, home):
+    """A sync the agent refuses (empty source with --delete) is outcome refused: exit 2."""
+    r = client(home, f"--hosts={site.agent.address}", "--order=rsync", "--options=empty", "--wait")
+    assert r.rc == 2, r.stdout
+    content = r.content(site.agent.address, "rsync")
+    assert content["outcome"] == "refused" and content["return"] == "false"
+
+
+def test_wait_timeout_then_a_killed_sync(site, home):
+    """--wait-timeout ends the wait with outcome timeout (exit 3) while the sync goes on; a
+    second --wait follows the running sync, which rkill ends: lastRsync killed, exit 2."""
+    add_big_file(site.tree, 2_000_000)
+    args = [f"--hosts={site.agent.address}", "--order=rsync", "--options=webslow", "--wait"]
+    short = client(home, *args, "--wait-timeout=1", "--format=ndjson")
+    assert short.rc == 3, short.stdout
+    line = json.loads(short.stdout.splitlines()[0])
+    assert line["outcome"] == "timeout"
+    assert line["content"]["message"] == "still running after --wait-timeout 1s"
+    second = TtyClient(args, clean_env(HOME=str(home)))
+    wait_until(lambda: "%" in second.tty, 30, what="the second --wait to show progress")
+    killed = client(home, f"--hosts={site.agent.address}", "--order=rkill", "--options=webslow")
+    assert killed.rc == 0 and killed.content(site.agent.address, "rkill")["process"]
+    rc, out, _tty = second.finish()
+    assert rc == 2, out
+    content = json.loads(out)[site.agent.address]["rsync"]["content"]
+    assert content["alreadyRsync"] == "true"  # it joined the sync the first --wait started
+    assert content["lastRsync"]["outcome"] == "killed" and content["outcome"] == "killed"
+    assert content["return"] == "false"
+
+
+def test_wait_through_a_proxy(site, daemons, home, tmp_path):
+    """Through a proxy, --wait polls the proxy with status for the agents whose sync runs and
+    shows each agent's lastRsync; an agent that is down makes the exit code 3."""
+    add_big_file(site.tree, 300_000)
+    down = down_host()
+    port = free_port()
+    proxy = daemons.proxy(proxy_text(tmp_path, port, [site.agent.address, down]), "127.0.0.1", port)
+    r = client(
+        home,
+        f"--hosts={proxy.address}",
+        "--api-key=k1",
+        "--args=groups:fleet",
+        "--order=rsync",
+        "--options=webslow",
+        "--wait",
+    )
+    assert r.rc == 3, r.stdout + r.stderr
+    agents = r.content(proxy.address, "rsync")
+    ok = agents[site.agent.address]["rsync"]["content"]
+    assert ok["lastRsync"]["outcome"] == "ok" and ok["lastRsync"]["checksum"] == ok["checksum"]
+    assert agents[down]["rsync"]["serverStatus"] == 0
+    polled = f"status 'webslow' for hosts:{site.agent.address} (1 hosts)"
+    wait_until(lambda: polled in proxy.log_text(), 10, what="the proxy to log the status polls")
+    assert (site.targets / "webslow" / "big.bin").stat().st_size == 300_000
+
+
+# ------------------------------------------------------------------------- SyncWaiter on a Clock
+
+
+class ScriptedClient:
+    """A sender whose answers come from `script(order, call number)`."""
+
+    def __init__(self, script: Callable[[Order, int], HostResult]) -> None:
+        self.options = ClientOptions()
+        self.script = script
+        self.sent: list[Order] = []
+
+    def send(self, host: str, order: Order) -> defer.Deferred[HostResult]:
+        self.sent.append(order)
+        return defer.succeed(self.script(order, len(self.sent)))
+
+
+def answer(order: str, content: Any, status: int = 1) -> HostResult:
+    if status == 0:
+        return HostResult("h", order, 0, content=content)
+    return HostResult("h", order, 1, 200, "OK", content)
+
+
+STARTED = {"checksum": "c1", "return": "true"}
+RUNNING = {"return": "true", "alreadyRsync": "true", "process": ["7"], "checksum": "c1"}
+
+
+def follow(script: Callable[[Order, int], HostResult], seconds: float, timeout: float = 3600):
+    """Run a SyncWaiter over `script` for `seconds` of fake time; its result (or None)."""
+    clock = Clock()
+    fake = ScriptedClient(script)
+    waiter = SyncWaiter(fake, clock, timeout)
+    results: list[HostResult] = []
+    waiter.send("h", Order("rsync", "web")).addCallback(results.append)
+    for _ in range(int(seconds / 0.25)):
+        clock.advance(0.25)
+    return (results[0] if results else None), fake
+
+
+def test_waiter_gives_up_after_losing_contact_for_long():
+    """A host that stops answering while its sync runs is tolerated for a while (an agent
+    restart), then reported unreachable."""
+
+    def script(order: Order, n: int) -> HostResult:
+        if order.order == "rsync":
+            return answer("rsync", STARTED)
+        return answer("status", RUNNING) if n < 4 else answer("status", "can't connect", 0)
+
+    result, fake = follow(script, WAIT_LOST_CONTACT - 5)
+    assert result is None, "gave up while the agent might be restarting"
+    result, fake = follow(script, WAIT_LOST_CONTACT + 10)
+    assert result is not None
+    assert result.content["outcome"] == "unreachable"
+    assert result.content["message"] == "lost contact while waiting: can't connect"
+    assert all(o.order == "status" and o.options == "web" for o in fake.sent[1:])
+
+
+def test_waiter_needs_the_lastrsync_of_its_own_sync():
+    """A sync that ended but whose status shows another job's lastRsync is a failure, not
+    someone else's ok; the wait timeout ends a sync that never ends."""
+
+    def other(order: Order, n: int) -> HostResult:
+        if order.order == "rsync":
+            return answer("rsync", STARTED)
+        last = {"checksum": "OTHER", "outcome": "ok"}
+        return answer("status", {"return": "true", "alreadyRsync": "false", "lastRsync": last})
+
+    result, _ = follow(other, 2)
+    assert result is not None and result.content["outcome"] == "failed"
+    assert "no lastRsync" in result.content["message"]
+
+    def forever(order: Order, n: int) -> HostResult:
+        return answer("rsync", STARTED) if order.order == "rsync" else answer("status", RUNNING)
+
+    result, _ = follow(forever, 10, timeout=5)
+    assert result is not None and result.content["outcome"] == "timeout"
