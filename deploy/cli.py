@@ -110,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--thread-timeout",
         type=float,
         default=None,
-        help="most seconds to wait for one host's answer (default: 10)",
+        help="most seconds to wait for one host's answer (default: 10; 60 to a proxy, which "
+        "waits for its own agents first)",
     )
     p.add_argument(
         "--socket-timeout",
@@ -427,6 +428,18 @@ class TimedSender:
         return self.inner.send(host, order).addCallback(done)
 
 
+AGENT_THREAD_TIMEOUT = 10.0
+PROXY_THREAD_TIMEOUT = 60.0
+
+
+def thread_timeout_for(given: float | None, via_proxy: bool) -> float:
+    """--thread-timeout, else 10 s for an agent and 60 s for a proxy: a proxy answers only once
+    its slowest agent has answered or timed out, so it needs more room than one agent."""
+    if given is not None:
+        return given
+    return PROXY_THREAD_TIMEOUT if via_proxy else AGENT_THREAD_TIMEOUT
+
+
 def run(
     args: argparse.Namespace,
     hosts: list[str],
@@ -446,7 +459,7 @@ def run(
         key_cipher=args.key_cipher,
         legacy_auth=bool(args.legacy_auth),
         socket_timeout=args.socket_timeout,
-        thread_timeout=args.thread_timeout,
+        thread_timeout=thread_timeout_for(args.thread_timeout, via_proxy),
         tls=make_tls(args),
         max_parallel=args.max_parallel,
     )

@@ -32,7 +32,7 @@ DEFAULTS: dict[str, Any] = {
     "ssl_cert": None,
     "ssl_key": None,
     "format": "json",
-    "thread_timeout": 10.0,
+    "thread_timeout": None,  # 10 s to an agent, 60 s to a proxy: see deploy.cli
     "socket_timeout": 5.0,
     "max_parallel": 64,
     "wait_timeout": 3600.0,

@@ -459,7 +459,8 @@ def test_precedence_command_line_env_file_default(tmp_path):
     r = clientconfig.resolve({"key_cipher": "from-cli", "format": "json"}, env, file)
     assert (r["key_cipher"], r["format"]) == ("from-cli", "json")
     r = clientconfig.resolve({}, {}, file)
-    assert r["key_cipher"] == "from-file" and r["thread_timeout"] == 10.0
+    # thread_timeout has no fixed default: deploy.cli picks 10 s for agents, 60 s for a proxy
+    assert r["key_cipher"] == "from-file" and r["thread_timeout"] is None
     assert clientconfig.resolve({}, {}, clientconfig.ClientFileConfig())["key_cipher"] == "65535"
 
 
@@ -552,3 +553,13 @@ def test_sample_client_config_documents_every_key(tmp_path):
     active = re.sub(r"^;(\w+\s*=)", r"\1", text, flags=re.MULTILINE)
     values = clientconfig.parse(active, str(tmp_path / "client.ini"), 0o600).values
     assert sorted(values) == sorted(clientconfig.DEFAULTS)
+
+
+def test_thread_timeout_default_is_longer_through_a_proxy():
+    """Without --thread-timeout the client waits 10 s for an agent but 60 s for a proxy, which
+    answers only after its own agents (each up to its [client] thread_timeout)."""
+    from deploy.cli import thread_timeout_for
+
+    assert thread_timeout_for(None, via_proxy=False) == 10.0
+    assert thread_timeout_for(None, via_proxy=True) == 60.0
+    assert thread_timeout_for(3.0, via_proxy=True) == 3.0
