@@ -19,7 +19,7 @@ from deploy import auth
 from deploy.access import AllowedHosts, AllowedPaths, PathNotAllowed
 from deploy.commands import CommandError, build_command, group_leader_prefix, run_command
 from deploy.config import AgentConfig, RsyncGroup, agent_key_cipher
-from deploy.jobs import Job, JobError, JobRegistry
+from deploy.jobs import Job, JobError, JobRegistry, check_state_dir, deletes_on_target
 from deploy.jobstate import OUTCOME_OK, OUTCOME_WARNING, error_message
 from deploy.rsync import RsyncOutputParser, RsyncTarget, build_argv, run_rsync
 from deploy.wire import HttpRequestReceiver, Request, RequestError, RequestFactory, Response
@@ -74,12 +74,15 @@ class AgentService:
 
     def startup(self) -> None:
         """Checks that must pass before the agent listens, and jobs a previous agent left."""
-        os.makedirs(self.state_dir, exist_ok=True)
+        # A sync must be able to record itself: refuse to run with a state dir that cannot.
+        group_dirs = [g.queue_path for g in self.config.groups.values() if g.queue_path]
+        for directory in dict.fromkeys([self.state_dir, *group_dirs]):
+            check_state_dir(directory)
         for name in self.allowed_hosts.unresolved:
             self.log.warn("allow::hosts entry {name} does not resolve; ignored", name=name)
         if not self.config.allow_hosts:
             self.log.warn("[allow::hosts] is empty: every request will be refused")
-        self.jobs.recover()
+        self.jobs.recover(group_dirs)
 
     # -- checks
 
@@ -154,6 +157,12 @@ class AgentService:
         parser = RsyncOutputParser(keep_lists=keep_lists)
         self.children += 1
         timer = None
+        timed_out = []
+
+        def stop(transport: Any) -> None:
+            timed_out.append(True)
+            _stop_group(transport)
+
         try:
             try:
                 proto, transport = run_rsync(self.reactor, [*self.prefix, *argv], parser)
@@ -161,14 +170,15 @@ class AgentService:
                 return parser, 127, f"cannot run {target.rsync}: {e}"
             timeout = self.config.server.max_process_timeout
             if timeout:
-                timer = self.clock.callLater(timeout, _stop_group, transport)
+                timer = self.clock.callLater(timeout, stop, transport)
             result = yield proto.ended
         finally:
             self.children -= 1
             if timer is not None and timer.active():
                 timer.cancel()
         code = result.exit_code
-        if timer is not None and not timer.active() and code != 0:
+        # Only a timer that fired means a timeout: a cancelled one is not active() either.
+        if timed_out and code != 0:
             return parser, code, f"Process Timeout({timeout:g})!"
         return parser, code, result.stderr
 
@@ -176,7 +186,8 @@ class AgentService:
 
     def order_status(self, options: str) -> defer.Deferred[Response]:
         target, group = self.resolve_target(options)
-        job = self.jobs.running(target.checksum)
+        state_dir = _state_dir(group)
+        job = self.jobs.running(target.checksum, state_dir)
         if job is not None:
             return defer.succeed(Response.json(self._running_answer(job, with_progress=True)))
         self.check_capacity()
@@ -184,16 +195,19 @@ class AgentService:
 
         def answer(result: tuple[RsyncOutputParser, int | None, str]) -> Response:
             parser, code, stderr = result
+            body: dict[str, Any]
             if code != 0:
-                return Response.json(_rsync_failure(code, stderr))
-            stats = parser.stats
-            body: dict[str, Any] = {
-                "return": "true",
-                "alreadyRsync": "false",
-                "transferFilesCount": str(stats.files_transferred or 0),
-                "transferFilesSize": str(stats.transferred_size or 0),
-            }
-            last = self.jobs.last_result(target.checksum, _state_dir(group))
+                body = _rsync_failure(code, stderr)
+            else:
+                stats = parser.stats
+                body = {
+                    "return": "true",
+                    "alreadyRsync": "false",
+                    "transferFilesCount": str(stats.files_transferred or 0),
+                    "transferFilesSize": str(stats.transferred_size or 0),
+                }
+            # How the last sync ended matters most when the target cannot even be compared.
+            last = self.jobs.last_result(target.checksum, state_dir)
             if last:
                 body["lastRsync"] = last
             return Response.json(body)
@@ -217,7 +231,10 @@ class AgentService:
                 {
                     "return": "true",
                     "transferNewFiles": new,
-                    "transferDeleteFiles": [display_name(n) for n in parser.deleted_files],
+                    # files only, as the original listed them: rsync marks a directory with "/"
+                    "transferDeleteFiles": [
+                        display_name(n) for n in parser.deleted_files if not n.endswith("/")
+                    ],
                     "transferFilesCount": str(stats.files_transferred or 0),
                     "transferFilesSize": str(stats.transferred_size or 0),
                 }
@@ -227,16 +244,17 @@ class AgentService:
 
     def order_rsync(self, options: str) -> defer.Deferred[Response]:
         target, group = self.resolve_target(options)
-        job = self.jobs.running(target.checksum)
+        state_dir = _state_dir(group)
+        job = self.jobs.running(target.checksum, state_dir)
         if job is not None:
             return defer.succeed(Response.json(self._running_answer(job, with_progress=False)))
         self.check_capacity()
+        allow_empty = group is not None and group.allow_empty_source
         try:
-            build_argv(target, dry_run=False)
             d = self.jobs.start(
                 target,
-                refuse_empty=_deletes(target) and not (group and group.allow_empty_source),
-                state_dir=_state_dir(group),
+                refuse_empty=deletes_on_target(target) and not allow_empty,
+                state_dir=state_dir,
             )
         except ValueError as e:
             raise RequestError(400, str(e)) from None
@@ -266,8 +284,8 @@ class AgentService:
         return d.addCallback(answer)
 
     def order_rkill(self, options: str) -> Response:
-        target, _ = self.resolve_target(options)
-        pids = self.jobs.kill(target.checksum)
+        target, group = self.resolve_target(options)
+        pids = self.jobs.kill(target.checksum, _state_dir(group))
         return Response.json({"return": "true", "process": [str(p) for p in pids]})
 
     def order_exec(self, options: str) -> defer.Deferred[Response]:
@@ -327,7 +345,7 @@ class AgentService:
         body: dict[str, Any] = {
             "return": "true",
             "alreadyRsync": "true",
-            "process": [str(p) for p in job.pids()],
+            "process": [str(p) for p in self.jobs.pids(job)],
             "checksum": job.checksum,
         }
         if with_progress:
@@ -377,6 +395,11 @@ class AgentProtocol(HttpRequestReceiver):
 
     factory: AgentFactory
 
+    def callLater(self, period: float, func: Callable[[], Any]) -> Any:
+        """The idle timeout runs on the service's clock (a `Clock` in tests), not the global
+        reactor."""
+        return self.factory.service.clock.callLater(period, func)
+
     def connectionMade(self) -> None:
         self.socket_timeout = self.factory.service.config.server.socket_timeout
         super().connectionMade()
@@ -391,6 +414,7 @@ class AgentProtocol(HttpRequestReceiver):
             raise RequestError(404, "")
         order = segments[1]
         fields = request.form()
+        self.audit.update(order=order, options=fields.get("options", ""))
         service.authenticate(request, fields)
         options = fields.get("options", "")
         if len(options) > MAX_OPTIONS:

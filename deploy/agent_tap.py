@@ -13,9 +13,12 @@ from deploy.config import AgentConfig, ConfigError, load_agent_config
 from deploy.daemon import (
     COMMON_PARAMETERS,
     IGNORED_OPTIONS,
+    ProcessTitleService,
     collect_overrides,
     listening_service,
     log_ignored_options,
+    run_as,
+    setup_logging,
 )
 
 DEFAULT_PATH = "/etc/deploy/deploy_agent.ini"
@@ -67,11 +70,22 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
 
     config = options.config
     agent = AgentService(config, reactor)
+    factory = AgentFactory(agent)
+    # From here on the error log keeps what is logged, for its file once the daemon starts.
+    logs = setup_logging(config.server, factory, daemon="agent")
+    # Still root: directories the agent writes are made (or handed over) for --user first.
+    queue_dirs = [g.queue_path for g in config.groups.values() if g.queue_path]
+    drop = run_as(config.server, logs, own=[agent.state_dir], create=queue_dirs)
     try:
         agent.startup()
     except OSError as e:
         raise usage.UsageError(f"cannot prepare state directory {agent.state_dir}: {e}") from None
     top = service.MultiService()
     log_ignored_options(config.server, IGNORED_OPTIONS)
-    listening_service(reactor, config.server, AgentFactory(agent)).setServiceParent(top)
+    # Order matters: the port is bound (privilegedStartService) before privileges are dropped,
+    # and the log files open (startService) after.
+    listening_service(reactor, config.server, factory).setServiceParent(top)
+    drop.setServiceParent(top)
+    logs.setServiceParent(top)
+    ProcessTitleService(config.server).setServiceParent(top)
     return top

@@ -48,9 +48,11 @@ def build_command(jobs: Mapping[str, str], options: str) -> tuple[str, list[str]
         if token == "%s":
             argv.extend(args)
             placed = True
-        elif "%s" in token:
-            argv.append(token.replace("%s", " ".join(args)))
-            placed = True
+        elif "%" in token:
+            # `%%` is a literal `%`, as in the original's sprintf templates (`date +%%s`).
+            pieces = token.split("%%")
+            placed = placed or any("%s" in piece for piece in pieces)
+            argv.append("%".join(piece.replace("%s", " ".join(args)) for piece in pieces))
         else:
             argv.append(token)
     if args and not placed:

@@ -1,16 +1,26 @@
 """What the agent and proxy daemons share at start-up: the original's server options, turning
-them into config overrides, and the listening service (TCP or TLS endpoint, backlog, address)."""
+them into config overrides, the listening service (TCP or TLS endpoint, backlog, address,
+TCP_DEFER_ACCEPT), the logs, the process title and running as --user/--group."""
 
 from __future__ import annotations
 
+import importlib
+import math
+import os
+import socket
+from collections.abc import Iterable
 from typing import Any
 
+from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
-from twisted.internet import endpoints
+from twisted.internet import defer, endpoints
+from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python import usage
+from zope.interface import implementer
 
+from deploy import logs, privileges
 from deploy.config import ServerSettings
 
 log = Logger()
@@ -31,6 +41,7 @@ COMMON_PARAMETERS = [
     ["log-error-level", None, None, "emerg|alert|crit|error|warn|notice|info|debug or 0-7"],
     ["log-error-path", None, None, "error log path (strftime patterns allowed) or syslog"],
     ["log-access-path", None, None, "access log path (strftime patterns allowed) or syslog"],
+    ["audit-log-path", None, None, "JSON-lines audit log path (strftime patterns) or syslog"],
     ["key-cipher", None, None, "shared key for request signing"],
     ["ssl-private-key", None, None, "TLS private key (PEM); turns TLS on"],
     ["worker-method", None, None, "accepted for compatibility; ignored"],
@@ -57,6 +68,7 @@ def collect_overrides(options: usage.Options, extra: tuple[str, ...] = ()) -> di
 
 
 def log_ignored_options(server: ServerSettings, names: tuple[str, ...]) -> None:
+    """One warning per process-model option that is set but means nothing to an event loop."""
     for name in names:
         value = getattr(server, name, None)
         if value not in (None, 0, "", False):
@@ -66,33 +78,185 @@ def log_ignored_options(server: ServerSettings, names: tuple[str, ...]) -> None:
 
 
 def server_endpoint(reactor: Any, server: ServerSettings) -> Any:
-    """The listening endpoint for `server`: TCP on IPv4 or IPv6, TLS when `ssl` is on."""
-    interface = server.addr or "0.0.0.0"
-    if server.ssl:
-        from deploy.tls import TLSConfigError, server_context_factory
+    """The listening endpoint for `server`: TCP on IPv4 or IPv6, with TLS when `ssl` is on.
 
-        if not server.ssl_private_key:
-            raise usage.UsageError("ssl = true needs ssl_private_key")
-        try:
-            context = server_context_factory(
-                server.ssl_private_key, server.ssl_certificate, server.ssl_client_ca
-            )
-        except TLSConfigError as e:
-            raise usage.UsageError(str(e)) from None
-        return endpoints.SSL4ServerEndpoint(
-            reactor, server.port, context, backlog=server.backlog, interface=interface
-        )
-    if ":" in interface:
-        return endpoints.TCP6ServerEndpoint(
-            reactor, server.port, backlog=server.backlog, interface=interface
-        )
-    return endpoints.TCP4ServerEndpoint(
-        reactor, server.port, backlog=server.backlog, interface=interface
+    A TLS key, certificate or CA file that cannot be used raises UsageError naming it, before
+    anything listens. A TLS handshake must complete within `socket_timeout` seconds."""
+    interface = server.addr or "0.0.0.0"
+    endpoint_class = (
+        endpoints.TCP6ServerEndpoint if ":" in interface else endpoints.TCP4ServerEndpoint
     )
+    tcp = endpoint_class(reactor, server.port, backlog=server.backlog, interface=interface)
+    if not server.ssl:
+        tls_files = [
+            name
+            for name in ("ssl_private_key", "ssl_certificate", "ssl_client_ca")
+            if getattr(server, name)
+        ]
+        if tls_files:
+            # The original's rule, kept: only `ssl = true` turns TLS on. A key without it is
+            # almost always a forgotten line, and clients would otherwise just see a plain port.
+            log.warn(
+                "{names} set but ssl is off: listening WITHOUT TLS (set ssl = true to use it)",
+                names=", ".join(tls_files),
+            )
+        return tcp
+    from deploy.tls import (
+        TLSConfigError,
+        TLSServerEndpoint,
+        public_key_fingerprint,
+        server_context_from_settings,
+    )
+
+    try:
+        context = server_context_from_settings(server)
+        fingerprint = public_key_fingerprint(server.ssl_private_key or "")
+    except TLSConfigError as e:
+        raise usage.UsageError(str(e)) from None
+    assert context is not None
+    # What an operator compares with the clients' pin, and how clients are checked.
+    log.info(
+        "TLS with key {key} (public key sha256 {fingerprint}), {certificate}, {clients}",
+        key=server.ssl_private_key,
+        fingerprint=fingerprint,
+        certificate=(
+            f"certificate {server.ssl_certificate}"
+            if server.ssl_certificate
+            else "self-signed certificate"
+        ),
+        clients=(
+            f"client certificates required from CA {server.ssl_client_ca}"
+            if server.ssl_client_ca
+            else "no client certificate required"
+        ),
+    )
+    return TLSServerEndpoint(tcp, context, reactor, handshake_timeout=server.socket_timeout or None)
+
+
+def defer_accept_seconds(server: ServerSettings) -> int | None:
+    """TCP_DEFER_ACCEPT for `socket_accept_filter`: wake us only once the request's first bytes
+    came, waiting at most the socket timeout (5 s when that is off)."""
+    if not server.socket_accept_filter:
+        return None
+    return max(1, math.ceil(server.socket_timeout or 5))
+
+
+@implementer(IStreamServerEndpoint)
+class TunedServerEndpoint:
+    """An endpoint whose listening socket gets TCP_DEFER_ACCEPT once bound (Linux; elsewhere the
+    option is reported as unsupported and ignored)."""
+
+    log = Logger()
+
+    def __init__(self, endpoint: Any, defer_accept: int | None) -> None:
+        self.endpoint = endpoint
+        self.defer_accept = defer_accept
+
+    def listen(self, factory: Factory) -> defer.Deferred[IListeningPort]:
+        return self.endpoint.listen(factory).addCallback(self._tune)
+
+    def _tune(self, port: Any) -> Any:
+        if self.defer_accept is None:
+            return port
+        option = getattr(socket, "TCP_DEFER_ACCEPT", None)
+        sock = getattr(port, "socket", None)
+        if option is None or sock is None:
+            self.log.warn("socket_accept_filter is not supported here (Linux only); ignored")
+            return port
+        sock.setsockopt(socket.IPPROTO_TCP, option, self.defer_accept)
+        return port
 
 
 def listening_service(reactor: Any, server: ServerSettings, factory: Factory) -> Any:
-    svc = StreamServerEndpointService(server_endpoint(reactor, server), factory)
+    """The service that listens for `factory`: the port is bound in its privilegedStartService,
+    so before the daemon drops its privileges; TCP_DEFER_ACCEPT when asked."""
+    endpoint = TunedServerEndpoint(server_endpoint(reactor, server), defer_accept_seconds(server))
+    svc = StreamServerEndpointService(endpoint, factory)
     # A port that cannot be bound stops twistd with the reason instead of logging and going on.
     svc._raiseSynchronously = True
     return svc
+
+
+def setup_logging(
+    server: ServerSettings, factory: Any, *, daemon: str = "agent"
+) -> logs.LogService:
+    """The error, access and audit logs `server` asks for, as a service to start with the
+    daemon. Built early in `makeService`: from here on the error log keeps start-up warnings
+    for its file, which opens (as the user the daemon runs as) when the service starts."""
+    try:
+        return logs.build_log_service(
+            log_write=server.log_write,
+            log_error_level=server.log_error_level,
+            log_error_path=server.log_error_path,
+            log_access_path=server.log_access_path,
+            audit_log_path=server.audit_log_path,
+            factory=factory,
+            daemon=daemon,
+        )
+    except ValueError as e:
+        raise usage.UsageError(str(e)) from None
+
+
+def run_as(
+    server: ServerSettings,
+    log_service: logs.LogService,
+    *,
+    own: Iterable[str] = (),
+    create: Iterable[str] = (),
+) -> privileges.DropPrivilegesService:
+    """Running as `user`/`group`: prepare the directories now (still root; `own` are handed
+    over, `create` and the log directories are made if missing), and return the service that
+    drops privileges once the port is bound. Put it after the listening service."""
+    try:
+        identity = privileges.resolve_identity(server.user, server.group)
+    except privileges.PrivilegeError as e:
+        raise usage.UsageError(str(e)) from None
+    own, create = list(own), list(create)
+    if privileges.is_switch(identity):
+        assert identity is not None
+        if os.geteuid() != 0:
+            raise usage.UsageError(f"cannot run as {identity.label}: not started as root")
+        log_dirs = logs.log_directories(log_service.paths)
+        try:
+            privileges.prepare_directories(identity, own=own, create=[*create, *log_dirs])
+        except OSError as e:
+            message = f"cannot prepare directories for {identity.label}: {e}"
+            raise usage.UsageError(message) from None
+
+    def dirs() -> list[str]:
+        return [*own, *create, *logs.log_directories(log_service.paths)]
+
+    def files() -> list[str]:
+        return logs.current_files(log_service.paths)
+
+    return privileges.DropPrivilegesService(identity, own=own, dirs=dirs, files=files)
+
+
+def set_process_title(server: ServerSettings) -> str | None:
+    """`process_name` as the process title, as the original showed it (`deploy::agent: master
+    process`), when the optional `setproctitle` is installed. Returns the title set."""
+    if not server.process_name:
+        return None
+    try:
+        setproctitle = importlib.import_module("setproctitle")
+    except ImportError:
+        log.warn(
+            "process_name = {name} needs the setproctitle package (pip install deploy[proctitle]);"
+            " the process title stays as it is",
+            name=server.process_name,
+        )
+        return None
+    title = f"{server.process_name} master process"
+    setproctitle.setproctitle(title)
+    return title
+
+
+class ProcessTitleService(service.Service):
+    """Sets the process title when the daemon starts (not when its service is built)."""
+
+    def __init__(self, server: ServerSettings) -> None:
+        self.server = server
+
+    def startService(self) -> None:
+        super().startService()
+        set_process_title(self.server)

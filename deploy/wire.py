@@ -196,7 +196,11 @@ class HttpRequestReceiver(LineReceiver, TimeoutMixin):
         method = parts[0].decode("ascii", "replace")
         if method not in ("GET", "POST"):
             raise RequestError(405, "")
-        target = parts[1].decode("ascii", "replace")
+        # A request target is printable ASCII (RFC 3986); any other byte would be decoded
+        # into something else than what was sent.
+        if not all(0x21 <= b < 0x7F for b in parts[1]):
+            raise RequestError(400, "bad request target")
+        target = parts[1].decode("ascii")
         if not target.startswith("/"):
             raise RequestError(400, "bad request target")
         self._method = method
@@ -221,7 +225,8 @@ class HttpRequestReceiver(LineReceiver, TimeoutMixin):
                 raise RequestError(411, "POST needs a Content-Length header")
             self._length = 0
         else:
-            if not length.isdigit() or len(length) > 12:
+            # isdigit() alone passes "²" (latin-1 0xB2), which int() refuses.
+            if not (length.isascii() and length.isdigit()) or len(length) > 12:
                 raise RequestError(400, f"bad Content-Length: {length[:40]!r}")
             self._length = int(length)
             if self._length > self.max_body:
