@@ -1,6 +1,6 @@
 """Background syncs: at most one per target (job id = the target's checksum), each run by a
-`deploy.supervise` process that outlives the agent; their pids, progress and last result, read
-back from the persisted state so an agent restart loses nothing."""
+`deploy.supervise` process that outlives the agent; their pids, progress, stopping and last
+result, read back from the persisted state (and /proc) so an agent restart loses nothing."""
 
 from __future__ import annotations
 
@@ -8,80 +8,104 @@ import datetime
 import os
 import signal
 import sys
+import time
+import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet import defer, protocol
-from twisted.internet.interfaces import IReactorProcess, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorProcess, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from deploy.jobstate import (
     OUTCOME_FAILED,
+    OUTCOME_KILLED,
     OUTCOME_LOST,
-    is_same_process,
-    process_group_pids,
+    STATE_ENDED,
+    STATE_RUNNING,
+    STATE_STARTING,
+    ProcessTable,
     read_state,
     write_state,
 )
-from deploy.rsync import RsyncTarget, build_argv
+from deploy.rsync import DEFAULT_FLAGS, RsyncTarget, build_argv
+
+# start() answers by then even if the supervisor has not said `ready` (e.g. a slow source listing).
+ANSWER_WITHIN = 5.0
+# A `starting` record nobody has taken up (its agent died between writing it and spawning the
+# supervisor) counts as running this long, then as lost.
+STARTING_GRACE = 30.0
+# After the supervisor's own TERM-then-KILL (rkill_grace), how long the agent waits before it
+# KILLs rsync's group itself, and then the supervisor if it still has not recorded the end.
+KILL_MARGIN = 2.0
+# A temp file of write_state this old was left by a process killed mid-write.
+STALE_TEMP = 3600.0
+MAX_LINE = 1024
 
 
 class JobError(Exception):
     """A sync that could not be started; the message is for the user."""
 
 
+def deletes_on_target(target: RsyncTarget) -> bool:
+    """True when the sync of `target` deletes target files that are not in the source."""
+    options = target.options if target.options is not None else DEFAULT_FLAGS
+    return any(o == "--del" or o.startswith("--delete") for o in options)
+
+
 @dataclass
 class Job:
+    """One sync of one target: its record on disk and what this agent knows beyond it."""
+
     checksum: str
     state_file: str
     state: dict[str, Any] = field(default_factory=dict)
+    run_id: str | None = None
+    # Set when this agent spawned the supervisor (then it is our child and tells us its end).
     supervisor: SupervisorProtocol | None = None
+    kill_requested: bool = False
+    finished: bool = False
+    escalation: IDelayedCall | None = None
+    answer_timer: IDelayedCall | None = None
+    started: defer.Deferred[Job] = field(default_factory=defer.Deferred)
 
     @property
     def rsync_pid(self) -> int | None:
         return self.state.get("rsyncPid")
 
-    def pids(self) -> list[int]:
-        """The running rsync processes (rsync forks a receiver: usually two)."""
-        pid = self.rsync_pid
-        if pid and is_same_process(pid, self.state.get("rsyncStart")):
-            return process_group_pids(pid)
-        return []
+    @property
+    def log_file(self) -> str:
+        return self.state_file[: -len(".json")] + ".log"
 
 
 class SupervisorProtocol(protocol.ProcessProtocol):
-    """Listens to a supervisor while it talks (`pid N`, `ready`, `ended`) and to its end."""
+    """Thin: forwards the supervisor's stdout lines (`pid N`, `ready`, `ended`) and its end to
+    the registry."""
 
     def __init__(self, registry: JobRegistry, job: Job) -> None:
         self.registry = registry
         self.job = job
-        self.started: defer.Deferred[Job] = defer.Deferred()
+        self.ended = False
         self._buffer = b""
 
-    def outReceived(self, data: bytes) -> None:
+    def outReceived(self, data: bytes) -> None:  # noqa: N802
         self._buffer += data
         *lines, self._buffer = self._buffer.split(b"\n")
-        for line in lines[:16]:
-            word, _, arg = line.decode("ascii", "replace").partition(" ")
-            if word == "pid" and arg.isdigit():
-                self.job.state["rsyncPid"] = int(arg)
-            elif word in ("ready", "ended"):
-                self._fire()
-        self._buffer = self._buffer[-1024:]
+        for line in lines:
+            self.registry._told(self.job, line[:MAX_LINE].decode("ascii", "replace").strip())
+        self._buffer = self._buffer[-MAX_LINE:]
 
-    def processEnded(self, reason: Failure) -> None:
-        self.registry._ended(self.job)
-        self._fire()
-
-    def _fire(self) -> None:
-        if not self.started.called:
-            self.job.state = read_state(self.job.state_file) or self.job.state
-            self.started.callback(self.job)
+    def processEnded(self, reason: Failure) -> None:  # noqa: N802
+        if self.ended:
+            return
+        self.ended = True
+        self.registry._supervisor_ended(self.job)
 
 
 class JobRegistry:
-    """The agent's background syncs, keyed by checksum."""
+    """The agent's background syncs, keyed by checksum; the state files are the truth."""
 
     log = Logger()
 
@@ -92,11 +116,15 @@ class JobRegistry:
         *,
         grace: float = 5.0,
         python: str = sys.executable,
+        clock: IReactorTime | None = None,
+        processes: ProcessTable | None = None,
     ) -> None:
         self.reactor = reactor
+        self.clock: IReactorTime = clock or reactor  # type: ignore[assignment]
         self.state_dir = state_dir
         self.grace = grace
         self.python = python
+        self.processes = processes or ProcessTable()
         self._jobs: dict[str, Job] = {}
 
     def state_file(self, checksum: str, state_dir: str | None = None) -> str:
@@ -104,53 +132,73 @@ class JobRegistry:
 
     # -- start-up
 
-    def recover(self) -> list[Job]:
-        """Find syncs that a previous agent started and that still run; mark dead ones lost."""
+    def recover(self, state_dirs: Iterable[str] = ()) -> list[Job]:
+        """Adopt the syncs a previous agent started that still run (in our state dir and in
+        `state_dirs`, the groups' own); record the dead ones as lost."""
         found = []
-        try:
-            names = sorted(os.listdir(self.state_dir))
-        except OSError:
-            return found
-        for name in names:
-            if not name.endswith(".json") or name.startswith("."):
+        seen = set()
+        for directory in (self.state_dir, *state_dirs):
+            if os.path.abspath(directory) in seen:
                 continue
-            path = os.path.join(self.state_dir, name)
-            state = read_state(path)
-            if not state or state.get("state") not in ("starting", "running"):
+            seen.add(os.path.abspath(directory))
+            try:
+                names = sorted(os.listdir(directory))
+            except OSError:
                 continue
-            job = Job(name[: -len(".json")], path, state)
-            if self._alive(job):
-                self._jobs[job.checksum] = job
-                found.append(job)
-                self.log.info(
-                    "resumed watching sync {checksum} (rsync pid {pid})",
-                    checksum=job.checksum,
-                    pid=job.rsync_pid,
-                )
-            else:
-                self._mark_lost(job)
+            for name in names:
+                if name.startswith(".tmp-"):
+                    self._remove_stale_temp(os.path.join(directory, name))
+                    continue
+                if not name.endswith(".json") or name.startswith("."):
+                    continue
+                state = read_state(os.path.join(directory, name))
+                if not state or state.get("state") not in (STATE_STARTING, STATE_RUNNING):
+                    continue
+                job = self._adopt(name[: -len(".json")], os.path.join(directory, name), state)
+                if job is not None:
+                    found.append(job)
         return found
 
     # -- questions
 
-    def running(self, checksum: str) -> Job | None:
+    def running(self, checksum: str, state_dir: str | None = None) -> Job | None:
+        """The target's sync if one runs (or is starting), else None."""
         job = self._jobs.get(checksum)
         if job is None:
+            # Not one we know of: its record (and /proc) still decide, so a target never gets
+            # a second rsync because this agent missed the first.
+            path = self.state_file(checksum, state_dir)
+            state = read_state(path)
+            if state and state.get("state") in (STATE_STARTING, STATE_RUNNING):
+                return self._adopt(checksum, path, state)
             return None
-        if job.supervisor is None:  # adopted after a restart: only /proc can tell
-            job.state = read_state(job.state_file) or job.state
-            if job.state.get("state") == "ended" or not self._alive(job):
-                self._ended(job)
-                return None
+        self._refresh(job)
+        if job.state.get("state") == STATE_ENDED or not self._alive(job):
+            self._ended(job)
+            return None
         return job
 
     def running_count(self) -> int:
-        return sum(1 for c in list(self._jobs) if self.running(c))
+        return sum(1 for checksum in list(self._jobs) if self.running(checksum))
+
+    def pids(self, job: Job) -> list[int]:
+        """The running rsync processes (rsync forks a receiver: usually two)."""
+        self._refresh(job)
+        pid = job.rsync_pid
+        if pid and self.processes.same(pid, job.state.get("rsyncStart")):
+            return self.processes.group(pid)
+        return []
+
+    def progress(self, job: Job) -> dict[str, Any] | None:
+        """The last `--info=progress2` record the supervisor wrote: bytes, percent, rate, eta."""
+        self._refresh(job)
+        progress = job.state.get("progress")
+        return progress if isinstance(progress, dict) else None
 
     def last_result(self, checksum: str, state_dir: str | None = None) -> dict[str, Any] | None:
         """The `lastRsync` record of the target's last finished sync, if there was one."""
         state = read_state(self.state_file(checksum, state_dir))
-        if not state or state.get("state") != "ended":
+        if not state or state.get("state") != STATE_ENDED:
             return None
         return {
             "checksum": checksum,
@@ -163,42 +211,49 @@ class JobRegistry:
             "message": state.get("message") or "",
         }
 
-    def progress(self, job: Job) -> dict[str, Any] | None:
-        state = read_state(job.state_file) or job.state
-        job.state.update({k: v for k, v in state.items() if k not in ("state",)})
-        return state.get("progress")
-
     # -- orders
 
     def start(
         self, target: RsyncTarget, *, refuse_empty: bool = False, state_dir: str | None = None
     ) -> defer.Deferred[Job]:
-        """Start the sync of `target` under a supervisor; fires once rsync is under way (or has
-        already ended, e.g. because the rsync daemon is down)."""
+        """Start the sync of `target` under a supervisor; fires once rsync is under way, has
+        already ended (e.g. the rsync daemon is down, or the sync was refused), or after
+        ANSWER_WITHIN seconds. Raises JobError when it cannot start, ValueError for a bad
+        target."""
         checksum = target.checksum
-        if self.running(checksum):
+        if self.running(checksum, state_dir):
             raise JobError(f"a sync of {checksum} is already running")
-        path = self.state_file(checksum, state_dir)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
         argv = build_argv(target, dry_run=False, progress=True)
+        directory = state_dir or self.state_dir
+        path = self.state_file(checksum, state_dir)
+        run_id = uuid.uuid4().hex
         state = {
             "checksum": checksum,
-            "state": "starting",
+            "state": STATE_STARTING,
+            "runId": run_id,
+            "created": self.clock.seconds(),
             "dest": target.dest,
             "src": target.src,
             "argv": argv,
         }
-        write_state(path, state)
-        job = Job(checksum, path, state)
+        job = Job(checksum, path, state, run_id)
+        log_fd = -1
+        try:
+            os.makedirs(directory, exist_ok=True)
+            # The log first: once the starting record exists, every way out must end it.
+            log_fd = os.open(job.log_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            write_state(path, state)
+        except OSError as e:
+            if log_fd >= 0:
+                os.close(log_fd)
+            raise JobError(f"cannot record the sync in {directory}: {e.strerror or e}") from e
         proto = SupervisorProtocol(self, job)
         job.supervisor = proto
-        cmd = [self.python, "-m", "deploy.supervise", "--state", path, "--grace", str(self.grace)]
+        cmd = [self.python, "-m", "deploy.supervise", "--state", path, "--run", run_id]
+        cmd += ["--grace", str(self.grace)]
         if refuse_empty:
             cmd.append("--refuse-empty")
         cmd += ["--", *argv]
-        log_fd = os.open(
-            path[: -len(".json")] + ".log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600
-        )
         try:
             self.reactor.spawnProcess(
                 proto,
@@ -209,90 +264,232 @@ class JobRegistry:
                 childFDs={0: "w", 1: "r", 2: log_fd},
             )
         except OSError as e:
+            job.supervisor = None
+            self._record_end(job, OUTCOME_FAILED, f"cannot start the sync supervisor: {e}")
             raise JobError(f"cannot start the sync supervisor: {e}") from e
         finally:
             os.close(log_fd)
         proto.transport.closeStdin()
         self._jobs[checksum] = job
-        return proto.started
+        job.answer_timer = self.clock.callLater(ANSWER_WITHIN, self._answer, job)
+        return job.started
 
-    def kill(self, checksum: str) -> list[int]:
-        """Stop the target's sync: TERM to its process group, KILL after the grace period.
-        Answers the pids that were running."""
-        job = self.running(checksum)
+    def kill(self, checksum: str, state_dir: str | None = None) -> list[int]:
+        """Stop the target's sync: its supervisor TERMs rsync's process group and KILLs it after
+        the grace period (the agent KILLs it itself a little later, should the supervisor be
+        gone or stuck). Answers the rsync pids that were running."""
+        job = self.running(checksum, state_dir)
         if job is None:
             return []
-        pids = job.pids()
-        sup_pid = job.state.get("supervisorPid")
-        if job.supervisor is not None or is_same_process(sup_pid, job.state.get("supervisorStart")):
-            # The supervisor records the outcome as killed and escalates to KILL itself.
-            self._signal(sup_pid, signal.SIGTERM)
-        elif job.rsync_pid:
-            self._signal_group(job.rsync_pid, signal.SIGTERM)
-        rsync_pid, rsync_start = job.rsync_pid, job.state.get("rsyncStart")
-
-        def escalate() -> None:
-            if rsync_pid and is_same_process(rsync_pid, rsync_start):
-                self.log.warn("sync {checksum} outlived its grace period: KILL", checksum=checksum)
-                self._signal_group(rsync_pid, signal.SIGKILL)
-
-        self.reactor.callLater(self.grace + 2.0, escalate)
+        pids = self.pids(job)
+        job.kill_requested = True
+        supervisor = self._supervisor_pid(job)
+        if supervisor:
+            self.processes.signal(supervisor, signal.SIGTERM)
+        elif job.rsync_pid and self.processes.same(job.rsync_pid, job.state.get("rsyncStart")):
+            self.processes.signal_group(job.rsync_pid, signal.SIGTERM)
+        if job.escalation is None:
+            job.escalation = self.clock.callLater(self.grace + KILL_MARGIN, self._escalate, job)
+        self.log.info("rkill of sync {checksum}: pids {pids}", checksum=checksum, pids=pids)
         return pids
+
+    # -- what the supervisor tells
+
+    def _told(self, job: Job, line: str) -> None:
+        word, _, arg = line.partition(" ")
+        if word == "pid" and arg.isdigit():
+            job.state["rsyncPid"] = int(arg)
+        elif word in ("ready", "ended"):
+            self._answer(job)
+
+    def _supervisor_ended(self, job: Job) -> None:
+        self._ended(job)
+        self._answer(job)
+
+    def _answer(self, job: Job) -> None:
+        if job.answer_timer is not None and job.answer_timer.active():
+            job.answer_timer.cancel()
+        job.answer_timer = None
+        if not job.started.called:
+            self._refresh(job)
+            job.started.callback(job)
 
     # -- internals
 
+    def _adopt(self, checksum: str, path: str, state: dict[str, Any]) -> Job | None:
+        job = Job(checksum, path, state, state.get("runId"))
+        if not self._alive(job):
+            self._abandon(job, OUTCOME_LOST)
+            self.log.warn(
+                "sync {checksum} was {state} but its supervisor is gone: {outcome}",
+                checksum=checksum,
+                state=state.get("state"),
+                outcome=job.state.get("outcome"),
+            )
+            return None
+        self._jobs[checksum] = job
+        self.log.info(
+            "watching sync {checksum} again (supervisor pid {supervisor}, rsync pid {pid})",
+            checksum=checksum,
+            supervisor=state.get("supervisorPid"),
+            pid=job.rsync_pid,
+        )
+        job.started.callback(job)
+        return job
+
+    def _refresh(self, job: Job) -> None:
+        state = read_state(job.state_file)
+        if state is not None and (job.run_id is None or state.get("runId") == job.run_id):
+            job.state = state
+
+    def _alive(self, job: Job) -> bool:
+        if job.supervisor is not None:
+            return not job.supervisor.ended
+        state = job.state
+        if self.processes.same(state.get("supervisorPid"), state.get("supervisorStart")):
+            return True
+        if state.get("state") == STATE_STARTING and not state.get("supervisorPid"):
+            # Its supervisor may still be on its way: give it a while to take the record up.
+            created = state.get("created")
+            return isinstance(created, int | float) and (
+                self.clock.seconds() - created < STARTING_GRACE
+            )
+        return False
+
+    def _supervisor_pid(self, job: Job) -> int | None:
+        if job.supervisor is not None:
+            if job.supervisor.ended:
+                return None
+            return getattr(job.supervisor.transport, "pid", None)
+        pid = job.state.get("supervisorPid")
+        return pid if self.processes.same(pid, job.state.get("supervisorStart")) else None
+
     def _ended(self, job: Job) -> None:
+        """Forget a sync that ended (its record says so, or its supervisor is gone); make sure
+        its record says how."""
         if self._jobs.get(job.checksum) is job:
             del self._jobs[job.checksum]
-        state = read_state(job.state_file) or job.state
-        if state.get("state") != "ended":
-            # The supervisor died without recording an outcome.
-            self._mark_lost(job, outcome=OUTCOME_FAILED if job.supervisor else OUTCOME_LOST)
-            state = read_state(job.state_file) or state
-        job.state = state
+        if job.escalation is not None and job.escalation.active():
+            job.escalation.cancel()
+        job.escalation = None
+        if job.finished:
+            return  # seen in its record first, then again when our child exited
+        job.finished = True
+        self._refresh(job)
+        if job.state.get("state") != STATE_ENDED:
+            if job.kill_requested:
+                self._abandon(job, OUTCOME_KILLED, "stopped by rkill")
+            elif job.supervisor is not None:
+                self._abandon(
+                    job, OUTCOME_FAILED, "the sync's supervisor ended without recording an outcome"
+                )
+            else:
+                self._abandon(job, OUTCOME_LOST)
         self.log.info(
             "sync {checksum} ended: {outcome} (exit code {exitCode})",
             checksum=job.checksum,
-            outcome=state.get("outcome"),
-            exitCode=state.get("exitCode"),
+            outcome=job.state.get("outcome"),
+            exitCode=job.state.get("exitCode"),
         )
 
-    def _alive(self, job: Job) -> bool:
-        state = job.state
-        return is_same_process(state.get("supervisorPid"), state.get("supervisorStart"))
+    def _abandon(self, job: Job, outcome: str, message: str | None = None) -> None:
+        """Record the end of a sync whose supervisor died without recording it (stopping an
+        rsync it left behind: nobody would record that one's end)."""
+        self._refresh(job)
+        if job.state.get("state") == STATE_ENDED:
+            return  # it recorded its end after all
+        if message is None:
+            message = "the sync's supervisor is gone and left no outcome"
+        if job.supervisor is not None:
+            detail = _last_line(job.log_file)
+            if detail:
+                message += f": {detail}"
+        rsync = job.rsync_pid
+        if rsync and self.processes.same(rsync, job.state.get("rsyncStart")):
+            self.log.warn(
+                "sync {checksum}: rsync {pid} outlived its supervisor; KILL",
+                checksum=job.checksum,
+                pid=rsync,
+            )
+            self.processes.signal_group(rsync, signal.SIGKILL)
+            message += " (its rsync was stopped)"
+        self._record_end(job, outcome, message)
 
-    def _mark_lost(self, job: Job, outcome: str = OUTCOME_LOST) -> None:
+    def _record_end(self, job: Job, outcome: str, message: str) -> None:
         state = dict(job.state)
-        state.update(
-            state="ended",
-            outcome=outcome,
-            ended=self.reactor.seconds() if isinstance(self.reactor, IReactorTime) else None,
-            message=state.get("message") or "the sync's supervisor ended without an outcome",
-        )
+        state.update(state=STATE_ENDED, outcome=outcome, ended=self.clock.seconds())
+        state["message"] = message
+        job.state = state
+        current = read_state(job.state_file)
+        if current is not None and job.run_id is not None and current.get("runId") != job.run_id:
+            return  # the record is another run's now
         try:
             write_state(job.state_file, state)
         except OSError as e:
-            self.log.error("cannot record lost sync {checksum}: {e}", checksum=job.checksum, e=e)
-        job.state = state
+            self.log.error(
+                "cannot record the end of sync {checksum} ({outcome}: {message}): {e}",
+                checksum=job.checksum,
+                outcome=outcome,
+                message=message,
+                e=e,
+            )
+
+    def _escalate(self, job: Job) -> None:
+        """The supervisor had its grace period: KILL rsync's group, then the supervisor itself
+        if it still has not recorded the end a little later."""
+        job.escalation = None
+        self._refresh(job)
+        if job.state.get("state") == STATE_ENDED:
+            return
+        rsync = job.rsync_pid
+        if rsync and self.processes.same(rsync, job.state.get("rsyncStart")):
+            self.log.warn("sync {checksum} outlived its grace period: KILL", checksum=job.checksum)
+            self.processes.signal_group(rsync, signal.SIGKILL)
+            job.escalation = self.clock.callLater(KILL_MARGIN, self._escalate, job)
+            return
+        supervisor = self._supervisor_pid(job)
+        if supervisor:
+            self.log.warn("the supervisor of sync {checksum} is stuck: KILL", checksum=job.checksum)
+            self.processes.signal(supervisor, signal.SIGKILL)
 
     @staticmethod
-    def _signal(pid: int | None, sig: int) -> None:
-        if pid:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-
-    @staticmethod
-    def _signal_group(pgid: int, sig: int) -> None:
+    def _remove_stale_temp(path: str) -> None:
         try:
-            os.killpg(pgid, sig)
-        except ProcessLookupError:
+            if time.time() - os.stat(path).st_mtime > STALE_TEMP:
+                os.unlink(path)
+        except OSError:
             pass
 
 
+def check_state_dir(directory: str) -> None:
+    """Create `directory` if needed and prove a state record can be written there; raises
+    OSError saying which directory failed."""
+    try:
+        os.makedirs(directory, exist_ok=True)
+        probe = os.path.join(directory, ".probe.json")
+        write_state(probe, {"probe": True})
+        os.unlink(probe)
+    except OSError as e:
+        raise OSError(e.errno, f"{directory} is not a writable directory: {e.strerror or e}") from e
+
+
+def _last_line(path: str, limit: int = 4096) -> str:
+    """The last non-empty line of a (log) file, or ""."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - limit))
+            tail = f.read()
+    except OSError:
+        return ""
+    lines = [line.strip() for line in tail.decode("utf-8", "replace").splitlines()]
+    lines = [line for line in lines if line]
+    return lines[-1][:500] if lines else ""
+
+
 def _iso(t: float | None) -> str | None:
-    if t is None:
+    if not isinstance(t, int | float):
         return None
     return datetime.datetime.fromtimestamp(t, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 

@@ -15,6 +15,13 @@ OUTCOME_KILLED = "killed"
 OUTCOME_LOST = "lost"
 OUTCOME_REFUSED = "refused"
 
+# The `state` field of a record: the agent writes `starting` before it spawns the supervisor, the
+# supervisor `running` once it runs and `ended` with the outcome; the agent writes `ended` itself
+# only for a sync whose supervisor died without recording one.
+STATE_STARTING = "starting"
+STATE_RUNNING = "running"
+STATE_ENDED = "ended"
+
 MAX_STATE_BYTES = 1024 * 1024
 
 
@@ -52,34 +59,40 @@ def read_state(path: str) -> dict[str, Any] | None:
     return state if isinstance(state, dict) else None
 
 
-def proc_start_ticks(pid: int) -> int | None:
-    """The start time of `pid` in clock ticks since boot (field 22 of /proc/PID/stat)."""
+def _stat_fields(pid: int) -> list[bytes] | None:
+    """The fields of /proc/PID/stat after the command name: [0] state, [2] process group,
+    [19] start time in clock ticks since boot."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
     except OSError:
         return None
     # The command name (field 2) may hold spaces and parentheses: split after its last ')'.
-    rest = stat[stat.rfind(b")") + 2 :].split()
+    fields = stat[stat.rfind(b")") + 2 :].split()
+    return fields if len(fields) > 19 else None
+
+
+def proc_start_ticks(pid: int) -> int | None:
+    """The start time of `pid` in clock ticks since boot (field 22 of /proc/PID/stat)."""
+    fields = _stat_fields(pid)
     try:
-        return int(rest[19])
-    except (IndexError, ValueError):
+        return int(fields[19]) if fields else None
+    except ValueError:
         return None
 
 
 def is_same_process(pid: int | None, start_ticks: int | None) -> bool:
-    """True when `pid` runs and is the process that started at `start_ticks` (not a reused pid)."""
+    """True when `pid` runs and is the process that started at `start_ticks` (not a reused pid,
+    not a zombie)."""
     if not pid or start_ticks is None:
         return False
-    ticks = proc_start_ticks(pid)
-    if ticks is None or ticks != start_ticks:
+    fields = _stat_fields(pid)
+    if fields is None or fields[0] == b"Z":
         return False
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            state = f.read().rsplit(b")", 1)[1].split()[0]
-    except (OSError, IndexError):
+        return int(fields[19]) == start_ticks
+    except ValueError:
         return False
-    return state != b"Z"
 
 
 def process_group_pids(pgid: int) -> list[int]:
@@ -104,9 +117,47 @@ def process_group_pids(pgid: int) -> list[int]:
     return pids
 
 
+class ProcessTable:
+    """The process look-ups and signals a job registry needs, behind one object so tests can
+    give it a fake /proc."""
+
+    def same(self, pid: int | None, start_ticks: int | None) -> bool:
+        return is_same_process(pid, start_ticks)
+
+    def start_ticks(self, pid: int) -> int | None:
+        return proc_start_ticks(pid)
+
+    def group(self, pgid: int) -> list[int]:
+        return process_group_pids(pgid)
+
+    def signal(self, pid: int, sig: int) -> None:
+        try:
+            os.kill(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def signal_group(self, pgid: int, sig: int) -> None:
+        try:
+            os.killpg(pgid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+# What rsync writes to stderr to explain itself; anything else there is noise around it.
+_EXPLAINING = (
+    "rsync:",
+    "rsync error:",
+    "rsync warning:",
+    "@ERROR",
+    "file has vanished:",
+    "Deletions stopped",
+)
+
+
 def error_message(stderr_text: str, limit: int = 2000) -> str:
-    """rsync's own explanation from its stderr: the `rsync:`/`rsync error:` lines, else the tail."""
+    """rsync's own explanation from its stderr: its `rsync:`/`rsync error:`/... lines, else the
+    tail."""
     lines = [line.strip() for line in stderr_text.splitlines() if line.strip()]
-    picked = [line for line in lines if line.startswith(("rsync:", "rsync error:", "@ERROR"))]
+    picked = [line for line in lines if line.startswith(_EXPLAINING)]
     text = "\n".join(picked or lines[-5:])
     return text[-limit:]

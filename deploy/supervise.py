@@ -1,9 +1,11 @@
 """The sync supervisor: a tiny process that runs one background rsync, records its progress and
 its outcome in the job's state file, and outlives the agent that started it.
 
-Run as `python -m deploy.supervise --state FILE --grace S [--refuse-empty] -- RSYNC ARGV...`.
-It speaks to its parent on stdout only until the sync is under way (`pid N`, then `ready` or
-`ended`), so an agent that dies or restarts costs the sync nothing."""
+Run as `python -m deploy.supervise --state FILE --run ID --grace S [--refuse-empty] -- RSYNC
+ARGV...`. It runs only if FILE still holds the `starting` record of run ID, so a late or duplicate
+supervisor never runs a second sync. It speaks to its parent on stdout only until the sync is
+under way (`pid N`, then `ready` or `ended`), so an agent that dies or restarts costs the sync
+nothing. SIGTERM stops the sync: TERM to rsync's process group, KILL after the grace period."""
 
 from __future__ import annotations
 
@@ -22,6 +24,9 @@ from deploy.jobstate import (
     OUTCOME_OK,
     OUTCOME_REFUSED,
     OUTCOME_WARNING,
+    STATE_ENDED,
+    STATE_RUNNING,
+    STATE_STARTING,
     error_message,
     proc_start_ticks,
     read_state,
@@ -31,20 +36,68 @@ from deploy.rsync import Progress, RsyncOutputParser, TailBuffer
 
 PROGRESS_INTERVAL = 0.5
 READY_AFTER = 1.0
+LIST_TIMEOUT = 60.0
+# Once rsync itself has exited, how long its forked children may keep our pipes open.
+DRAIN_AFTER_EXIT = 2.0
+EXIT_VANISHED = 24
+
+# Options of the sync that the source listing needs too: how to reach the source, and the filters
+# that decide which of its files count.
+_LISTING_OPTIONS = (
+    "--port=",
+    "--rsh=",
+    "--password-file=",
+    "--address=",
+    "--contimeout=",
+    "--timeout=",
+    "--rsync-path=",
+    "--include=",
+    "--exclude=",
+    "--filter=",
+    "--include-from=",
+    "--exclude-from=",
+    "--ipv4",
+    "--ipv6",
+    "--protect-args",
+)
+
+
+def outcome_of(exit_code: int | None, sig: int | None, stderr_text: str) -> tuple[str, str]:
+    """The outcome and message of an rsync that ended by itself (not by rkill)."""
+    if exit_code == 0:
+        return OUTCOME_OK, ""
+    if exit_code == EXIT_VANISHED:
+        return OUTCOME_WARNING, error_message(stderr_text) or "some source files vanished"
+    if sig is not None:
+        return OUTCOME_FAILED, error_message(stderr_text) or f"rsync killed by signal {sig}"
+    return OUTCOME_FAILED, error_message(stderr_text) or f"rsync exited with code {exit_code}"
 
 
 class Supervisor:
-    def __init__(self, state_path: str, argv: list[str], grace: float, refuse_empty: bool) -> None:
+    """Runs one rsync to its end and keeps its state record."""
+
+    def __init__(
+        self,
+        state_path: str,
+        argv: list[str],
+        grace: float,
+        refuse_empty: bool,
+        run_id: str | None = None,
+    ) -> None:
         self.state_path = state_path
         self.argv = argv
         self.grace = grace
         self.refuse_empty = refuse_empty
-        self.state: dict[str, Any] = read_state(state_path) or {}
+        self.run_id = run_id
+        self.state: dict[str, Any] = {}
         self.kill_requested = False
+        self.term_sent = False
         self.kill_deadline: float | None = None
         self.child: subprocess.Popen[bytes] | None = None
+        self.lister: subprocess.Popen[bytes] | None = None
         self.last_write = 0.0
         self.parent_open = True
+        self.save_failed = False
 
     # -- talking to the agent that started us, while it listens
 
@@ -63,6 +116,13 @@ class Supervisor:
             os.dup2(devnull, 1)
             os.close(devnull)
 
+    def complain(self, text: str) -> None:
+        """A line for the job's log file (our stderr), which the agent reads if we die."""
+        try:
+            os.write(2, f"deploy.supervise: {text}\n".encode("utf-8", "replace"))
+        except OSError:
+            pass
+
     # -- state
 
     def save(self, **changes: Any) -> None:
@@ -71,14 +131,14 @@ class Supervisor:
         self.last_write = time.monotonic()
 
     def on_term(self, signum: int, frame: Any) -> None:
+        # Only flags here; the loops send the signals. A listing in flight is stopped at once.
         self.kill_requested = True
-        if self.child is not None and self.child.poll() is None:
+        lister = self.lister
+        if lister is not None and lister.poll() is None:
             try:
-                os.killpg(self.child.pid, signal.SIGTERM)
-            except ProcessLookupError:
+                os.killpg(lister.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
                 pass
-            if self.kill_deadline is None:
-                self.kill_deadline = time.monotonic() + self.grace
 
     # -- the run
 
@@ -86,28 +146,44 @@ class Supervisor:
         signal.signal(signal.SIGTERM, self.on_term)
         signal.signal(signal.SIGINT, self.on_term)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
-        self.save(
-            state="running",
-            supervisorPid=os.getpid(),
-            supervisorStart=proc_start_ticks(os.getpid()),
-            started=time.time(),
-        )
+        record = read_state(self.state_path)
+        if (
+            record is None
+            or record.get("state") != STATE_STARTING
+            or (self.run_id is not None and record.get("runId") != self.run_id)
+        ):
+            self.complain(
+                f"{self.state_path} does not hold this run's starting record; not syncing"
+            )
+            self.tell("ended")
+            return 2
+        self.state = record
+        try:
+            self.save(
+                state=STATE_RUNNING,
+                supervisorPid=os.getpid(),
+                supervisorStart=proc_start_ticks(os.getpid()),
+                started=time.time(),
+            )
+        except OSError as e:
+            # A sync nobody can account for is worse than none.
+            self.complain(f"cannot record the sync in {self.state_path}: {e}; not syncing")
+            self.tell("ended")
+            return 2
+        parser = RsyncOutputParser(keep_lists=False)
         if self.refuse_empty and self.source_is_empty():
             return self.finish(
                 OUTCOME_REFUSED,
                 None,
                 None,
-                f"source {self.argv[-2]} lists no files; refusing to sync it with --delete "
-                "(set allow_empty_source = true in the group to allow it)",
-                RsyncOutputParser(keep_lists=False),
+                f"source {self.argv[-2]} lists no files: refusing to sync it with --delete, "
+                "which would empty the target (set allow_empty_source = true in the group "
+                "to allow it)",
+                parser,
             )
         if self.kill_requested:
             return self.finish(
-                OUTCOME_KILLED,
-                None,
-                None,
-                "killed before it started",
-                RsyncOutputParser(keep_lists=False),
+                OUTCOME_KILLED, None, None, "stopped by rkill before rsync ran", parser
             )
         try:
             self.child = subprocess.Popen(
@@ -120,61 +196,78 @@ class Supervisor:
             )
         except OSError as e:
             return self.finish(
-                OUTCOME_FAILED,
-                None,
-                None,
-                f"cannot run {self.argv[0]}: {e}",
-                RsyncOutputParser(keep_lists=False),
+                OUTCOME_FAILED, None, None, f"cannot run {self.argv[0]}: {e}", parser
             )
-        self.save(rsyncPid=self.child.pid, rsyncStart=proc_start_ticks(self.child.pid))
+        self._save_soft(rsyncPid=self.child.pid, rsyncStart=proc_start_ticks(self.child.pid))
         self.tell(f"pid {self.child.pid}")
         return self.pump()
 
     def source_is_empty(self) -> bool:
-        """List only the top level of the source: `.` alone means there is nothing to sync."""
+        """List the top level of the source (as a directory, with the sync's filters): `.` alone
+        means a sync with --delete would empty the target."""
         source = self.argv[-2]
-        listing = [
-            a for a in self.argv[:-2] if a.startswith(("--port=", "--rsh=", "--password-file="))
-        ]
-        argv = [self.argv[0], "--list-only", "--no-recursive", "--dirs", *listing, "--", source]
+        if not source.endswith("/"):
+            source += "/"
+        options = [a for a in self.argv[1:-2] if a.startswith(_LISTING_OPTIONS)]
+        argv = [self.argv[0], "--list-only", "--no-recursive", "--dirs", *options, "--", source]
         try:
-            out = subprocess.run(
-                argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=60, env=rsync_env()
+            self.lister = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                process_group=0,
+                env=rsync_env(),
             )
-        except (OSError, subprocess.TimeoutExpired):
-            return False  # the real run will report the problem
-        if out.returncode != 0:
+        except OSError:
+            return False  # the real run reports why rsync cannot run
+        if self.kill_requested:  # TERM came while we were starting it
+            self.lister.kill()
+        try:
+            out, _ = self.lister.communicate(timeout=LIST_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.lister.kill()
+            self.lister.communicate()
+            return False  # the real run reports the unreachable source
+        if self.lister.returncode != 0:
             return False
         names = [
             line.split(None, 4)[-1]
-            for line in out.stdout.decode("utf-8", "replace").splitlines()
+            for line in out.decode("utf-8", "replace").splitlines()
             if line.strip()
         ]
         return all(n == "." for n in names)
 
     def pump(self) -> int:
-        assert self.child is not None and self.child.stdout and self.child.stderr
+        child = self.child
+        assert child is not None and child.stdout and child.stderr
         progress: list[Progress] = []
         parser = RsyncOutputParser(keep_lists=False, on_progress=progress.append)
         stderr = TailBuffer(8192)
         sel = selectors.DefaultSelector()
-        sel.register(self.child.stdout, selectors.EVENT_READ, parser)
-        sel.register(self.child.stderr, selectors.EVENT_READ, stderr)
+        sel.register(child.stdout, selectors.EVENT_READ, parser)
+        sel.register(child.stderr, selectors.EVENT_READ, stderr)
         ready_at = time.monotonic() + READY_AFTER
+        drain_until: float | None = None
         open_streams = 2
         while open_streams:
             now = time.monotonic()
+            if self.kill_requested and not self.term_sent:
+                self.term_sent = True
+                self.kill_deadline = now + self.grace
+                self._signal_group(signal.SIGTERM)
+            if self.kill_deadline is not None and now >= self.kill_deadline:
+                self.kill_deadline = None
+                self._signal_group(signal.SIGKILL)
             if self.parent_open and now >= ready_at:
                 self.tell("ready")
                 self.hang_up()
-            if self.kill_deadline is not None and now >= self.kill_deadline:
-                try:
-                    os.killpg(self.child.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                self.kill_deadline = None
-            timeout = 0.25
-            for key, _ in sel.select(timeout):
+            if child.poll() is not None:
+                if drain_until is None:
+                    drain_until = now + DRAIN_AFTER_EXIT
+                elif now >= drain_until:
+                    break  # rsync is gone; whatever still holds its pipes is not worth waiting for
+            for key, _ in sel.select(0.25):
                 data = os.read(key.fd, 65536)
                 if not data:
                     sel.unregister(key.fileobj)
@@ -185,30 +278,50 @@ class Supervisor:
                     self.tell("ready")  # rsync is talking: the source answered
                     self.hang_up()
             if progress and time.monotonic() - self.last_write >= PROGRESS_INTERVAL:
-                p = progress[-1]
+                self._save_soft(progress=_progress_dict(progress[-1]))
                 progress.clear()
-                self.save(
-                    progress={"bytes": p.bytes, "percent": p.percent, "rate": p.rate, "eta": p.eta}
-                )
+        sel.close()
         parser.close()
-        code = self.child.wait()
+        while child.poll() is None:  # it closed its output but lives on
+            if self.kill_requested and not self.term_sent:
+                self.term_sent = True
+                self.kill_deadline = time.monotonic() + self.grace
+                self._signal_group(signal.SIGTERM)
+            if self.kill_deadline is not None and time.monotonic() >= self.kill_deadline:
+                self.kill_deadline = None
+                self._signal_group(signal.SIGKILL)
+            time.sleep(0.1)
+        code = child.wait()
+        # No member of rsync's group outlives the record of its end.
+        self._signal_group(signal.SIGKILL)
         exit_code = code if code >= 0 else None
         sig = -code if code < 0 else None
         text = stderr.text()
+        if parser.progress is not None:
+            self.state["progress"] = _progress_dict(parser.progress)
         if self.kill_requested:
             outcome, message = OUTCOME_KILLED, "stopped by rkill"
-        elif exit_code == 0:
-            outcome, message = OUTCOME_OK, ""
-        elif exit_code == 24:
-            outcome, message = OUTCOME_WARNING, error_message(text) or "some source files vanished"
         else:
-            outcome = OUTCOME_FAILED
-            message = error_message(text) or (
-                f"rsync exited with code {exit_code}"
-                if sig is None
-                else f"rsync killed by signal {sig}"
-            )
+            outcome, message = outcome_of(exit_code, sig, text)
         return self.finish(outcome, exit_code, sig, message, parser, text)
+
+    def _save_soft(self, **changes: Any) -> None:
+        """Record changes while the sync runs; a failure costs the record, not the sync (the
+        whole record is written again with the outcome)."""
+        try:
+            self.save(**changes)
+        except OSError as e:
+            self.last_write = time.monotonic()
+            if not self.save_failed:
+                self.save_failed = True
+                self.complain(f"cannot record the sync in {self.state_path}: {e}")
+
+    def _signal_group(self, sig: int) -> None:
+        if self.child is not None:
+            try:
+                os.killpg(self.child.pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
 
     def finish(
         self,
@@ -220,20 +333,28 @@ class Supervisor:
         stderr_text: str = "",
     ) -> int:
         stats = parser.stats
-        self.save(
-            state="ended",
-            outcome=outcome,
-            exitCode=exit_code,
-            signal=sig,
-            ended=time.time(),
-            message=message,
-            stderrTail=stderr_text[-4096:],
-            transferFilesCount=stats.files_transferred,
-            transferFilesSize=stats.transferred_size,
-        )
+        try:
+            self.save(
+                state=STATE_ENDED,
+                outcome=outcome,
+                exitCode=exit_code,
+                signal=sig,
+                ended=time.time(),
+                message=message,
+                stderrTail=stderr_text[-4096:],
+                transferFilesCount=stats.files_transferred,
+                transferFilesSize=stats.transferred_size,
+            )
+        except OSError as e:
+            self.complain(f"cannot record the outcome ({outcome}: {message}): {e}")
+            return 1
         self.tell("ended")
         self.hang_up()
         return 0
+
+
+def _progress_dict(p: Progress) -> dict[str, Any]:
+    return {"bytes": p.bytes, "percent": p.percent, "rate": p.rate, "eta": p.eta}
 
 
 def rsync_env() -> dict[str, str]:
@@ -245,6 +366,7 @@ def rsync_env() -> dict[str, str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="deploy.supervise")
     parser.add_argument("--state", required=True)
+    parser.add_argument("--run", default=None, help="the run id the starting record must hold")
     parser.add_argument("--grace", type=float, default=5.0)
     parser.add_argument("--refuse-empty", action="store_true")
     parser.add_argument("argv", nargs=argparse.REMAINDER)
@@ -256,7 +378,8 @@ def main(argv: list[str] | None = None) -> int:
         os.setsid()  # our own session: signals to the agent's group do not reach the sync
     except OSError:
         pass
-    return Supervisor(args.state, rsync_argv, args.grace, args.refuse_empty).run()
+    supervisor = Supervisor(args.state, rsync_argv, args.grace, args.refuse_empty, args.run)
+    return supervisor.run()
 
 
 if __name__ == "__main__":
