@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import time
 from pathlib import Path
 from typing import Any
 
@@ -331,8 +330,9 @@ def test_long_line_truncation_ignores_chunking(chunk: int) -> None:
     assert snapshot(parse(data, chunk, max_line=100)) == snapshot(parse(data, max_line=100))
 
 
-def test_large_output_parses_fast() -> None:
-    """150,000 itemized lines plus progress parse in well under a second."""
+def test_large_output_parses_whole() -> None:
+    """150,000 itemized lines interleaved with progress records all parse, fed in 64 KiB chunks
+    (speed is measured in bench/, not here)."""
     lines = []
     for i in range(150_000):
         lines.append(b">f+++++++++ dir%d/caf\\#303\\#251%d" % (i % 100, i))
@@ -340,14 +340,12 @@ def test_large_output_parses_fast() -> None:
             lines.append(b"\r      %d  50%%    2.06MB/s    0:00:01 (xfr#1, to-chk=1/2)" % i)
     data = b"\n".join(lines) + b"\n"
     parser = RsyncOutputParser()
-    started = time.perf_counter()
     for start in range(0, len(data), 65536):
         parser.feed(data[start : start + 65536])
     parser.close()
-    elapsed = time.perf_counter() - started
     assert len(parser.new_files) == 150_000
     assert parser.new_files[-1] == "dir99/café149999"
-    assert elapsed < 1.0, elapsed
+    assert parser.progress is not None and parser.progress.bytes == 149_990
 
 
 @settings(max_examples=200)

@@ -1,0 +1,276 @@
+"""Tests of deploy.commands: looking an exec order up by exact name, turning template and
+arguments into an argv (never a shell), and running it with a timeout and an output cap."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+
+from deploy.commands import (
+    MAX_ARG_LENGTH,
+    MAX_ARGS,
+    CommandError,
+    build_command,
+    check_argument,
+    group_leader_prefix,
+    run_command,
+)
+from tests.harness import wait_until
+
+JOBS = {
+    "service:echo": "/bin/echo %s",
+    "service:false": "/bin/false %s",
+    "app:true": "/bin/true",
+    "app:greet": "/bin/echo 'hello world' --name=%s",
+    "app:quoted": '/usr/bin/printf "%%s|%%s\\n" %s',
+    "app:broken": "/bin/echo 'unclosed",
+    "a.b": "/bin/echo dot",
+}
+
+
+# --------------------------------------------------------------------------- build_command
+
+
+def test_exact_name_with_arguments() -> None:
+    """`NAME,a,b` runs NAME's template with a and b in place of `%s`."""
+    assert build_command(JOBS, "service:echo,hello,world") == (
+        "service:echo",
+        ["/bin/echo", "hello", "world"],
+    )
+
+
+def test_template_without_arguments() -> None:
+    """A template with `%s` and no arguments drops the placeholder."""
+    assert build_command(JOBS, "service:echo") == ("service:echo", ["/bin/echo"])
+    assert build_command(JOBS, "app:true") == ("app:true", ["/bin/true"])
+
+
+def test_argument_with_spaces_stays_one_argument() -> None:
+    """An argument holding spaces (`1+1` decoded) is one argv item, never re-split."""
+    assert build_command(JOBS, "service:echo,1 1")[1] == ["/bin/echo", "1 1"]
+
+
+def test_shell_metacharacters_are_plain_text() -> None:
+    """`;`, `|`, `$()` and quotes in an argument reach the command as text: there is no shell."""
+    arg = "a; rm -rf / | cat $(id) `x` 'q\""
+    assert build_command(JOBS, f"service:echo,{arg}")[1] == ["/bin/echo", arg]
+
+
+def test_template_is_split_like_a_shell_would() -> None:
+    """Quotes in the template group words (shlex); `%s` inside a word is replaced there."""
+    assert build_command(JOBS, "app:greet,bob")[1] == ["/bin/echo", "hello world", "--name=bob"]
+    assert build_command(JOBS, "app:greet,bob,al")[1] == [
+        "/bin/echo",
+        "hello world",
+        "--name=bob al",
+    ]
+
+
+def test_double_percent_is_a_literal_percent() -> None:
+    """`%%` in a template is a literal `%` (the original's sprintf), never an argument slot."""
+    assert build_command(JOBS, "app:quoted,x")[1] == ["/usr/bin/printf", "%s|%s\\n", "x"]
+    assert build_command({"d": "/bin/date +%%s"}, "d")[1] == ["/bin/date", "+%s"]
+    with pytest.raises(CommandError, match="takes no arguments"):
+        build_command({"d": "/bin/date +%%s"}, "d,x")
+    assert build_command({"p": "/bin/echo 100%% %s%%"}, "p,5")[1] == ["/bin/echo", "100%", "5%"]
+
+
+def test_empty_arguments_are_dropped() -> None:
+    """Empty arguments (`NAME,,a,`) are left out rather than passed as ''."""
+    assert build_command(JOBS, "service:echo,,a,")[1] == ["/bin/echo", "a"]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        ".*,hi",
+        ".*",
+        "service:.*,hi",
+        "service:ech",
+        "SERVICE:ECHO,hi",
+        " service:echo",
+        "a.",
+        "a?b",
+    ],
+)
+def test_name_must_match_exactly(options: str) -> None:
+    """The name is a key, not a pattern (the original ran anything for `.*`)."""
+    with pytest.raises(CommandError, match=r"^exec\[.*\] not found!$"):
+        build_command(JOBS, options)
+
+
+def test_unknown_name_message_is_the_originals() -> None:
+    """An unknown name reads `exec[NAME] not found!`."""
+    with pytest.raises(CommandError) as e:
+        build_command(JOBS, "service:nosuch,hi")
+    assert str(e.value) == "exec[service:nosuch] not found!"
+
+
+@pytest.mark.parametrize(
+    "arg", ["hi\n/bin/echo INJECTED", "a\rb", "tab\there", "nul\x00", "del\x7f", "\x1b[31m"]
+)
+def test_control_characters_are_refused(arg: str) -> None:
+    """An argument holding a control character (`%0a` was the original's injection) is refused."""
+    with pytest.raises(CommandError, match="control character"):
+        build_command(JOBS, f"service:echo,{arg}")
+
+
+@pytest.mark.parametrize("arg", ["-n", "--help", "-", "--rsh=sh"])
+def test_leading_dash_is_refused(arg: str) -> None:
+    """An argument may not start with `-` (it would be read as an option)."""
+    with pytest.raises(CommandError, match="may not start with '-'"):
+        build_command(JOBS, f"service:echo,ok,{arg}")
+
+
+def test_dash_inside_an_argument_is_fine() -> None:
+    """A `-` that does not start the argument is ordinary text."""
+    assert build_command(JOBS, "service:echo,a-b,x--y")[1] == ["/bin/echo", "a-b", "x--y"]
+
+
+def test_unicode_arguments_are_allowed() -> None:
+    """Printable non-ASCII text is a valid argument."""
+    assert build_command(JOBS, "service:echo,caf\u00e9")[1] == ["/bin/echo", "caf\u00e9"]
+
+
+def test_too_many_or_too_long_arguments() -> None:
+    """Argument count and length are bounded."""
+    with pytest.raises(CommandError, match="arguments"):
+        build_command(JOBS, "service:echo" + ",a" * (MAX_ARGS + 1))
+    assert len(build_command(JOBS, "service:echo" + ",a" * MAX_ARGS)[1]) == MAX_ARGS + 1
+    with pytest.raises(CommandError, match="longer"):
+        check_argument("x", "a" * (MAX_ARG_LENGTH + 1))
+    check_argument("x", "a" * MAX_ARG_LENGTH)
+
+
+def test_arguments_for_a_template_without_placeholder_are_refused() -> None:
+    """Arguments given to a command that takes none are refused, not silently dropped."""
+    with pytest.raises(CommandError, match="takes no arguments"):
+        build_command(JOBS, "app:true,x")
+
+
+def test_broken_template_is_an_error_not_a_crash() -> None:
+    """A template shlex cannot split gives a clear error naming the job."""
+    with pytest.raises(CommandError, match=r"exec\[app:broken\]"):
+        build_command(JOBS, "app:broken")
+
+
+# --------------------------------------------------------------------------- run_command
+
+PY = sys.executable
+
+
+@pytest_twisted.ensureDeferred
+async def test_run_collects_output_and_exit_status() -> None:
+    """stdout and stderr are collected together; exit 0 is ok."""
+    result = await run_command(
+        reactor, [PY, "-c", "import sys; print('out'); sys.stderr.write('err\\n')"]
+    )
+    assert result.exit_code == 0 and result.ok
+    assert sorted(result.output.split()) == [b"err", b"out"]
+    assert not result.truncated and not result.timed_out
+
+
+@pytest_twisted.ensureDeferred
+async def test_run_nonzero_exit_is_not_ok() -> None:
+    """A non-zero exit is reported with its code and is not ok."""
+    result = await run_command(reactor, [PY, "-c", "raise SystemExit(3)"])
+    assert result.exit_code == 3
+    assert not result.ok
+
+
+@pytest_twisted.ensureDeferred
+async def test_run_passes_arguments_verbatim() -> None:
+    """Arguments reach the child byte for byte: no shell, no splitting, no globbing."""
+    arg = "a b; echo X | * $(id)"
+    result = await run_command(reactor, [PY, "-c", "import sys; print(sys.argv[1])", arg])
+    assert result.output == arg.encode() + b"\n"
+
+
+@pytest_twisted.ensureDeferred
+async def test_run_passes_the_environment() -> None:
+    """The child gets the environment it is given (not an empty one)."""
+    result = await run_command(
+        reactor,
+        [PY, "-c", "import os; print(os.environ.get('DEPLOY_T', 'missing'))"],
+        env={**os.environ, "DEPLOY_T": "given"},
+    )
+    assert result.output == b"given\n"
+
+
+@pytest_twisted.ensureDeferred
+async def test_run_caps_the_output_kept() -> None:
+    """Output beyond the limit is dropped and flagged, and the command still ends normally."""
+    result = await run_command(
+        reactor, [PY, "-c", "import sys; sys.stdout.write('x' * 200000)"], limit=1000
+    )
+    assert result.exit_code == 0
+    assert result.output == b"x" * 1000
+    assert result.truncated
+
+
+@pytest_twisted.ensureDeferred
+async def test_run_missing_command_is_a_command_error() -> None:
+    """A command that does not exist fails with CommandError, not a crash."""
+    with pytest.raises(CommandError, match="not found"):
+        await run_command(reactor, ["no-such-command-deploy-test"], prefix=[])
+    with pytest.raises(CommandError):
+        await run_command(reactor, ["/nonexistent/bin/x"], prefix=[])
+
+
+@pytest_twisted.ensureDeferred
+async def test_run_timeout_stops_the_whole_process_group(tmp_path: Path) -> None:
+    """On timeout the command and what it started are stopped, and the result says timed out."""
+    pidfile = tmp_path / "grandchild"
+    script = (
+        "import subprocess, sys, time\n"
+        "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+        f"open({str(pidfile)!r}, 'w').write(str(p.pid))\n"
+        "time.sleep(60)\n"
+    )
+    started = time.monotonic()
+    result = await run_command(reactor, [PY, "-c", script], timeout=0.5)
+    assert time.monotonic() - started < 10
+    assert result.timed_out and not result.ok
+    assert result.signal is not None or result.exit_code != 0
+    grandchild = int(pidfile.read_text())
+    wait_until(lambda: not _alive(grandchild), 10, what="the grandchild to be gone")
+
+
+@pytest_twisted.ensureDeferred
+async def test_run_timeout_escalates_to_kill() -> None:
+    """A command that ignores TERM is killed after the grace period."""
+    script = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"
+    started = time.monotonic()
+    result = await run_command(reactor, [PY, "-c", script], timeout=0.3)
+    assert result.timed_out
+    assert result.signal == 9
+    assert time.monotonic() - started < 10
+
+
+@pytest_twisted.ensureDeferred
+async def test_run_leaves_no_timer_behind() -> None:
+    """A command that ends before its timeout cancels the timer."""
+    before = len(reactor.getDelayedCalls())
+    result = await run_command(reactor, [PY, "-c", "pass"], timeout=30)
+    assert result.ok
+    assert len(reactor.getDelayedCalls()) == before
+
+
+def test_group_leader_prefix_is_setsid() -> None:
+    """Children are started through setsid so they lead their own process group."""
+    prefix = group_leader_prefix()
+    assert prefix and os.path.basename(prefix[0]) == "setsid"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return False
