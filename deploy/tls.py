@@ -1,6 +1,6 @@
 """pyOpenSSL context factories: server from a private key (+ optional certificate, else
 self-signed), client pinning a public key or checking a CA with service_identity; optional client
-certificates."""
+certificates. Also the daemons' TLS endpoint, which bounds and logs each handshake."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import hashlib
 import ipaddress
 import secrets
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -22,9 +23,15 @@ from service_identity.hazmat import DNS_ID, IPAddress_ID, verify_service_identit
 from service_identity.pyopenssl import extract_patterns
 from twisted.internet import error as twisted_error
 from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
+    IHandshakeListener,
+    IListeningPort,
     IOpenSSLClientConnectionCreator,
     IOpenSSLServerConnectionCreator,
+    IProtocolFactory,
+    IReactorTime,
+    IStreamServerEndpoint,
 )
 from twisted.internet.ssl import (
     Certificate,
@@ -33,8 +40,13 @@ from twisted.internet.ssl import (
     trustRootFromCertificates,
 )
 from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
+
+if TYPE_CHECKING:
+    from deploy.config import ServerSettings
 
 PrivateKeyTypes = (
     rsa.RSAPrivateKey
@@ -70,6 +82,8 @@ _CLIENT_CERT_REFUSED_REASONS = (
     "alert decrypt error",
 )
 _VERSION_REASONS = ("alert protocol version", "unsupported protocol", "no protocols available")
+# What the server sees when a client's certificate is missing or not from ssl_client_ca.
+_NO_CLIENT_CERT_REASONS = ("peer did not return a certificate", "certificate required")
 
 NOT_TLS_MESSAGE = "server does not speak TLS (is ssl enabled on it?)"
 CLIENT_CERT_REQUIRED_MESSAGE = "server requires a client certificate (--ssl-cert/--ssl-key)"
@@ -131,6 +145,12 @@ def load_private_key(path: str) -> PrivateKeyTypes:
     elif not isinstance(key, PrivateKeyTypes):
         raise TLSConfigError(f"private key {path} is a {type(key).__name__}; use an RSA or EC key")
     return key
+
+
+def public_key_fingerprint(private_key_path: str) -> str:
+    """sha256 of the public half of a private key, as a pin mismatch reports a server's key and
+    ``openssl pkey -pubin -in public.pem -outform DER | openssl dgst -sha256`` prints it."""
+    return _fingerprint(_spki_der(load_private_key(private_key_path).public_key()))
 
 
 def _load_certificates(path: str, what: str) -> list[x509.Certificate]:
@@ -246,6 +266,133 @@ def server_context_factory(
     options = CertificateOptions(raiseMinimumTo=MINIMUM_TLS_VERSION, **kwargs)
     files = ", ".join(p for p in (private_key_path, certificate_path, client_ca_path) if p)
     return _built(options, files)
+
+
+def server_context_from_settings(server: ServerSettings) -> IOpenSSLServerConnectionCreator | None:
+    """The TLS a daemon's `[server]` settings ask for; None when `ssl` is off.
+
+    Cheap enough to call twice: once to check the files while the options are parsed (where
+    twistd prints a UsageError as one line) and once to listen."""
+    if not server.ssl:
+        return None
+    if not server.ssl_private_key:
+        raise TLSConfigError("ssl = true needs ssl_private_key")
+    return server_context_factory(
+        server.ssl_private_key, server.ssl_certificate, server.ssl_client_ca
+    )
+
+
+@implementer(IHandshakeListener)
+class _HandshakeDeadline(ProtocolWrapper):
+    """Sits between TLS and the daemon's protocol: drops a connection whose handshake has not
+    completed in time, and logs why a handshake failed.
+
+    Needed because the daemon's own idle timeout cannot end such a connection: it answers 408
+    and closes, but TLS holds an answer written before the handshake until the handshake
+    completes, so a client that stays silent would keep the connection (and a descriptor)
+    forever."""
+
+    factory: _HandshakeDeadlineFactory
+
+    def makeConnection(self, transport: object) -> None:
+        self._handshake_done = False
+        timeout = self.factory.timeout
+        self._deadline = self.factory.clock.callLater(timeout, self._expired) if timeout else None
+        super().makeConnection(transport)
+
+    def logPrefix(self) -> str:
+        prefix = getattr(self.wrappedProtocol, "logPrefix", None)
+        return prefix() if callable(prefix) else type(self.wrappedProtocol).__name__
+
+    def handshakeCompleted(self) -> None:
+        self._handshake_done = True
+        self._cancel()
+        if IHandshakeListener.providedBy(self.wrappedProtocol):
+            self.wrappedProtocol.handshakeCompleted()
+
+    def _expired(self) -> None:
+        self._deadline = None
+        log.info(
+            "TLS handshake not completed within {timeout:g} s; dropped the connection from {peer}",
+            timeout=self.factory.timeout,
+            peer=_peer(self.transport),
+        )
+        self.transport.abortConnection()
+
+    def _cancel(self) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+
+    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        self._cancel()
+        if not self._handshake_done:
+            why = None
+            if isinstance(reason.value, SSL.Error):
+                why = describe_tls_failure_from_client(reason.value)
+            elif self._hello_answered():
+                # Our clients refuse a certificate by hanging up without an alert. A bare TCP
+                # check (a load balancer's) hangs up before any ClientHello: not worth a line.
+                why = (
+                    "client hung up after our certificate; it probably refused it "
+                    "(its pin or CA does not match this server's key or certificate)"
+                )
+            if why is not None:
+                log.info(
+                    "TLS handshake with {peer} failed: {why}", peer=_peer(self.transport), why=why
+                )
+        super().connectionLost(reason)
+
+    def _hello_answered(self) -> bool:
+        """Whether the handshake got as far as our ServerHello (a cipher was chosen)."""
+        try:
+            return self.transport.getHandle().get_cipher_name() is not None
+        except (AttributeError, SSL.Error):
+            return False
+
+
+class _HandshakeDeadlineFactory(WrappingFactory):
+    protocol = _HandshakeDeadline
+
+    def __init__(
+        self, wrapped: IProtocolFactory, clock: IReactorTime, timeout: float | None
+    ) -> None:
+        super().__init__(wrapped)
+        self.clock = clock
+        self.timeout = timeout
+
+    def logPrefix(self) -> str:
+        prefix = getattr(self.wrappedFactory, "logPrefix", None)
+        return prefix() if callable(prefix) else type(self.wrappedFactory).__name__
+
+
+def _peer(transport: object) -> str:
+    address = transport.getPeer()  # type: ignore[attr-defined]
+    return getattr(address, "host", None) or str(address)
+
+
+@implementer(IStreamServerEndpoint)
+class TLSServerEndpoint:
+    """TLS on top of a listening TCP endpoint, with a deadline for each handshake.
+
+    ``handshake_timeout`` seconds after a client connects, a connection whose TLS handshake has
+    not completed is aborted (None or 0: no deadline)."""
+
+    def __init__(
+        self,
+        endpoint: IStreamServerEndpoint,
+        creator: IOpenSSLServerConnectionCreator,
+        clock: IReactorTime,
+        handshake_timeout: float | None,
+    ) -> None:
+        self.endpoint = endpoint
+        self.creator = creator
+        self.clock = clock
+        self.handshake_timeout = handshake_timeout
+
+    def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
+        inner = _HandshakeDeadlineFactory(protocolFactory, self.clock, self.handshake_timeout)
+        return self.endpoint.listen(TLSMemoryBIOFactory(self.creator, False, inner))
 
 
 def _load_pinned_key(path: str) -> bytes:
@@ -452,6 +599,26 @@ def _openssl_reasons(exc: SSL.Error) -> str:
         if reasons:
             return "; ".join(reasons)
     return str(exc) or type(exc).__name__
+
+
+def describe_tls_failure_from_client(exc: SSL.Error) -> str:
+    """One line for the server's log: why a client's handshake failed, and what to fix."""
+    reasons = _openssl_reasons(exc)
+    lowered = reasons.lower()
+    if any(r in lowered for r in _PLAIN_HTTP_FROM_CLIENT_REASONS):
+        return "client sent plain HTTP, not TLS (does it use --ssl-public-key or --ssl-ca?)"
+    if any(r in lowered for r in _NO_CLIENT_CERT_REASONS):
+        return "client sent no certificate; ssl_client_ca requires one (--ssl-cert/--ssl-key)"
+    if "certificate verify failed" in lowered:
+        return f"client certificate is not signed by the ssl_client_ca ({reasons})"
+    if any(r in lowered for r in _VERSION_REASONS):
+        return f"client offers no TLS version deploy accepts (1.2 or newer) ({reasons})"
+    if any(r in lowered for r in _NOT_TLS_REASONS):
+        return f"client does not speak TLS ({reasons})"
+    if "alert" in lowered:
+        # The client refused us: most often our certificate (wrong pin, unknown CA, host name).
+        return f"client refused the handshake ({reasons}); check its pin or CA"
+    return f"TLS error: {reasons}"
 
 
 def describe_tls_failure(failure_or_exc: Failure | BaseException) -> str:
