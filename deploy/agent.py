@@ -68,7 +68,7 @@ class AgentService:
         self.allowed_hosts = AllowedHosts(config.allow_hosts)
         self.allowed_paths = AllowedPaths(config.allow_paths)
         self.state_dir = server.state_path or DEFAULT_STATE_DIR
-        self.jobs = JobRegistry(reactor, self.state_dir, grace=server.rkill_grace)
+        self.jobs = JobRegistry(reactor, self.state_dir, grace=server.rkill_grace, clock=self.clock)
         self.children = 0  # dry runs and exec commands in flight
         self.prefix = group_leader_prefix()
 
@@ -369,11 +369,6 @@ def _rsync_failure(code: int | None, stderr: str) -> dict[str, Any]:
 
 def _state_dir(group: RsyncGroup | None) -> str | None:
     return group.queue_path if group is not None and group.queue_path else None
-
-
-def _deletes(target: RsyncTarget) -> bool:
-    options = target.options if target.options is not None else ("--delete",)
-    return any(o.startswith("--delete") or o.startswith("--del") for o in options)
 
 
 def _stop_group(transport: Any) -> None:

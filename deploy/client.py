@@ -11,7 +11,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet import defer, error, protocol
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    wrapClientTLS,
+)
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -230,6 +236,17 @@ def decode_content(headers: dict[str, str], body: bytes) -> Any:
     return text
 
 
+def client_endpoint(reactor: Any, host: str, port: int, timeout: float) -> Any:
+    """A TCP endpoint for `host`. An address literal is connected to directly: HostnameEndpoint
+    would resolve it with getaddrinfo in a thread and pause 0.3 s between attempts, which a
+    fan-out to hundreds of addresses pays for every host."""
+    if isIPAddress(host):
+        return TCP4ClientEndpoint(reactor, host, port, timeout=timeout)
+    if isIPv6Address(host):
+        return TCP6ClientEndpoint(reactor, host, port, timeout=timeout)
+    return HostnameEndpoint(reactor, host, port, timeout=timeout)
+
+
 class OrderClient:
     """Sends orders to hosts with the given options."""
 
@@ -248,7 +265,7 @@ class OrderClient:
             return defer.succeed(HostResult(host_spec, order.order, 0, content=str(e)))
         finished: defer.Deferred[tuple[int, str, dict, bytes]] = defer.Deferred()
         request = build_request(order, opts, host, self.reactor.seconds())
-        endpoint: Any = HostnameEndpoint(self.reactor, host, port, timeout=opts.socket_timeout)
+        endpoint = client_endpoint(self.reactor, host, port, opts.socket_timeout)
         if opts.tls is not None:
             try:
                 endpoint = wrapClientTLS(opts.tls(host), endpoint)
@@ -320,7 +337,12 @@ class OrderClient:
 
             return f"{host}:{port}: {describe_tls_failure(f)}"
         if f.check(error.ConnectionDone, error.ConnectionLost):
-            return f"{host}:{port} closed the connection without an answer"
+            # Every deploy daemon answers, if only with an error: a port that hangs up on a
+            # request without a word is most likely a TLS port.
+            return (
+                f"{host}:{port} closed the connection without an answer "
+                "(is it a TLS port? then use --ssl-public-key or --ssl-ca)"
+            )
         return f"{host}:{port}: {f.getErrorMessage()}"
 
 
