@@ -17,6 +17,7 @@ from deploy.daemon import (
     collect_overrides,
     listening_service,
     log_ignored_options,
+    one_line_errors,
     run_as,
     setup_logging,
 )
@@ -61,7 +62,7 @@ class Options(usage.Options):
             raise usage.UsageError(str(e)) from None
 
 
-def makeService(options: Options, reactor: Any = None) -> service.MultiService:
+def build_service(options: Options, reactor: Any = None) -> service.MultiService:
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
@@ -89,3 +90,6 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     logs.setServiceParent(top)
     ProcessTitleService(config.server).setServiceParent(top)
     return top
+
+
+makeService = one_line_errors("deploy-agent", build_service)

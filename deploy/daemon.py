@@ -4,16 +4,18 @@ TCP_DEFER_ACCEPT), the logs, the process title and running as --user/--group."""
 
 from __future__ import annotations
 
+import functools
 import importlib
 import math
 import os
 import socket
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import defer, endpoints
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
@@ -167,11 +169,37 @@ class TunedServerEndpoint:
         return port
 
 
+class ListeningService(StreamServerEndpointService):
+    """Binds in privilegedStartService; a port that cannot be bound stops twistd with one line
+    (the reason) instead of a traceback."""
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except CannotListenError as e:
+            where = f"{e.interface or '0.0.0.0'}:{e.port}"
+            raise SystemExit(f"cannot listen on {where}: {e.socketError}") from None
+
+
+def one_line_errors(name: str, make: Callable[..., Any]) -> Callable[..., Any]:
+    """`make` as twistd's makeService: a start-up error (a UsageError: bad TLS files, state
+    directory, --user...) stops the daemon with one line naming what to fix, not a traceback."""
+
+    @functools.wraps(make)
+    def makeService(options: usage.Options, reactor: Any = None) -> Any:
+        try:
+            return make(options, reactor)
+        except usage.UsageError as e:
+            raise SystemExit(f"twistd {name}: {e}") from None
+
+    return makeService
+
+
 def listening_service(reactor: Any, server: ServerSettings, factory: Factory) -> Any:
     """The service that listens for `factory`: the port is bound in its privilegedStartService,
     so before the daemon drops its privileges; TCP_DEFER_ACCEPT when asked."""
     endpoint = TunedServerEndpoint(server_endpoint(reactor, server), defer_accept_seconds(server))
-    svc = StreamServerEndpointService(endpoint, factory)
+    svc = ListeningService(endpoint, factory)
     # A port that cannot be bound stops twistd with the reason instead of logging and going on.
     svc._raiseSynchronously = True
     return svc

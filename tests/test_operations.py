@@ -472,3 +472,53 @@ def test_logrotate_covers_the_fixed_log_names_and_not_the_hourly_ones():
     assert not rotated(hourly) and not rotated("/var/log/deploy/access.log.1")
     assert {"nocreate", "missingok", "delaycompress"} <= directives
     assert not directives & {"copytruncate", "postrotate", "create"}
+
+
+def test_start_up_errors_are_one_line_not_a_traceback(tmp_path):
+    """An unusable state directory and a port already in use each stop twistd with exit 1 and
+    one line saying what is wrong, no traceback."""
+    import socket as socket_module
+
+    from tests.harness import agent_ini, free_port, tool
+
+    busy = socket_module.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    try:
+        cases = {
+            "state": agent_ini(
+                host="127.0.0.1", port=free_port(), state=Path("/proc/nope"), allow_paths=[tmp_path]
+            ),
+            "port": agent_ini(
+                host="127.0.0.1", port=port, state=tmp_path / "state", allow_paths=[tmp_path]
+            ),
+        }
+        for name, text in cases.items():
+            ini = tmp_path / f"{name}.ini"
+            ini.write_text(text)
+            out = subprocess.run(
+                [
+                    tool("twistd"),
+                    "-n",
+                    "--pidfile=",
+                    "--logfile=-",
+                    "deploy-agent",
+                    "--path",
+                    str(ini),
+                ],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            both = out.stdout + out.stderr
+            assert out.returncode == 1, both
+            assert "Traceback" not in both, both
+            expected = (
+                "cannot prepare state directory /proc/nope"
+                if name == "state"
+                else (f"cannot listen on 127.0.0.1:{port}")
+            )
+            assert expected in both, both
+    finally:
+        busy.close()

@@ -750,7 +750,7 @@ def test_options_the_proxy_ignores_are_warned_about(tmp_path):
     from twisted.internet.testing import MemoryReactorClock
     from twisted.logger import globalLogPublisher
 
-    from deploy.proxy_tap import makeService
+    from deploy.proxy_tap import build_service
 
     conf = tmp_path / "proxy.ini"
     conf.write_text("[server]\nport = 4000\nmax_prefork = 4\n[client]\nipc_path = memory\n")
@@ -761,7 +761,7 @@ def test_options_the_proxy_ignores_are_warned_about(tmp_path):
     events: list[dict] = []
     globalLogPublisher.addObserver(events.append)
     try:
-        makeService(options, MemoryReactorClock())
+        build_service(options, MemoryReactorClock())
     finally:
         globalLogPublisher.removeObserver(events.append)
     ignored = {e["name"] for e in events if "accepted for compatibility" in e.get("log_format", "")}
@@ -773,14 +773,14 @@ def test_proxy_needs_a_way_to_verify_agents_when_client_tls_is_on(tmp_path):
     from twisted.internet.testing import MemoryReactorClock
     from twisted.python.usage import UsageError
 
-    from deploy.proxy_tap import makeService
+    from deploy.proxy_tap import build_service
 
     conf = tmp_path / "proxy.ini"
     conf.write_text("[server]\nport = 4000\n[client]\nssl = true\n")
     options = Options()
     options.parseOptions([f"--path={conf}"])
     with pytest.raises(UsageError, match=r"\[client\]"):
-        makeService(options, MemoryReactorClock())
+        build_service(options, MemoryReactorClock())
 
 
 # -- the commented samples in etc/
