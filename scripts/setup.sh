@@ -4,6 +4,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# --test: also what the test suite uses (systemd-analyze to verify the unit files, ss).
+with_tests=0
+[ "${1:-}" = "--test" ] && with_tests=1
+
 need=()
 command -v rsync >/dev/null 2>&1 || need+=(rsync)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
@@ -11,6 +15,10 @@ command -v setsid >/dev/null 2>&1 || need+=(util-linux)
 command -v python3 >/dev/null 2>&1 || need+=(python3)
 if command -v python3 >/dev/null 2>&1 && ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
     need+=(python3-venv)
+fi
+if [ "$with_tests" = 1 ]; then
+    command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
+    command -v ss >/dev/null 2>&1 || need+=(iproute2)
 fi
 if [ ${#need[@]} -gt 0 ]; then
     echo "setup: installing ${need[*]}" >&2
