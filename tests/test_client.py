@@ -409,10 +409,14 @@ async def test_garbage_answer_is_that_hosts_error(data: bytes, why: str) -> None
 
 @pytest_twisted.ensureDeferred
 async def test_hang_up_without_answer() -> None:
-    """An agent that closes without answering is reported as such."""
+    """An agent that closes without answering is reported as such, with the likely cause (a TLS
+    port: every deploy daemon answers, if only with an error)."""
     result, agent = await send_to(hang_up)
     assert result.server_status == 0
-    assert result.content == f"{agent.address} closed the connection without an answer"
+    assert result.content == (
+        f"{agent.address} closed the connection without an answer "
+        "(is it a TLS port? then use --ssl-public-key or --ssl-ca)"
+    )
 
 
 @pytest_twisted.ensureDeferred
