@@ -28,6 +28,9 @@ ORDERS = ("status", "rlist", "rsync", "rkill", "exec")
 MAX_OPTIONS = 8192
 DEFAULT_STATE_DIR = "/var/lib/deploy"
 _SURROGATES = re.compile("[\udc80-\udcff]")
+# rsync hands a `host:path` source to a remote shell (ssh), and before 3.2.4 (or with
+# RSYNC_OLD_ARGS set) unescaped: these would start commands on that host.
+_SHELL_SPECIAL = frozenset(";&|`$<>()")
 
 
 def b64(data: bytes | str) -> str:
@@ -42,6 +45,14 @@ def display_name(name: str) -> str:
     if not _SURROGATES.search(name):
         return name
     return _SURROGATES.sub(lambda m: f"\\#{ord(m.group()) - 0xDC00:03o}", name)
+
+
+def names_a_remote_host(source: str) -> bool:
+    """rsync's own rule: `rsync://...`, or a `:` before any `/` (`HOST::MODULE`, `HOST:PATH`)."""
+    if source.startswith("rsync://"):
+        return True
+    host, colon, _ = source.partition(":")
+    return bool(colon and host and "/" not in host)
 
 
 class Busy(RequestError):
@@ -121,8 +132,20 @@ class AgentService:
             dest, src = dest.strip(), src.strip()
             if not dest or not src:
                 raise RequestError(400, "empty value in options!")
-            if dest.startswith("-") or any(ord(c) < 32 or ord(c) == 127 for c in dest):
+            if (
+                dest.startswith("-")
+                or any(ord(c) < 32 or ord(c) == 127 for c in dest)
+                or not _SHELL_SPECIAL.isdisjoint(dest)
+            ):
                 raise RequestError(400, f"bad remote source {dest!r}")
+            if not names_a_remote_host(dest):
+                # A local source would let a request copy any file the agent can read (its
+                # /etc) into an allowed directory: only the config may name one.
+                raise RequestError(
+                    400,
+                    f"bad remote source {dest!r}: name a host "
+                    "(HOST::MODULE/path, rsync://HOST/MODULE/path or HOST:path)",
+                )
             group = None
             target = RsyncTarget(dest=dest, src=src)
         else:
@@ -391,7 +414,7 @@ class AgentProtocol(HttpRequestReceiver):
     factory: AgentFactory
 
     def callLater(self, period: float, func: Callable[[], Any]) -> Any:
-        """The idle timeout runs on the service's clock (a `Clock` in tests), not the global
+        """The request deadline runs on the service's clock (a `Clock` in tests), not the global
         reactor."""
         return self.factory.service.clock.callLater(period, func)
 

@@ -471,6 +471,17 @@ def _list_section(section: IniSection, key: str, path: str) -> list[str]:
     return result
 
 
+def _absolute_paths(section: IniSection, path: str) -> list[str]:
+    """[allow::paths]: the jail compares resolved absolute paths, so a relative one is an error
+    here rather than a traceback when the agent starts."""
+    paths = _list_section(section, "path", path)
+    for entry in section.entries.values():
+        for value, line in _items(entry):
+            if not value.startswith("/"):
+                raise ConfigError(f"path[]: {_shown(value)} is not an absolute path", path, line)
+    return paths
+
+
 def _only_path(section: IniSection, path: str, base: str) -> tuple[str | None, int | None]:
     """The `path` of an [api]/[jobs] section, resolved against the config's directory."""
     value: str | None = None
@@ -562,7 +573,7 @@ def load_agent_config(
         elif name == "allow::hosts":
             allow_hosts = _list_section(section, "host", path)
         elif name == "allow::paths":
-            allow_paths = _list_section(section, "path", path)
+            allow_paths = _absolute_paths(section, path)
         elif name.startswith(_GROUP_PREFIX):
             # The original's sample ships `[rsync::group::groupname]` with every key commented
             # out; a group section with no entries is such a placeholder, not a group.

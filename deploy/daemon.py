@@ -8,6 +8,7 @@ import functools
 import importlib
 import math
 import os
+import resource
 import socket
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -37,7 +38,7 @@ COMMON_PARAMETERS = [
     ["max-prefork", None, None, "most child processes at once; beyond it answer 503 (0: no limit)"],
     ["max-requests-per-child", None, None, "accepted for compatibility; ignored"],
     ["max-process-timeout", None, None, "most seconds a child process may run (0: no limit)"],
-    ["socket-timeout", None, None, "idle seconds before a connection is closed (default: 5)"],
+    ["socket-timeout", None, None, "seconds a client has to send its request (default: 5)"],
     ["socket-accept-filter", None, None, "on|off: TCP_DEFER_ACCEPT on the listening socket"],
     ["log-write", None, None, "on|off: write the error and access logs"],
     ["log-error-level", None, None, "emerg|alert|crit|error|warn|notice|info|debug or 0-7"],
@@ -49,6 +50,9 @@ COMMON_PARAMETERS = [
     ["worker-method", None, None, "accepted for compatibility; ignored"],
     ["ipc-path", None, None, "accepted for compatibility; ignored"],
 ]
+
+# Every connection holds a file descriptor; the soft limit is raised to this (or the hard limit).
+MAX_OPEN_FILES = 65536
 
 # Options of the original's process model that an event loop does not need.
 IGNORED_OPTIONS = ("max_requests_per_child", "worker_method", "ipc_path")
@@ -174,11 +178,29 @@ class ListeningService(StreamServerEndpointService):
     (the reason) instead of a traceback."""
 
     def privilegedStartService(self) -> None:
+        raise_open_files_limit()
         try:
             super().privilegedStartService()
         except CannotListenError as e:
             where = f"{e.interface or '0.0.0.0'}:{e.port}"
             raise SystemExit(f"cannot listen on {where}: {e.socketError}") from None
+
+
+def raise_open_files_limit() -> int | None:
+    """Lift the soft RLIMIT_NOFILE to the hard limit (at most MAX_OPEN_FILES): with systemd's
+    default soft limit of 1024, a thousand idle connections would leave no descriptor for a
+    real request. Answers the new soft limit when it was raised."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = MAX_OPEN_FILES if hard == resource.RLIM_INFINITY else min(hard, MAX_OPEN_FILES)
+    if soft == resource.RLIM_INFINITY or soft >= want:
+        return None
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    except (ValueError, OSError) as e:
+        log.warn("cannot raise the open files limit from {soft}: {e}", soft=soft, e=e)
+        return None
+    log.info("open files limit raised from {soft} to {want}", soft=soft, want=want)
+    return want
 
 
 def one_line_errors(name: str, make: Callable[..., Any]) -> Callable[..., Any]:

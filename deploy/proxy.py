@@ -4,6 +4,7 @@ an order to the granted agents through `deploy.client` (bounded, per-host timeou
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -177,6 +178,11 @@ def client_options(settings: ClientSettings) -> ClientOptions:
 
 class ProxyProtocol(HttpRequestReceiver):
     factory: ProxyFactory
+
+    def callLater(self, period: float, func: Callable[[], Any]) -> Any:
+        """The request deadline runs on the service's reactor (a `Clock` in tests), not the
+        global one."""
+        return self.factory.service.reactor.callLater(period, func)
 
     def connectionMade(self) -> None:
         self.socket_timeout = self.factory.service.config.server.socket_timeout

@@ -137,7 +137,9 @@ def encode_form(fields: Mapping[str, str]) -> bytes:
 class HttpRequestReceiver(LineReceiver, TimeoutMixin):
     """Reads one request (start line, headers in line mode, body in raw mode), hands it to
     `handleRequest`, writes the answer and closes. Every size is bounded; a bad request gets a
-    4xx and the connection closes. `socket_timeout` is the idle timeout (0 disables it)."""
+    4xx and the connection closes. The whole request must arrive within `socket_timeout` seconds
+    of the connection opening (0 disables it): a deadline, not an idle timer, so a client
+    trickling a byte at a time (slow loris) cannot hold a connection open for ever."""
 
     log = Logger()
     delimiter = b"\n"
@@ -169,7 +171,6 @@ class HttpRequestReceiver(LineReceiver, TimeoutMixin):
     def dataReceived(self, data: bytes) -> None:
         if self._answered or self._dispatched:
             return  # one request per connection: anything after it is ignored
-        self.resetTimeout()
         super().dataReceived(data)
 
     def lineReceived(self, line: bytes) -> None:
@@ -214,7 +215,12 @@ class HttpRequestReceiver(LineReceiver, TimeoutMixin):
         name, sep, value = line.partition(b":")
         if not sep or not name.strip() or name != name.strip():
             raise RequestError(400, "malformed header line")
-        self._headers[name.decode("ascii", "replace").lower()] = value.strip().decode("latin-1")
+        key = name.decode("ascii", "replace").lower()
+        text = value.strip().decode("latin-1")
+        if key == "content-length" and self._headers.get(key, text) != text:
+            # Which one frames the body? Refuse rather than guess (RFC 9112 section 6.3).
+            raise RequestError(400, "conflicting Content-Length headers")
+        self._headers[key] = text
 
     def _headersDone(self) -> None:
         if "transfer-encoding" in self._headers:
@@ -239,7 +245,6 @@ class HttpRequestReceiver(LineReceiver, TimeoutMixin):
     def rawDataReceived(self, data: bytes) -> None:
         if self._answered or self._dispatched:
             return
-        self.resetTimeout()
         need = self._length - len(self._body)
         self._body += data[:need]
         if len(self._body) >= self._length:
