@@ -60,15 +60,23 @@ def build_command(jobs: Mapping[str, str], options: str) -> tuple[str, list[str]
     return name, argv
 
 
+# What a shell would act on. No shell runs our commands, but a jobs file carried over from the
+# original (whose templates ran in a shell) may wrap one in `sh -c '... %s'`.
+SHELL_SPECIAL = frozenset(";&|`$<>()")
+
+
 def check_argument(name: str, arg: str) -> None:
-    """An argument may not be an option or carry control characters (a newline was the old
-    system's command injection)."""
+    """An argument may not be an option, carry control characters (a newline was the old
+    system's command injection) or shell syntax."""
     if len(arg) > MAX_ARG_LENGTH:
         raise CommandError(f"exec[{name}]: argument longer than {MAX_ARG_LENGTH} characters")
     if arg.startswith("-"):
         raise CommandError(f"exec[{name}]: argument {arg!r} may not start with '-'")
     if any(ord(c) < 32 or ord(c) == 127 for c in arg):
         raise CommandError(f"exec[{name}]: argument {arg!r} holds a control character")
+    if not SHELL_SPECIAL.isdisjoint(arg):
+        special = "".join(sorted(SHELL_SPECIAL))
+        raise CommandError(f"exec[{name}]: argument {arg!r} holds shell syntax (one of {special})")
 
 
 @dataclass

@@ -56,10 +56,17 @@ def test_argument_with_spaces_stays_one_argument() -> None:
     assert build_command(JOBS, "service:echo,1 1")[1] == ["/bin/echo", "1 1"]
 
 
-def test_shell_metacharacters_are_plain_text() -> None:
-    """`;`, `|`, `$()` and quotes in an argument reach the command as text: there is no shell."""
-    arg = "a; rm -rf / | cat $(id) `x` 'q\""
-    assert build_command(JOBS, f"service:echo,{arg}")[1] == ["/bin/echo", arg]
+@pytest.mark.parametrize("arg", ["a;b", "a|b", "a&b", "$(id)", "`x`", "$HOME", "a>b", "a<b", "(a)"])
+def test_shell_metacharacters_are_refused(arg: str) -> None:
+    """Shell syntax in an argument is refused, in case a jobs template runs `sh -c`."""
+    with pytest.raises(CommandError, match="shell syntax"):
+        build_command(JOBS, f"service:echo,{arg}")
+
+
+def test_quotes_spaces_and_plus_are_plain_text() -> None:
+    """Quotes, spaces and other punctuation reach the command as one argument each."""
+    arg = 'it\'s "quoted" 1+1 = 2, 100% / done!'
+    assert build_command(JOBS, f"service:echo,{arg}")[1][1:] == arg.split(",")
 
 
 def test_template_is_split_like_a_shell_would() -> None:

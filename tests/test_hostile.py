@@ -7,7 +7,6 @@ header counts...) are listed in docs/robustness.md with the test that proves the
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import shutil
@@ -96,7 +95,12 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         markers = work / "markers"
         markers.mkdir()
         jobs = work / "jobs.ini"
-        jobs.write_text(JOBS + f"service:touch           =   {TOUCH} %s\n")
+        jobs.write_text(
+            JOBS
+            + f"service:touch           =   {TOUCH} %s\n"
+            # A template carried over from the original, where templates ran in a shell.
+            + "service:shell           =   /bin/sh -c 'echo %s'\n"
+        )
         rsyncd = daemons.rsyncd({"DEST": tree})
         agent = daemons.agent(
             groups={
@@ -258,15 +262,16 @@ SHELL_ARGUMENTS = ["x;touch {m}", "$(touch {m})", "`touch {m}`", "x|touch {m}", 
 
 
 @pytest.mark.parametrize("template", SHELL_ARGUMENTS)
-def test_exec_shell_metacharacters_reach_the_command_as_text(env: Env, template: str) -> None:
-    """Shell syntax in an exec argument is text for the command; what it names never runs."""
-    # Not refused, by design (DESIGN.md refuses a leading `-` and control characters): there
-    # is no shell; echo prints the argument whole and no marker appears.
-    arg = template.format(m=env.marker("exec-shell"))
-    status, body = env.order("exec", f"service:echo,{arg}")
-    assert status == 200, body
-    assert base64.b64decode(body["content"]).decode() == arg + "\n"
-    assert base64.b64decode(body["command"]).decode().startswith("/bin/echo ")
+def test_exec_shell_metacharacters_are_400_and_nothing_runs(env: Env, template: str) -> None:
+    """Shell syntax in an exec argument is refused (400) even through a `sh -c` template; what
+    it names never runs."""
+    marker = env.marker("exec-shell")
+    arg = template.format(m=marker)
+    for job in ("service:echo", "service:shell"):
+        status, body = env.order("exec", f"{job},{arg}")
+        assert status == 400, body
+        assert "shell syntax" in body
+    assert not marker.exists()
 
 
 @pytest.mark.parametrize("arg", ["\x00", "a\x1bb", "a\rtouch", "\x7f", "-", "--version", "-n"])
