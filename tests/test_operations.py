@@ -66,7 +66,7 @@ def open_dir(daemons):
 def proc_ids(pid: int) -> dict[str, list[int]]:
     text = Path(f"/proc/{pid}/status").read_text()
     return {
-        key: [int(x) for x in re.search(rf"^{key}:\s*(.*)$", text, re.M).group(1).split()]
+        key: [int(x) for x in re.search(rf"^{key}:[ \t]*(.*)$", text, re.M).group(1).split()]
         for key in ("Uid", "Gid", "Groups")
     }
 
