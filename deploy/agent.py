@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import os
-import re
 import shlex
 import time
 from collections.abc import Callable
@@ -21,13 +20,18 @@ from deploy.commands import CommandError, build_command, group_leader_prefix, ru
 from deploy.config import AgentConfig, RsyncGroup, agent_key_cipher
 from deploy.jobs import Job, JobError, JobRegistry, check_state_dir, deletes_on_target
 from deploy.jobstate import OUTCOME_OK, OUTCOME_WARNING, error_message
-from deploy.rsync import RsyncOutputParser, RsyncTarget, build_argv, run_rsync
+from deploy.rsync import (
+    RsyncOutputParser,
+    RsyncTarget,
+    build_argv,
+    display_name,
+    run_rsync,
+)
 from deploy.wire import HttpRequestReceiver, Request, RequestError, RequestFactory, Response
 
 ORDERS = ("status", "rlist", "rsync", "rkill", "exec")
 MAX_OPTIONS = 8192
 DEFAULT_STATE_DIR = "/var/lib/deploy"
-_SURROGATES = re.compile("[\udc80-\udcff]")
 # rsync hands a `host:path` source to a remote shell (ssh), and before 3.2.4 (or with
 # RSYNC_OLD_ARGS set) unescaped: these would start commands on that host.
 _SHELL_SPECIAL = frozenset(";&|`$<>()")
@@ -37,14 +41,6 @@ def b64(data: bytes | str) -> str:
     if isinstance(data, str):
         data = data.encode("utf-8", "surrogateescape")
     return base64.b64encode(data).decode("ascii")
-
-
-def display_name(name: str) -> str:
-    """A file name for JSON: as is when it is UTF-8, else with rsync's own `\\#ooo` escapes for
-    the bytes that are not (JSON cannot carry them)."""
-    if not _SURROGATES.search(name):
-        return name
-    return _SURROGATES.sub(lambda m: f"\\#{ord(m.group()) - 0xDC00:03o}", name)
 
 
 def names_a_remote_host(source: str) -> bool:
@@ -246,7 +242,7 @@ class AgentService:
             parser, code, stderr = result
             if code != 0:
                 return Response.json(_rsync_failure(code, stderr))
-            new = [display_name(n) for n in parser.new_files]
+            new = parser.display_new_files()
             if parser.created_directory:
                 new.insert(0, "created directory " + display_name(parser.created_directory))
             stats = parser.stats

@@ -9,8 +9,10 @@ import heapq
 import hmac
 import re
 import secrets
+from typing import TYPE_CHECKING
 
-from twisted.internet.interfaces import IReactorTime
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import IReactorTime
 
 DEFAULT_KEY_CIPHER = "65535"
 SCHEME = "Deploy-HMAC-SHA256"

@@ -32,7 +32,7 @@ from deploy.output import (  # noqa: F401  (the exit codes, re-exported for call
 if TYPE_CHECKING:
     from twisted.internet.defer import Deferred
 
-    from deploy.client import HostResult, Order
+    from deploy.orders import ClientOptions, FanOutResult, HostResult, Order
 
 ORDERS = ("status", "rlist", "rsync", "rkill", "exec")
 EXIT_INTERRUPTED = 130
@@ -317,6 +317,11 @@ def main(argv: list[str] | None = None, env: Mapping[str, str] | None = None) ->
             file=sys.stderr,
         )
         return print_outcome(args.format, [], {}, False)
+    if not wants_tls(args):
+        # Without TLS, keep Twisted from importing pyOpenSSL/cryptography: twisted.internet.tcp
+        # and posixbase import them eagerly when they can (~70 ms of every start here). A None
+        # in sys.modules makes that import fail, and Twisted then goes on without TLS.
+        sys.modules.setdefault("OpenSSL", None)  # type: ignore[arg-type]
     try:
         return run(args, hosts, orders_for(args, via_proxy, plan), via_proxy)
     except (ValueError, OSError) as e:
@@ -329,7 +334,7 @@ def orders_for(
 ) -> Callable[[str], Order]:
     """host → the Order to send it: the same for every host, except that a retry through a proxy
     names only that proxy's failed agents."""
-    from deploy.client import Order  # plain dataclasses; deploy.client's Twisted is needed anyway
+    from deploy.orders import Order  # plain dataclasses, no Twisted
 
     def order_for(host: str) -> Order:
         agents = plan.via.get(host) if plan is not None else None
@@ -447,26 +452,22 @@ def run(
     via_proxy: bool,
 ) -> int:
     """Send the order to every host (following syncs with --wait), print, return the exit code."""
+    rolling = not via_proxy and bool(args.batch or args.max_fail)
+    if not (wants_tls(args) or args.wait or args.debug or rolling):
+        return run_plain(args, hosts, order_for, via_proxy)
     from twisted.internet.defer import Deferred
     from twisted.internet.task import react
 
-    from deploy.client import ClientOptions, OrderClient, fan_out, parse_budget, result_map
+    from deploy.client import OrderClient, fan_out
 
-    parse_budget(args.batch, max(1, len(hosts)), "--batch")
-    parse_budget(args.max_fail, max(1, len(hosts)), "--max-fail")
-    options = ClientOptions(
-        port=args.port or (3441 if via_proxy else 3440),
-        key_cipher=args.key_cipher,
-        legacy_auth=bool(args.legacy_auth),
-        socket_timeout=args.socket_timeout,
-        thread_timeout=thread_timeout_for(args.thread_timeout, via_proxy),
-        tls=make_tls(args),
-        max_parallel=args.max_parallel,
-    )
+    options = client_options(args, hosts, via_proxy, tls=make_tls(args))
     if args.debug:
         from twisted.logger import globalLogBeginner, textFileLogObserver
 
-        globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)])
+        # The answer stays on stdout: only Twisted's own events go to stderr.
+        globalLogBeginner.beginLoggingTo(
+            [textFileLogObserver(sys.stderr)], redirectStandardIO=False
+        )
     reporter = Reporter(args.format, len(hosts), args.verbose, output.ProgressLine(sys.stderr))
     outcome: dict[str, Any] = {}
 
@@ -491,24 +492,78 @@ def run(
     except SystemExit as e:
         if e.code not in (0, None):
             raise
+    going_on = "; the syncs go on (see --order=status)" if args.wait else ""
+    return report(args.format, reporter, len(hosts), outcome.get("fan"), going_on)
+
+
+def run_plain(
+    args: argparse.Namespace,
+    hosts: list[str],
+    order_for: Callable[[str], Order],
+    via_proxy: bool,
+) -> int:
+    """`run` for plain TCP without --wait or rolling batches: the same orders and output, sent
+    by `deploy.plainclient` without importing Twisted (most of a start-up otherwise)."""
+    from deploy.plainclient import fan_out_plain
+
+    options = client_options(args, hosts, via_proxy)
+    reporter = Reporter(args.format, len(hosts), args.verbose, output.ProgressLine(sys.stderr))
+    reporter.start()
+    fan = None
+    try:
+        fan = fan_out_plain(hosts, order_for, options, on_result=reporter.on_result)
+    except KeyboardInterrupt:
+        pass
+    return report(args.format, reporter, len(hosts), fan)
+
+
+def client_options(
+    args: argparse.Namespace, hosts: list[str], via_proxy: bool, tls: Any = None
+) -> ClientOptions:
+    """The client's options from the command line; a bad --batch or --max-fail raises
+    ValueError before anything is sent."""
+    from deploy.orders import ClientOptions, parse_budget
+
+    parse_budget(args.batch, max(1, len(hosts)), "--batch")
+    parse_budget(args.max_fail, max(1, len(hosts)), "--max-fail")
+    return ClientOptions(
+        port=args.port or (3441 if via_proxy else 3440),
+        key_cipher=args.key_cipher,
+        legacy_auth=bool(args.legacy_auth),
+        socket_timeout=args.socket_timeout,
+        thread_timeout=thread_timeout_for(args.thread_timeout, via_proxy),
+        tls=tls,
+        max_parallel=args.max_parallel,
+    )
+
+
+def report(
+    fmt: str, reporter: Reporter, total: int, fan: FanOutResult | None, going_on: str = ""
+) -> int:
+    """Print the outcome of a fan-out (None: interrupted) and return the exit code."""
+    from deploy.orders import result_map
+
     reporter.progress.clear()
-    if "fan" not in outcome:
-        going_on = "; the syncs go on (see --order=status)" if args.wait else ""
+    if fan is None:
         print(
-            f"deploy-client: interrupted after {len(reporter.rows)}/{len(hosts)} hosts answered"
+            f"deploy-client: interrupted after {len(reporter.rows)}/{total} hosts answered"
             + going_on,
             file=sys.stderr,
         )
         return EXIT_INTERRUPTED
-    fan = outcome["fan"]
     results = list(fan.results.values())
     rows = [row for host in fan.results for row in reporter.rows.get(host, [])]
-    return print_outcome(args.format, rows, result_map(results), fan.stopped)
+    return print_outcome(fmt, rows, result_map(results), fan.stopped)
+
+
+def wants_tls(args: argparse.Namespace) -> bool:
+    """Any --ssl-* option turns TLS on."""
+    return bool(args.ssl_public_key or args.ssl_ca or args.ssl_cert or args.ssl_key)
 
 
 def make_tls(args: argparse.Namespace) -> Callable[[str], Any] | None:
     """host → TLS connection creator, the files loaded (and checked) once; None without TLS."""
-    if not (args.ssl_public_key or args.ssl_ca or args.ssl_cert or args.ssl_key):
+    if not wants_tls(args):
         return None
     from deploy.tls import TLSConfigError, client_context_factories
 

@@ -4,10 +4,7 @@ and rolling batches with a failure budget."""
 
 from __future__ import annotations
 
-import json
-import math
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.internet import defer, error, protocol
@@ -21,101 +18,38 @@ from twisted.internet.endpoints import (
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from deploy import auth
-from deploy.wire import STATUS_TEXT, encode_form
-
-MAX_RESPONSE = 256 * 1024 * 1024
-MAX_HEAD = 64 * 1024
-
-SKIPPED = "skipped"
-
-
-@dataclass
-class Order:
-    """What to ask: `order` with `options`, and for a proxy `args`/`api_key` (+ rolling fields)."""
-
-    order: str
-    options: str = ""
-    args: str = ""
-    api_key: str = ""
-    extra: dict[str, str] = field(default_factory=dict)
-    target: str = "agent"
-
-    @property
-    def path(self) -> str:
-        return f"/{self.target}/{self.order}"
-
-
-@dataclass
-class ClientOptions:
-    port: int = 3440
-    key_cipher: str = auth.DEFAULT_KEY_CIPHER
-    legacy_auth: bool = False
-    socket_timeout: float = 5.0
-    thread_timeout: float = 10.0
-    tls: Callable[[str], Any] | None = None  # host -> IOpenSSLClientConnectionCreator
-    max_parallel: int = 64
-
-
-@dataclass
-class HostResult:
-    """One host's answer in the original client's shape."""
-
-    host: str
-    order: str
-    server_status: int  # 1: the host answered; 0: it did not
-    code: int | None = None
-    reason: str = ""
-    content: Any = ""
-    skipped: bool = False
-
-    @property
-    def http_ok(self) -> bool:
-        return self.server_status == 1 and self.code == 200
-
-    @property
-    def succeeded(self) -> bool:
-        """Answered 200 and, when the answer is agent JSON, with `return` true."""
-        if not self.http_ok:
-            return False
-        if isinstance(self.content, dict) and "return" in self.content:
-            return self.content["return"] in ("true", True, 1)
-        return True
-
-    @property
-    def unreachable(self) -> bool:
-        return self.server_status == 0 and not self.skipped
-
-    def to_json(self, *, numeric_code: bool = False) -> dict[str, Any]:
-        code: Any = self.code
-        if code is not None and not numeric_code:
-            code = str(code)
-        body = {
-            "return": 1 if self.http_ok else 0,
-            "serverStatus": self.server_status,
-            "returnCode": code if code is not None else ("" if not numeric_code else 0),
-            "returnString": self.reason,
-            "content": self.content,
-        }
-        if self.skipped:
-            body["skipped"] = True
-        return body
-
-
-class ResponseError(Exception):
-    pass
+from deploy.orders import (  # noqa: F401  (re-exported: the client's public names)
+    MAX_HEAD,
+    MAX_RESPONSE,
+    SKIPPED,
+    Answer,
+    AnswerReader,
+    ClientOptions,
+    FanOutResult,
+    HostResult,
+    Order,
+    ResponseError,
+    answered,
+    bad_answer,
+    build_request,
+    cant_connect,
+    decode_content,
+    hung_up,
+    parse_budget,
+    result_map,
+    split_host,
+    timed_out,
+    unanswered,
+)
 
 
 class OrderProtocol(protocol.Protocol):
-    """Writes one request and reads the answer until Content-Length or close, bounded."""
+    """Writes one request and reads the answer (`AnswerReader`) until Content-Length or close."""
 
-    def __init__(self, request: bytes, finished: defer.Deferred[tuple[int, str, dict, bytes]]):
+    def __init__(self, request: bytes, finished: defer.Deferred[Answer]):
         self.request = request
         self.finished = finished
-        self.buffer = bytearray()
-        self.head: tuple[int, str, dict[str, str]] | None = None
-        self.length: int | None = None
-        self.timeout_call: Any = None
+        self.reader = AnswerReader()
 
     def connectionMade(self) -> None:
         self.transport.write(self.request)
@@ -123,117 +57,32 @@ class OrderProtocol(protocol.Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self.finished.called:
             return
-        self.buffer += data
-        if self.head is None:
-            end = self.buffer.find(b"\r\n\r\n")
-            if end < 0:
-                if len(self.buffer) > MAX_HEAD:
-                    self._fail(ResponseError("answer headers too large"))
-                return
-            try:
-                self.head = _parse_head(bytes(self.buffer[:end]))
-            except ResponseError as e:
-                self._fail(e)
-                return
-            del self.buffer[: end + 4]
-            length = self.head[2].get("content-length")
-            if length is not None:
-                # isascii: "²" (latin-1 0xB2) passes isdigit() but not int()
-                if not (length.isascii() and length.isdigit()):
-                    self._fail(ResponseError(f"bad Content-Length in answer: {length[:20]!r}"))
-                    return
-                self.length = int(length)
-        if len(self.buffer) > MAX_RESPONSE:
-            self._fail(ResponseError(f"answer larger than {MAX_RESPONSE} bytes"))
+        try:
+            answer = self.reader.feed(data)
+        except ResponseError as e:
+            self._fail(e)
             return
-        if self.length is not None and len(self.buffer) >= self.length:
-            self._done()
+        if answer is not None:
+            self.finished.callback(answer)
+            self.transport.loseConnection()
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         if self.finished.called:
             return
-        if self.head is not None and (self.length is None or len(self.buffer) >= self.length):
-            self._done()
-        elif self.head is not None:
-            self._fail(ResponseError("connection closed before the whole answer arrived"))
+        try:
+            answer = self.reader.end()
+        except ResponseError as e:
+            self._fail(e)
+            return
+        if answer is not None:
+            self.finished.callback(answer)
         else:
             self.finished.errback(reason)
-
-    def _done(self) -> None:
-        assert self.head is not None
-        code, text, headers = self.head
-        body = bytes(self.buffer if self.length is None else self.buffer[: self.length])
-        self.finished.callback((code, text, headers, body))
-        self.transport.loseConnection()
 
     def _fail(self, exc: Exception) -> None:
         if not self.finished.called:
             self.finished.errback(exc)
         self.transport.abortConnection()
-
-
-def _parse_head(head: bytes) -> tuple[int, str, dict[str, str]]:
-    lines = head.decode("latin-1").split("\r\n")
-    parts = lines[0].split(" ", 2)
-    if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
-        raise ResponseError(f"not an HTTP answer: {lines[0][:60]!r}")
-    headers = {}
-    for line in lines[1:]:
-        name, _, value = line.partition(":")
-        headers[name.strip().lower()] = value.strip()
-    return int(parts[1]), parts[2] if len(parts) > 2 else "", headers
-
-
-def build_request(order: Order, options: ClientOptions, host: str, now: float) -> bytes:
-    """The original client's request bytes, signed (or with the legacy auth_key)."""
-    fields = {
-        "auth_key": auth.legacy_auth_key(options.key_cipher, now) if options.legacy_auth else "",
-        "options": order.options,
-        "args": order.args,
-        "api_key": order.api_key,
-        **order.extra,
-    }
-    body = encode_form(fields)
-    lines = [
-        f"POST {order.path} HTTP/1.1",
-        f"Host: [{host}]" if ":" in host else f"Host: {host}",  # an IPv6 literal is bracketed
-        "Connection: close",
-        "Content-Type: application/x-www-form-urlencoded",
-        f"Content-Length: {len(body)}",
-    ]
-    if not options.legacy_auth:
-        lines.append(
-            "Authorization: "
-            + auth.sign_request(options.key_cipher, "POST", order.path, body, now=now)
-        )
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
-
-
-def split_host(spec: str, default_port: int) -> tuple[str, int]:
-    """`host`, `host:port`, `[v6]:port` or a bare IPv6 address."""
-    spec = spec.strip()
-    if spec.startswith("["):
-        host, _, rest = spec[1:].partition("]")
-        port = rest[1:] if rest.startswith(":") else ""
-    elif spec.count(":") == 1:
-        host, _, port = spec.partition(":")
-    else:
-        host, port = spec, ""
-    if port and not port.isdigit():
-        raise ValueError(f"bad port in host {spec!r}")
-    return host, int(port) if port else default_port
-
-
-def decode_content(headers: dict[str, str], body: bytes) -> Any:
-    """Agent JSON (and proxy JSON sent as text/plain by the original) parsed; else the text."""
-    text = body.decode("utf-8", "replace")
-    stripped = text.lstrip()
-    if stripped.startswith(("{", "[")):
-        try:
-            return json.loads(text)
-        except ValueError:
-            pass
-    return text
 
 
 def client_endpoint(reactor: Any, host: str, port: int, timeout: float) -> Any:
@@ -262,16 +111,17 @@ class OrderClient:
         try:
             host, port = split_host(host_spec, opts.port)
         except ValueError as e:
-            return defer.succeed(HostResult(host_spec, order.order, 0, content=str(e)))
-        finished: defer.Deferred[tuple[int, str, dict, bytes]] = defer.Deferred()
+            return defer.succeed(unanswered(host_spec, order, str(e)))
+        finished: defer.Deferred[Answer] = defer.Deferred()
         request = build_request(order, opts, host, self.reactor.seconds())
         endpoint = client_endpoint(self.reactor, host, port, opts.socket_timeout)
         if opts.tls is not None:
             try:
                 endpoint = wrapClientTLS(opts.tls(host), endpoint)
             except Exception as e:  # a TLS setup problem is this host's error, said plainly
-                return defer.succeed(HostResult(host_spec, order.order, 0, content=str(e)))
+                return defer.succeed(unanswered(host_spec, order, str(e)))
         factory = protocol.Factory.forProtocol(lambda: OrderProtocol(request, finished))
+        factory.noisy = False  # no "Starting/Stopping factory" log events for every host
         connecting = endpoint.connect(factory)
         state: dict[str, Any] = {"proto": None}
 
@@ -298,19 +148,11 @@ class OrderClient:
             self.reactor.callLater(opts.thread_timeout, on_timeout) if opts.thread_timeout else None
         )
 
-        def ok(result: tuple[int, str, dict, bytes]) -> HostResult:
-            code, reason, headers, body = result
-            return HostResult(
-                host_spec,
-                order.order,
-                1,
-                code,
-                reason or STATUS_TEXT.get(code, ""),
-                decode_content(headers, body),
-            )
+        def ok(answer: Answer) -> HostResult:
+            return answered(host_spec, order, answer)
 
         def failed(f: Failure) -> HostResult:
-            return HostResult(host_spec, order.order, 0, content=self.describe(f, host, port))
+            return unanswered(host_spec, order, self.describe(f, host, port))
 
         def cleanup(result: HostResult) -> HostResult:
             if timer is not None and timer.active():
@@ -321,7 +163,7 @@ class OrderClient:
 
     def describe(self, f: Failure, host: str, port: int) -> str:
         if f.check(defer.TimeoutError):
-            return f"Process Timeout({self.options.thread_timeout:g})!"
+            return timed_out(self.options)
         if f.check(
             error.ConnectError,
             error.ConnectionRefusedError,
@@ -329,65 +171,16 @@ class OrderClient:
             error.DNSLookupError,
             defer.CancelledError,
         ):
-            return f"can't connect to {host}:{port}"
+            return cant_connect(host, port)
         if f.check(ResponseError):
-            return f"bad answer from {host}:{port}: {f.value}"
+            return bad_answer(host, port, f.value)
         if self.options.tls is not None:
             from deploy.tls import describe_tls_failure
 
             return f"{host}:{port}: {describe_tls_failure(f)}"
         if f.check(error.ConnectionDone, error.ConnectionLost):
-            # Every deploy daemon answers, if only with an error: a port that hangs up on a
-            # request without a word is most likely a TLS port.
-            return (
-                f"{host}:{port} closed the connection without an answer "
-                "(is it a TLS port? then use --ssl-public-key or --ssl-ca)"
-            )
+            return hung_up(host, port)
         return f"{host}:{port}: {f.getErrorMessage()}"
-
-
-def parse_budget(
-    value: str | int | None, total: int, name: str, *, round_up: bool = True
-) -> int | None:
-    """`N` or `N%` of `total`; None when unset.
-
-    A batch size rounds a percentage up (at least 1 host when the percentage is above 0); a
-    failure budget rounds it down, so that "more than 10% failed" means exactly that: with 5
-    hosts, one failure (20%) is already more than 10%."""
-    if value is None or value == "":
-        return None
-    text = str(value).strip()
-    try:
-        if text.endswith("%"):
-            pct = float(text[:-1])
-            if not 0 <= pct <= 100:
-                raise ValueError
-            # rounded first so that float noise (1.1% of 110 = 1.2100000000000002) cannot
-            # move a result across a whole number
-            share = round(total * pct / 100, 9)
-            if round_up:
-                return max(1, math.ceil(share)) if pct else 0
-            return math.floor(share)
-        n = int(text)
-        if n < 0:
-            raise ValueError
-        return n
-    except ValueError:
-        raise ValueError(f"{name}: expected N or N%, got {text!r}") from None
-
-
-@dataclass
-class FanOutResult:
-    results: dict[str, HostResult]
-    stopped: bool = False  # the failure budget stopped the rollout
-
-    @property
-    def failed(self) -> list[HostResult]:
-        return [r for r in self.results.values() if not r.skipped and not r.succeeded]
-
-    @property
-    def skipped(self) -> list[HostResult]:
-        return [r for r in self.results.values() if r.skipped]
 
 
 def fan_out(
@@ -458,8 +251,3 @@ def fan_out(
         return FanOutResult({h: results[h] for h in hosts}, stopped)
 
     return run()
-
-
-def result_map(results: Iterable[HostResult], *, numeric_code: bool = False) -> dict[str, Any]:
-    """host → order → answer, the original client's output shape."""
-    return {r.host: {r.order: r.to_json(numeric_code=numeric_code)} for r in results}

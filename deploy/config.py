@@ -278,6 +278,11 @@ class ClientSettings:
     ipc_path: str | None = None
     worker_method: str | None = None
 
+    @property
+    def uses_tls(self) -> bool:
+        """The proxy talks TLS to its agents (a pin or a CA alone turns it on)."""
+        return bool(self.ssl or self.ssl_public_key or self.ssl_ca)
+
 
 @dataclass
 class ProxyConfig:
@@ -695,3 +700,8 @@ def _api(
         else:
             raise _section_error(section, path)
     return keys, servers
+
+
+class TLSConfigError(Exception):
+    """A key, certificate or option cannot be used; the message names the file and what to fix.
+    (Here, not in deploy.tls, so that a daemon without TLS can catch it without OpenSSL.)"""

@@ -15,7 +15,7 @@ from typing import Any
 
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
-from twisted.internet import defer, endpoints
+from twisted.internet import defer
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.internet.protocol import Factory
@@ -88,6 +88,8 @@ def server_endpoint(reactor: Any, server: ServerSettings) -> Any:
 
     A TLS key, certificate or CA file that cannot be used raises UsageError naming it, before
     anything listens. A TLS handshake must complete within `socket_timeout` seconds."""
+    from twisted.internet import endpoints
+
     interface = server.addr or "0.0.0.0"
     endpoint_class = (
         endpoints.TCP6ServerEndpoint if ":" in interface else endpoints.TCP4ServerEndpoint

@@ -153,7 +153,7 @@ class ProxyService:
 def client_options(settings: ClientSettings) -> ClientOptions:
     """The proxy's `[client]` settings as options for `OrderClient`."""
     tls = None
-    if settings.ssl or settings.ssl_public_key or settings.ssl_ca:
+    if settings.uses_tls:
         from deploy.tls import client_context_factories
 
         # Files are read once, here: a missing key or a TLS setting without a way to verify

@@ -88,6 +88,21 @@ def unescape_name(raw: bytes) -> str:
     return raw.decode("utf-8", "surrogateescape")
 
 
+_SURROGATES = re.compile("[\udc80-\udcff]")
+
+
+def display_name(name: str) -> str:
+    """A file name for JSON: as is when it is UTF-8, else with rsync's own `\\#ooo` escapes for
+    the bytes that are not (JSON cannot carry them)."""
+    if not _SURROGATES.search(name):
+        return name
+    return _SURROGATES.sub(lambda m: f"\\#{ord(m.group()) - 0xDC00:03o}", name)
+
+
+def _display(name: str) -> str:
+    return display_name(unescape_name(name.encode("utf-8", "surrogateescape")))
+
+
 @dataclass
 class RsyncStats:
     """The numbers of rsync's --stats block (3.0 and 3.1+ formats); None when not printed."""
@@ -176,13 +191,32 @@ class RsyncOutputParser:
         self.on_progress = on_progress
         self.stats = RsyncStats()
         self.progress: Progress | None = None
-        self.new_files: list[str] = []
+        # Raw (still escaped) names, each ended by \n: a 150,000-file list stays one ~5 MB
+        # buffer instead of 150,000 str objects (~3x the memory), and decoding waits for the end.
+        self._new_names = bytearray()
         self.deleted_files: list[str] = []
         self.created_directory: str | None = None
         self.other_lines: collections.deque[str] = collections.deque(maxlen=OTHER_LINES_KEPT)
         self._partial = bytearray()
         # Width of the itemize code last seen: "*deleting" is padded to it.
         self._code_width = 11
+
+    @property
+    def new_files(self) -> list[str]:
+        """The created/updated names, decoded (bytes that are not UTF-8 as surrogates)."""
+        return [unescape_name(raw) for raw in bytes(self._new_names).split(b"\n")[:-1]]
+
+    def display_new_files(self) -> list[str]:
+        """`new_files` as JSON can carry them (see `display_name`), decoded in one pass: only
+        the names with an escape or a byte that is not UTF-8 take the slow road."""
+        text = self._new_names.decode("utf-8", "surrogateescape")
+        names = text.split("\n")
+        names.pop()
+        if _SURROGATES.search(text):
+            return [_display(n) if "\\#" in n or _SURROGATES.search(n) else n for n in names]
+        if "\\#" in text:
+            return [_display(n) if "\\#" in n else n for n in names]
+        return names
 
     def feed(self, data: bytes) -> None:
         """Parse every record `data` completes; keep the rest for the next feed."""
@@ -261,7 +295,8 @@ class RsyncOutputParser:
             name = name.split(b" -> ", 1)[0]
         elif update_type == _HARDLINK:
             name = name.split(b" => ", 1)[0]
-        self.new_files.append(unescape_name(name))
+        self._new_names += name
+        self._new_names += b"\n"  # rsync escapes a newline in a name (\#012): a safe separator
 
     def _progress(self, match: re.Match[bytes]) -> None:
         progress = Progress(

@@ -45,6 +45,8 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from deploy.config import TLSConfigError  # noqa: F401  (re-exported; defined without OpenSSL)
+
 if TYPE_CHECKING:
     from deploy.config import ServerSettings
 
@@ -89,10 +91,6 @@ NOT_TLS_MESSAGE = "server does not speak TLS (is ssl enabled on it?)"
 CLIENT_CERT_REQUIRED_MESSAGE = "server requires a client certificate (--ssl-cert/--ssl-key)"
 CLOSED_MESSAGE = "server closed the connection (if during the TLS handshake: is ssl enabled on it?)"
 NEEDS_VERIFICATION_MESSAGE = "TLS needs --ssl-public-key or --ssl-ca"
-
-
-class TLSConfigError(Exception):
-    """A key, certificate or option cannot be used; the message names the file and what to fix."""
 
 
 class TLSVerificationError(Exception):

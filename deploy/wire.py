@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote_to_bytes
@@ -17,20 +17,7 @@ from twisted.protocols.basic import LineReceiver
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
-STATUS_TEXT = {
-    200: "OK",
-    400: "Bad Request",
-    401: "Unauthorized",
-    403: "Permission Denied",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    408: "Request Timeout",
-    411: "Length Required",
-    413: "Payload Too Large",
-    431: "Request Header Fields Too Large",
-    500: "Internal Server Error",
-    503: "Service Unavailable",
-}
+from deploy.message import STATUS_TEXT, encode_form  # noqa: F401  (re-exported)
 
 JSON_TYPE = "application/json; charset=utf-8"
 TEXT_TYPE = "text/plain; charset=utf-8"
@@ -123,15 +110,6 @@ def decode_form(data: bytes) -> dict[str, str]:
             raise RequestError(400, "request fields must be UTF-8") from None
         fields[k] = v
     return fields
-
-
-def encode_form(fields: Mapping[str, str]) -> bytes:
-    """The inverse of `decode_form`, in the original client's field order."""
-    from urllib.parse import quote_plus
-
-    return "&".join(
-        f"{quote_plus(k)}={quote_plus(v, safe=':,/')}" for k, v in fields.items()
-    ).encode("ascii")
 
 
 class HttpRequestReceiver(LineReceiver, TimeoutMixin):

@@ -1,0 +1,30 @@
+"""The parts of the message format both ends share that need no event loop: status texts and
+form encoding. `deploy.wire` re-exports them; the plain client imports only this."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+STATUS_TEXT = {
+    200: "OK",
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Permission Denied",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    408: "Request Timeout",
+    411: "Length Required",
+    413: "Payload Too Large",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
+
+
+def encode_form(fields: Mapping[str, str]) -> bytes:
+    """The inverse of `decode_form`, in the original client's field order."""
+    from urllib.parse import quote_plus
+
+    return "&".join(
+        f"{quote_plus(k)}={quote_plus(v, safe=':,/')}" for k, v in fields.items()
+    ).encode("ascii")

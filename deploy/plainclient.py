@@ -1,0 +1,213 @@
+"""Orders over plain TCP without an event-loop framework (non-blocking sockets and `selectors`), so
+that `deploy-client` without TLS starts without importing Twisted. Only the I/O loop is here:
+requests, answer parsing, limits and per-host messages are `deploy.orders`', as for
+`deploy.client.OrderClient`."""
+
+from __future__ import annotations
+
+import errno
+import selectors
+import socket
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from deploy.orders import (
+    AnswerReader,
+    ClientOptions,
+    FanOutResult,
+    HostResult,
+    Order,
+    ResponseError,
+    answered,
+    bad_answer,
+    build_request,
+    cant_connect,
+    hung_up,
+    split_host,
+    timed_out,
+    unanswered,
+)
+
+_NO_DEADLINE = float("inf")
+
+
+class Exchange:
+    """One order to one host: connect (each resolved address in turn), write, read the answer."""
+
+    def __init__(
+        self,
+        spec: str,
+        order: Order,
+        host: str,
+        port: int,
+        addresses: list[tuple[Any, ...]],
+        options: ClientOptions,
+        now: float,
+    ) -> None:
+        self.spec = spec
+        self.order = order
+        self.host = host
+        self.port = port
+        self.addresses = addresses  # getaddrinfo's (family, type, proto, _, sockaddr), in order
+        self.options = options
+        self.started = now
+        self.deadline = now + options.thread_timeout if options.thread_timeout else _NO_DEADLINE
+        self.connect_deadline = _NO_DEADLINE
+        self.sock: socket.socket | None = None
+        self.connected = False
+        self.outgoing = build_request(order, options, host, time.time())
+        self.reader = AnswerReader()
+
+    def connect_next(self, now: float) -> bool:
+        """Start connecting to the next address; False once none is left."""
+        self.close()
+        while self.addresses:
+            family, kind, proto, _, sockaddr = self.addresses.pop(0)
+            sock = socket.socket(family, kind, proto)
+            sock.setblocking(False)
+            if sock.connect_ex(sockaddr) in (0, errno.EINPROGRESS):
+                self.sock = sock
+                timeout = self.options.socket_timeout
+                self.connect_deadline = now + timeout if timeout else _NO_DEADLINE
+                return True
+            sock.close()
+        return False
+
+    def next_deadline(self) -> float:
+        return self.deadline if self.connected else min(self.deadline, self.connect_deadline)
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+
+def fan_out_plain(
+    hosts: Sequence[str],
+    order_for: Callable[[str], Order],
+    options: ClientOptions,
+    *,
+    on_result: Callable[[HostResult, float], None] | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> FanOutResult:
+    """Every host's answer, at most `options.max_parallel` exchanges at once (0: no limit)."""
+    hosts = list(dict.fromkeys(hosts))
+    limit = options.max_parallel if options.max_parallel > 0 else max(1, len(hosts))
+    results: dict[str, HostResult] = {}
+    waiting = list(reversed(hosts))
+    active: set[Exchange] = set()
+    sel = selectors.DefaultSelector()
+
+    def record(spec: str, result: HostResult, seconds: float) -> None:
+        results[spec] = result
+        if on_result is not None:
+            on_result(result, seconds)
+
+    def finish(ex: Exchange, result: HostResult) -> None:
+        if ex.sock is not None:
+            sel.unregister(ex.sock)
+        ex.close()
+        active.discard(ex)
+        record(ex.spec, result, clock() - ex.started)
+
+    def start(spec: str) -> None:
+        order = order_for(spec)
+        try:
+            host, port = split_host(spec, options.port)
+        except ValueError as e:
+            record(spec, unanswered(spec, order, str(e)), 0.0)
+            return
+        try:
+            # Blocking, one name at a time: acceptable for a command line (a literal address
+            # resolves without a lookup).
+            addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except (OSError, UnicodeError):
+            record(spec, unanswered(spec, order, cant_connect(host, port)), 0.0)
+            return
+        ex = Exchange(spec, order, host, port, addresses, options, clock())
+        active.add(ex)
+        connect_next(ex)
+
+    def connect_next(ex: Exchange) -> None:
+        if ex.sock is not None:
+            sel.unregister(ex.sock)
+        if ex.connect_next(clock()):
+            assert ex.sock is not None
+            sel.register(ex.sock, selectors.EVENT_WRITE, ex)
+        else:
+            finish(ex, unanswered(ex.spec, ex.order, cant_connect(ex.host, ex.port)))
+
+    def writable(ex: Exchange) -> None:
+        assert ex.sock is not None
+        if not ex.connected:
+            if ex.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+                connect_next(ex)
+                return
+            ex.connected = True
+        try:
+            sent = ex.sock.send(ex.outgoing)
+        except BlockingIOError:
+            return
+        except OSError:
+            closed(ex)
+            return
+        ex.outgoing = ex.outgoing[sent:]
+        if not ex.outgoing:
+            sel.modify(ex.sock, selectors.EVENT_READ, ex)
+
+    def readable(ex: Exchange) -> None:
+        assert ex.sock is not None
+        try:
+            data = ex.sock.recv(1 << 20)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            closed(ex)
+            return
+        try:
+            answer = ex.reader.feed(data)
+        except ResponseError as e:
+            finish(ex, unanswered(ex.spec, ex.order, bad_answer(ex.host, ex.port, e)))
+            return
+        if answer is not None:
+            finish(ex, answered(ex.spec, ex.order, answer))
+
+    def closed(ex: Exchange) -> None:
+        try:
+            answer = ex.reader.end()
+        except ResponseError as e:
+            finish(ex, unanswered(ex.spec, ex.order, bad_answer(ex.host, ex.port, e)))
+            return
+        if answer is not None:
+            finish(ex, answered(ex.spec, ex.order, answer))
+        else:
+            finish(ex, unanswered(ex.spec, ex.order, hung_up(ex.host, ex.port)))
+
+    def expire(now: float) -> None:
+        for ex in list(active):
+            if now >= ex.deadline:
+                finish(ex, unanswered(ex.spec, ex.order, timed_out(options)))
+            elif not ex.connected and now >= ex.connect_deadline:
+                connect_next(ex)  # this address did not answer in time: the next one
+
+    with sel:
+        while waiting or active:
+            while waiting and len(active) < limit:
+                start(waiting.pop())
+            if not active:
+                continue
+            nearest = min(ex.next_deadline() for ex in active)
+            wait = None if nearest == _NO_DEADLINE else max(0.0, nearest - clock())
+            for key, events in sel.select(wait):
+                ex = key.data
+                if ex not in active or ex.sock is None or key.fileobj is not ex.sock:
+                    continue  # finished, or moved to another address, earlier in this round
+                if events & selectors.EVENT_WRITE:
+                    writable(ex)
+                else:
+                    readable(ex)
+            expire(clock())
+    return FanOutResult({h: results[h] for h in hosts})
