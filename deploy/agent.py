@@ -27,7 +27,13 @@ from deploy.rsync import (
     display_name,
     run_rsync,
 )
-from deploy.wire import HttpRequestReceiver, Request, RequestError, RequestFactory, Response
+from deploy.wire import (
+    Request,
+    RequestError,
+    RequestFactory,
+    Response,
+    ServiceRequestReceiver,
+)
 
 ORDERS = ("status", "rlist", "rsync", "rkill", "exec")
 MAX_OPTIONS = 8192
@@ -404,22 +410,10 @@ def _stop_group(transport: Any) -> None:
                 pass
 
 
-class AgentProtocol(HttpRequestReceiver):
+class AgentProtocol(ServiceRequestReceiver):
     """One request: peer check, method/path, auth, then the order handler."""
 
     factory: AgentFactory
-
-    def callLater(self, period: float, func: Callable[[], Any]) -> Any:
-        """The request deadline runs on the service's clock (a `Clock` in tests), not the global
-        reactor."""
-        return self.factory.service.clock.callLater(period, func)
-
-    def connectionMade(self) -> None:
-        self.socket_timeout = self.factory.service.config.server.socket_timeout
-        super().connectionMade()
-        if not self.factory.service.allowed_hosts.allows(self.peer):
-            self.factory.log.warn("refused connection from {peer}", peer=self.peer)
-            self.answer(Response.text(403, f"{self.peer} is not allowed!"))
 
     def handleRequest(self, request: Request) -> Response | defer.Deferred[Response]:
         service = self.factory.service

@@ -4,7 +4,6 @@ an order to the granted agents through `deploy.client` (bounded, per-host timeou
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,11 +16,11 @@ from deploy.client import ClientOptions, Order, OrderClient, fan_out, parse_budg
 from deploy.config import DEFAULT_KEY_CIPHER, ClientSettings, ProxyConfig
 from deploy.wire import (
     TEXT_TYPE,
-    HttpRequestReceiver,
     Request,
     RequestError,
     RequestFactory,
     Response,
+    ServiceRequestReceiver,
 )
 
 ORDERS = ("status", "rlist", "rsync", "rkill", "exec")
@@ -50,6 +49,7 @@ class ProxyService:
     def __init__(self, config: ProxyConfig, reactor: Any) -> None:
         self.config = config
         self.reactor = reactor
+        self.clock = reactor  # what the request deadline runs on
         server = config.server
         self.verifier = (
             auth.HmacVerifier(server.key_cipher, clock=reactor, window=server.auth_window)
@@ -176,20 +176,8 @@ def client_options(settings: ClientSettings) -> ClientOptions:
     )
 
 
-class ProxyProtocol(HttpRequestReceiver):
+class ProxyProtocol(ServiceRequestReceiver):
     factory: ProxyFactory
-
-    def callLater(self, period: float, func: Callable[[], Any]) -> Any:
-        """The request deadline runs on the service's reactor (a `Clock` in tests), not the
-        global one."""
-        return self.factory.service.reactor.callLater(period, func)
-
-    def connectionMade(self) -> None:
-        self.socket_timeout = self.factory.service.config.server.socket_timeout
-        super().connectionMade()
-        if not self.factory.service.allowed_hosts.allows(self.peer):
-            self.factory.log.warn("refused connection from {peer}", peer=self.peer)
-            self.answer(Response.text(403, f"{self.peer} is not allowed!"))
 
     def handleRequest(self, request: Request) -> defer.Deferred[Response]:
         service = self.factory.service

@@ -296,6 +296,23 @@ class HttpRequestReceiver(LineReceiver, TimeoutMixin):
             notify(self, response)
 
 
+class ServiceRequestReceiver(HttpRequestReceiver):
+    """A daemon's request receiver: its factory's `service` gives the request deadline
+    (`config.server.socket_timeout`), the clock it runs on (`clock`: a `Clock` in tests) and
+    the peers allowed to talk (`allowed_hosts`); anyone else gets 403 before a byte is read."""
+
+    def callLater(self, period: float, func: Callable[[], Any]) -> Any:
+        return self.factory.service.clock.callLater(period, func)
+
+    def connectionMade(self) -> None:
+        service = self.factory.service
+        self.socket_timeout = service.config.server.socket_timeout
+        super().connectionMade()
+        if not service.allowed_hosts.allows(self.peer):
+            self.factory.log.warn("refused connection from {peer}", peer=self.peer)
+            self.answer(Response.text(403, f"{self.peer} is not allowed!"))
+
+
 class RequestFactory(Factory):
     """A factory whose `observers` see every answer: `observer(protocol, response)`."""
 
