@@ -6,6 +6,7 @@ process started here is stopped when the demo ends, also on failure."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -151,9 +152,10 @@ path = {work}/deploy_agent_exec.ini
             )
             content = json.loads(out.stdout)[agent]["status"]["content"]
             if content.get("alreadyRsync") == "true":
-                progress = content.get("progress") or {}
-                print(f"demo: syncing... {progress.get('percent', '?')}% "
-                      f"{progress.get('rate', '')}", flush=True)
+                progress = content.get("progress")
+                shown = (f"{progress['percent']}% at {progress['rate']}, eta {progress['eta']}"
+                         if progress else "starting")
+                print(f"demo: syncing... {shown}", flush=True)
                 return None
             return content
 
@@ -161,8 +163,11 @@ path = {work}/deploy_agent_exec.ini
         final = step("in sync now, with the last sync's outcome", "--order=status",
                      "--options=web", agent=agent)
         outcome = final["content"].get("lastRsync", {}).get("outcome")
-        step("run a configured command", "--order=exec", "--options=service:echo,deployed",
-             agent=agent)
+        ran = step("run a configured command", "--order=exec", "--options=service:echo,deployed",
+                   agent=agent)
+        output = base64.b64decode(ran["content"]["content"]).decode(errors="replace")
+        print(f"demo: the command printed {output.strip()!r} (content is base64, as the "
+              "original's)")
         synced = sum(1 for _ in (work / "www/site").rglob("*.txt"))
         print(f"\ndemo: done — last sync outcome {outcome!r}, {synced} files in {work}/www/site")
         return 0 if outcome == "ok" else 1
