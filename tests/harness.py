@@ -10,11 +10,13 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import parse_qsl
 
 from deploy.auth import legacy_auth_key
 
@@ -339,3 +341,79 @@ def make_tree(root: Path, files: int = 20, size: int = 100, dirs: int = 4) -> Pa
         d.mkdir(exist_ok=True)
         (d / f"f{i:05d}.dat").write_bytes(bytes([65 + i % 26]) * size)
     return root
+
+
+class ScriptedServer:
+    """A scripted agent, proxy or old Perl daemon on host:port, served by threads: keeps the bytes
+    of every request and answers each with `reply`; with `reply=None` it never answers and
+    notes when the other side closes."""
+
+    def __init__(self, host: str, port: int = 0, reply: bytes | None = None) -> None:
+        self.reply = reply
+        self.sock = socket.create_server((host, port))
+        self.host, self.port = self.sock.getsockname()[:2]
+        self.requests: list[bytes] = []
+        self.accepted: list[float] = []
+        self.closed: list[float] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def _handle(self, conn: socket.socket) -> None:
+        self.accepted.append(time.monotonic())
+        conn.settimeout(30)
+        with conn:
+            try:
+                data = _read_request(conn)
+                if data is not None:
+                    self.requests.append(data)
+                    if self.reply is not None:
+                        conn.sendall(self.reply)
+                        return
+                while conn.recv(65536):
+                    pass
+            except OSError:
+                pass  # a reset is a close too
+            self.closed.append(time.monotonic())
+
+    def last(self) -> tuple[str, dict[str, str], dict[str, str]]:
+        """The last request: start line, headers (lower-case names), form fields."""
+        head, _, body = self.requests[-1].partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        headers = {
+            k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:])
+        }
+        fields = dict(parse_qsl(body.decode(), keep_blank_values=True))
+        return lines[0], headers, fields
+
+    def close(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+
+
+def _read_request(conn: socket.socket) -> bytes | None:
+    """One request (head and Content-Length body) from `conn`; None if it closes first."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return None
+        data += chunk
+    head = data.partition(b"\r\n\r\n")[0].decode("latin-1").lower()
+    _, found, rest = head.partition("content-length:")
+    length = int(rest.split("\r\n")[0]) if found else 0
+    while len(data.partition(b"\r\n\r\n")[2]) < length:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return None
+        data += chunk
+    return data

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import shutil
 import socket
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from tests.harness import (
     AgentProcess,
     ProxyProcess,
     RsyncDaemon,
+    ScriptedServer,
     free_port,
     legacy_request,
     make_tree,
@@ -105,73 +105,6 @@ def assert_fresh_legacy_key(fields: dict[str, str], key: str = "65535") -> None:
     auth.check_legacy_auth_key(key, fields["auth_key"], now=time.time(), window=60)
 
 
-# --------------------------------------------------------------------------- a scripted old server
-
-
-class OldServer:
-    """A socket that answers every request with the same captured bytes, as the Perl agent or
-    proxy wrote them; `reply=None` reads and never answers. Keeps every request it got."""
-
-    def __init__(self, host: str, port: int = 0, reply: bytes | None = None) -> None:
-        self.reply = reply
-        self.sock = socket.create_server((host, port))
-        self.host, self.port = self.sock.getsockname()[:2]
-        self.requests: list[bytes] = []
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
-
-    def _handle(self, conn: socket.socket) -> None:
-        conn.settimeout(30)
-        with conn:
-            data = b""
-            try:
-                while b"\r\n\r\n" not in data:
-                    chunk = conn.recv(65536)
-                    if not chunk:
-                        return
-                    data += chunk
-                head = data.partition(b"\r\n\r\n")[0].decode("latin-1").lower()
-                length = int(head.split("content-length:")[1].split("\r\n")[0])
-                while len(data.partition(b"\r\n\r\n")[2]) < length:
-                    chunk = conn.recv(65536)
-                    if not chunk:
-                        return
-                    data += chunk
-                self.requests.append(data)
-                reply = self.reply
-                if reply is None:
-                    while conn.recv(65536):
-                        pass
-                    return
-                conn.sendall(reply)
-            except OSError:
-                return
-
-    def last(self) -> tuple[str, dict[str, str], dict[str, str]]:
-        """The last request: start line, headers (lower-case names), form fields."""
-        head, _, body = self.requests[-1].partition(b"\r\n\r\n")
-        lines = head.decode("latin-1").split("\r\n")
-        headers = {
-            k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:])
-        }
-        fields = dict(parse_qsl(body.decode(), keep_blank_values=True))
-        return lines[0], headers, fields
-
-    def close(self) -> None:
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.sock.close()
-
-
 # --------------------------------------------------------------------------- our side of the fleet
 
 
@@ -181,7 +114,7 @@ class NewFleet:
     targets: Path
     agent: AgentProcess
     proxy: ProxyProcess
-    old_agent: OldServer
+    old_agent: ScriptedServer
     dead_port: int
 
     def to_agent(self, raw: bytes) -> bytes:
@@ -247,7 +180,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory):
             allow_paths=[targets],
             server={"legacy_auth": "true", "rkill_grace": 2},
         )
-        old_agent = OldServer(OLD_AGENT, port, captured("proxy-to-agent-forwarded"))
+        old_agent = ScriptedServer(OLD_AGENT, port, captured("proxy-to-agent-forwarded"))
         api = workdir / "api.ini"
         api.write_text(
             "[keys]\n"
@@ -422,7 +355,7 @@ def test_our_proxy_drives_a_mixed_fleet_of_new_and_old_agents(fleet):
 
 @pytest.fixture(scope="module")
 def old_server():
-    server = OldServer("127.0.0.1")
+    server = ScriptedServer("127.0.0.1")
     try:
         yield server
     finally:

@@ -11,7 +11,6 @@ import os
 import pwd
 import shutil
 import socket
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from tests.conftest import JOBS, Daemons
 from tests.harness import (
     DATA,
     ProxyProcess,
+    ScriptedServer,
     captured_response,
     free_port,
     legacy_request,
@@ -95,62 +95,6 @@ path = {api}
 """
 
 
-class ScriptedAgent:
-    """A socket on host:port served by threads: keeps the bytes of every request and answers
-    `reply`; with `reply=None` it never answers and notes when the other side closes."""
-
-    def __init__(self, host: str, port: int, reply: bytes | None) -> None:
-        self.reply = reply
-        self.sock = socket.create_server((host, port))
-        self.requests: list[bytes] = []
-        self.accepted: list[float] = []
-        self.closed: list[float] = []
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
-
-    def _handle(self, conn: socket.socket) -> None:
-        self.accepted.append(time.monotonic())
-        conn.settimeout(30)
-        with conn:
-            data = b""
-            try:
-                while b"\r\n\r\n" not in data:
-                    chunk = conn.recv(65536)
-                    if not chunk:
-                        break
-                    data += chunk
-                head = data.partition(b"\r\n\r\n")[0].decode("latin-1").lower()
-                length = int(head.split("content-length:")[1].split("\r\n")[0])
-                while len(data.partition(b"\r\n\r\n")[2]) < length:
-                    chunk = conn.recv(65536)
-                    if not chunk:
-                        break
-                    data += chunk
-                self.requests.append(data)
-                if self.reply is not None:
-                    conn.sendall(self.reply)
-                    return
-                while conn.recv(65536):
-                    pass
-            except OSError:
-                pass  # a reset is a close too
-            self.closed.append(time.monotonic())
-
-    def close(self) -> None:
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.sock.close()
-
-
 def form_request(path: str, fields: dict[str, str]) -> bytes:
     """A POST as the original client writes it: no Content-Type, the fields as a form."""
     body = encode_form(fields)
@@ -184,8 +128,8 @@ class Fleet:
     port: int  # every agent's port
     api: Path
     proxy: ProxyProcess
-    recorder: ScriptedAgent
-    silent: ScriptedAgent
+    recorder: ScriptedServer
+    silent: ScriptedServer
 
     def request(self, raw: bytes, proxy: ProxyProcess | None = None) -> tuple[int, dict, bytes]:
         p = proxy or self.proxy
@@ -207,15 +151,15 @@ def fleet(tmp_path_factory: pytest.TempPathFactory):
     jobs = workdir / "jobs.ini"
     jobs.write_text(JOBS)
     (workdir / "targets").mkdir()
-    scripted: list[ScriptedAgent] = []
+    scripted: list[ScriptedServer] = []
     try:
         agents = [
             daemons.agent(host, port, jobs=jobs, state=workdir / f"state-{host}", wait=False)
             for host in AGENTS
         ]
         forwarded = (DATA / "wire" / "proxy-to-agent-forwarded.response").read_bytes()
-        recorder = ScriptedAgent(RECORDER, port, forwarded)
-        silent = ScriptedAgent(SILENT, port, None)
+        recorder = ScriptedServer(RECORDER, port, forwarded)
+        silent = ScriptedServer(SILENT, port, None)
         scripted += [recorder, silent]
         api = workdir / "api.ini"
         api.write_text(API)
