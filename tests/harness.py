@@ -45,6 +45,25 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def shared_free_port(hosts: list[str]) -> int:
+    """A port free on every one of `hosts` (a proxy's [client] port is one number for all)."""
+    for _ in range(100):
+        port = free_port(hosts[0])
+        socks = []
+        try:
+            for host in hosts:
+                s = socket.socket()
+                socks.append(s)
+                s.bind((host, port))
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+        return port
+    raise AssertionError("no port free on all of " + ", ".join(hosts))
+
+
 def wait_until(
     predicate: Callable[[], T], timeout: float = 20.0, interval: float = 0.02, what: str = ""
 ) -> T:

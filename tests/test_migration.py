@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ from tests.harness import (
     parse_response,
     raw_request,
     run_client,
+    shared_free_port,
     wait_until,
 )
 
@@ -124,25 +124,6 @@ class NewFleet:
         return raw_request(self.proxy.host, self.proxy.port, raw, timeout=60)
 
 
-def shared_port(hosts: list[str]) -> int:
-    """A port free on every one of `hosts` (the proxy's [client] port is one number)."""
-    for _ in range(100):
-        port = free_port(hosts[0])
-        socks = []
-        try:
-            for host in hosts:
-                s = socket.socket()
-                socks.append(s)
-                s.bind((host, port))
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-        return port
-    raise AssertionError("no port free on all of " + ", ".join(hosts))
-
-
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory):
     """Our agent (legacy_auth = true) on 127.0.0.2 with the captures' groups; a scripted old
@@ -170,7 +151,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory):
             },
             "badpath": {"dest": rsyncd.url("DEST"), "src": "/srv/peer-notallowed/web"},
         }
-        port = shared_port([NEW_AGENT, OLD_AGENT])
+        port = shared_free_port([NEW_AGENT, OLD_AGENT])
         agent = daemons.agent(
             NEW_AGENT,
             port,

@@ -10,7 +10,6 @@ import json
 import os
 import pwd
 import shutil
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ from tests.harness import (
     parse_response,
     raw_request,
     run_client,
+    shared_free_port,
     wait_until,
 )
 
@@ -100,25 +100,6 @@ def form_request(path: str, fields: dict[str, str]) -> bytes:
     body = encode_form(fields)
     head = f"POST {path} HTTP/1.1\r\nConnection: close\r\nContent-Length: {len(body)}\r\n\r\n"
     return head.encode() + body
-
-
-def shared_free_port(hosts: list[str]) -> int:
-    """A port free on every one of `hosts` (the proxy's [client] port is one value)."""
-    for _ in range(100):
-        port = free_port(hosts[0])
-        socks = []
-        try:
-            for host in hosts:
-                s = socket.socket()
-                socks.append(s)
-                s.bind((host, port))
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-        return port
-    raise AssertionError("no port free on all of " + ", ".join(hosts))
 
 
 @dataclass
