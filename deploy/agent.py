@@ -13,10 +13,17 @@ from typing import Any
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from deploy import auth
 from deploy.access import AllowedHosts, AllowedPaths, PathNotAllowed
-from deploy.commands import CommandError, build_command, group_leader_prefix, run_command
+from deploy.commands import (
+    CommandError,
+    CommandResult,
+    build_command,
+    group_leader_prefix,
+    run_command,
+)
 from deploy.config import AgentConfig, RsyncGroup, agent_key_cipher
 from deploy.jobs import Job, JobError, JobRegistry, check_state_dir, deletes_on_target
 from deploy.jobstate import OUTCOME_OK, OUTCOME_WARNING, error_message
@@ -329,20 +336,22 @@ class AgentService:
             prefix=self.prefix,
         )
 
-        def done(result: Any) -> Response:
+        def finished(result: Any) -> Any:
             self.children -= 1
-            if isinstance(result, BaseException) or hasattr(result, "value"):
-                err = getattr(result, "value", result)
-                if isinstance(err, CommandError):
-                    return Response.json(
-                        {
-                            "return": "false",
-                            "command": b64(command_line),
-                            "content": "",
-                            "message": str(err),
-                        }
-                    )
-                raise err
+            return result
+
+        def could_not_run(failure: Failure) -> Response:
+            failure.trap(CommandError)
+            return Response.json(
+                {
+                    "return": "false",
+                    "command": b64(command_line),
+                    "content": "",
+                    "message": failure.getErrorMessage(),
+                }
+            )
+
+        def answer(result: CommandResult) -> Response:
             body: dict[str, Any] = {
                 "return": "true" if result.ok else "false",
                 "command": b64(command_line),
@@ -364,7 +373,7 @@ class AgentService:
             )
             return Response.json(body)
 
-        return d.addBoth(done)
+        return d.addBoth(finished).addCallbacks(answer, could_not_run)
 
     def _running_answer(self, job: Job, *, with_progress: bool) -> dict[str, Any]:
         body: dict[str, Any] = {
