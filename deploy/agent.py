@@ -4,8 +4,8 @@ order handlers (status, rlist, rsync, rkill, exec)."""
 from __future__ import annotations
 
 import base64
-import os
 import shlex
+import signal
 import time
 from collections.abc import Callable
 from typing import Any
@@ -23,6 +23,7 @@ from deploy.commands import (
     build_command,
     group_leader_prefix,
     run_command,
+    signal_process,
 )
 from deploy.config import AgentConfig, RsyncGroup, agent_key_cipher
 from deploy.jobs import Job, JobError, JobRegistry, check_state_dir, deletes_on_target
@@ -406,17 +407,9 @@ def _state_dir(group: RsyncGroup | None) -> str | None:
 
 
 def _stop_group(transport: Any) -> None:
-    import signal
-
     pid = getattr(transport, "pid", None)
     if pid:
-        try:
-            os.killpg(pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+        signal_process(pid, signal.SIGKILL)
 
 
 class AgentProtocol(ServiceRequestReceiver):

@@ -125,6 +125,21 @@ class CommandProcess(protocol.ProcessProtocol):
         )
 
 
+def signal_process(pid: int, sig: int, *, group: bool = True) -> None:
+    """Send `sig` to the process group led by `pid` (a child started through `setsid`), or to
+    `pid` alone when `group` is false or setsid has not run yet. Gone already is fine."""
+    try:
+        if group:
+            try:
+                os.killpg(pid, sig)
+                return
+            except ProcessLookupError:
+                pass  # setsid has not run yet: signal the process itself
+        os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
 def group_leader_prefix() -> list[str]:
     """`setsid` puts a child in its own process group (spawnProcess cannot), so a timeout can
     stop everything the command started."""
@@ -166,19 +181,8 @@ def run_command(
     timers = []
 
     def signal_child(sig: int) -> None:
-        pid = transport.pid
-        if pid is None:
-            return
-        try:
-            if grouped:
-                try:
-                    os.killpg(pid, sig)
-                    return
-                except ProcessLookupError:
-                    pass  # setsid has not run yet: signal the process itself
-            os.kill(pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
+        if transport.pid is not None:
+            signal_process(transport.pid, sig, group=grouped)
 
     def on_timeout() -> None:
         proto.timed_out = True
