@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     from deploy.agent import AgentFactory, AgentService
     from deploy.config import load_agent_config
 
-    log_file = open(args.log, "a")  # noqa: SIM115 - open for the process's whole life
+    log_file = open(args.log, "a")  # open for the process's whole life
     globalLogBeginner.beginLoggingTo(
         [
             FilteringLogObserver(

@@ -24,10 +24,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from twisted.internet import defer, task  # noqa: E402
+from twisted.internet import defer, task
 
-from deploy.client import ClientOptions, HostResult, Order, OrderClient  # noqa: E402
-from tests.harness import AgentProcess, RsyncDaemon, agent_ini, free_port, make_tree  # noqa: E402
+from deploy.client import ClientOptions, HostResult, Order, OrderClient
+from tests.harness import AgentProcess, RsyncDaemon, agent_ini, free_port, make_tree
 
 BENCH = Path(__file__).resolve().parent
 JOBS = "[application]\napp:true = /bin/true\n"

@@ -29,7 +29,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.lib import (  # noqa: E402
+from bench.lib import (
     BENCH,
     JOBS,
     NODELAY,
@@ -726,7 +726,7 @@ class Bench:
             try:
                 barrier.wait(30)
                 self.agent_order(host, order, options, expect)
-            except BaseException as e:  # noqa: BLE001 - reported below
+            except BaseException as e:  # reported below
                 errors.append(e)
 
         def sample() -> None:

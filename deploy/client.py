@@ -46,7 +46,7 @@ from deploy.orders import (  # noqa: F401  (re-exported: the client's public nam
 class OrderProtocol(protocol.Protocol):
     """Writes one request and reads the answer (`AnswerReader`) until Content-Length or close."""
 
-    def __init__(self, request: bytes, finished: defer.Deferred[Answer]):
+    def __init__(self, request: bytes, finished: defer.Deferred[Answer]) -> None:
         self.request = request
         self.finished = finished
         self.reader = AnswerReader()

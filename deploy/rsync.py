@@ -365,13 +365,13 @@ class RsyncProcessProtocol(protocol.ProcessProtocol):
         self.ended: Deferred[RsyncResult] = Deferred()
         self._ended = False
 
-    def childDataReceived(self, childFD: int, data: bytes) -> None:  # noqa: N802
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
         if childFD == 1:
             self.parser.feed(data)
         elif childFD == 2:
             self.stderr.feed(data)
 
-    def processEnded(self, reason: Failure) -> None:  # noqa: N802
+    def processEnded(self, reason: Failure) -> None:
         if self._ended:
             return
         self._ended = True

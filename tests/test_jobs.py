@@ -56,7 +56,7 @@ class FakeTransport:
         self.pid = pid
         self.stdin_closed = False
 
-    def closeStdin(self) -> None:  # noqa: N802
+    def closeStdin(self) -> None:
         self.stdin_closed = True
 
 
@@ -80,7 +80,7 @@ class FakeProcessReactor(task.Clock):
         self.fail: OSError | None = None
         self.next_pid = 7000
 
-    def spawnProcess(  # noqa: N802
+    def spawnProcess(
         self,
         proto,
         executable,
@@ -89,8 +89,8 @@ class FakeProcessReactor(task.Clock):
         path=None,
         uid=None,
         gid=None,
-        usePTY=False,  # noqa: N803
-        childFDs=None,  # noqa: N803
+        usePTY=False,
+        childFDs=None,
     ):
         if self.fail is not None:
             raise self.fail

@@ -500,7 +500,7 @@ class FakeTransport:
     def __init__(self) -> None:
         self.stdin_closed = False
 
-    def closeStdin(self) -> None:  # noqa: N802
+    def closeStdin(self) -> None:
         self.stdin_closed = True
 
 
@@ -509,7 +509,7 @@ class FakeReactor:
         self.calls: list[tuple[Any, ...]] = []
         self.transport = FakeTransport()
 
-    def spawnProcess(self, proto, executable, args, env, usePTY, childFDs):  # noqa: N802, N803
+    def spawnProcess(self, proto, executable, args, env, usePTY, childFDs):
         self.calls.append((proto, executable, args, env, usePTY, childFDs))
         return self.transport
 
