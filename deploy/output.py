@@ -14,7 +14,9 @@ import shutil
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeGuard
+
+from deploy.orders import SKIPPED
 
 # -------------------------------------------------------------------------------- exit codes
 
@@ -39,7 +41,6 @@ FORMATS = ("json", "table", "ndjson")
 # the agent's `lastRsync`/`outcome`; `timeout` is also a `--wait` that ran out of time.
 GOOD = frozenset({"ok", "warning"})
 NO_ANSWER = frozenset({"unreachable", "timeout"})
-SKIPPED = "skipped"
 
 MESSAGE_WIDTH = 100
 
@@ -76,7 +77,7 @@ class Row:
         return line
 
 
-def is_proxy_answer(content: Any) -> bool:
+def is_proxy_answer(content: Any) -> TypeGuard[dict[str, dict[str, Any]]]:
     """A proxy's answer, `{agent: {order: {serverStatus, ...}}}`, as opposed to an agent's JSON."""
     if not isinstance(content, dict) or not content or "return" in content:
         return False
@@ -90,6 +91,12 @@ def is_proxy_answer(content: Any) -> bool:
 
 def _false(value: Any) -> bool:
     return value in ("false", False, 0, "0")
+
+
+def _last_rsync(content: Mapping[str, Any]) -> dict[str, Any]:
+    """The agent's `lastRsync` in an answer's content; empty when there is none."""
+    last = content.get("lastRsync")
+    return last if isinstance(last, dict) else {}
 
 
 def outcome_of(order: str, entry: Mapping[str, Any]) -> str:
@@ -107,9 +114,7 @@ def outcome_of(order: str, entry: Mapping[str, Any]) -> str:
         return "ok"
     if order == "rsync":
         # A sync that ended at once, or one `--wait` followed: the sync's own outcome.
-        outcome = content.get("outcome")
-        if not outcome and isinstance(content.get("lastRsync"), dict):
-            outcome = content["lastRsync"].get("outcome")
+        outcome = content.get("outcome") or _last_rsync(content).get("outcome")
         if isinstance(outcome, str) and outcome:
             return outcome
     if _false(content.get("return")):
@@ -210,7 +215,7 @@ def ndjson_line(data: Mapping[str, Any]) -> str:
 
 def _figures(row: Row) -> dict[str, Any]:
     content = row.content if isinstance(row.content, dict) else {}
-    last = content.get("lastRsync") if isinstance(content.get("lastRsync"), dict) else {}
+    last = _last_rsync(content)
     files = content.get("transferFilesCount", last.get("transferFilesCount"))
     size = content.get("transferFilesSize", last.get("transferFilesSize"))
     code = content.get("exitCode", last.get("exitCode"))
@@ -250,7 +255,7 @@ def message_of(row: Row) -> str:
     if isinstance(content, str):
         text = content
     elif isinstance(content, dict):
-        last = content.get("lastRsync") if isinstance(content.get("lastRsync"), dict) else {}
+        last = _last_rsync(content)
         if content.get("message"):
             text = str(content["message"])
         elif last.get("message"):
