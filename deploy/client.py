@@ -4,6 +4,7 @@ and rolling batches with a failure budget."""
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -15,6 +16,7 @@ from twisted.internet.endpoints import (
     TCP6ClientEndpoint,
     wrapClientTLS,
 )
+from twisted.internet.interfaces import ITCPTransport
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -46,6 +48,9 @@ from deploy.orders import (  # noqa: F401  (re-exported: the client's public nam
 class OrderProtocol(protocol.Protocol):
     """Writes one request and reads the answer (`AnswerReader`) until Content-Length or close."""
 
+    # Set before connectionMade: a TCP connection, or TLS over one (both can abort).
+    transport: ITCPTransport
+
     def __init__(self, request: bytes, finished: defer.Deferred[Answer]) -> None:
         self.request = request
         self.finished = finished
@@ -66,7 +71,7 @@ class OrderProtocol(protocol.Protocol):
             self.finished.callback(answer)
             self.transport.loseConnection()
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         if self.finished.called:
             return
         try:
@@ -172,7 +177,7 @@ class OrderClient:
             defer.CancelledError,
         ):
             return cant_connect(host, port)
-        if f.check(ResponseError):
+        if isinstance(f.value, ResponseError):
             return bad_answer(host, port, f.value)
         if self.options.tls is not None:
             from deploy.tls import describe_tls_failure
@@ -183,8 +188,18 @@ class OrderClient:
         return f"{host}:{port}: {f.getErrorMessage()}"
 
 
+class OrderSender(typing.Protocol):
+    """What `fan_out` needs of a client: `OrderClient`, or a wrapper of one (the CLI's, which
+    times each host or follows its sync)."""
+
+    @property
+    def options(self) -> ClientOptions: ...
+
+    def send(self, host: str, order: Order, /) -> defer.Deferred[HostResult]: ...
+
+
 def fan_out(
-    client: OrderClient,
+    client: OrderSender,
     hosts: Sequence[str],
     order_for: Callable[[str], Order] | Order,
     *,
