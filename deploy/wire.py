@@ -7,11 +7,11 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 from urllib.parse import unquote_to_bytes
 
 from twisted.internet import defer
-from twisted.internet.protocol import Factory
+from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 from twisted.protocols.policies import TimeoutMixin
@@ -140,6 +140,7 @@ class HttpRequestReceiver(LineReceiver, TimeoutMixin):
         self.request: Request | None = None
         # What the order handler wants in the audit log (order, target, key id...).
         self.audit: dict[str, Any] = {}
+        assert self.transport is not None  # makeConnection sets it before calling us
         self.peer = _peer_host(self.transport.getPeer())
         if self.socket_timeout:
             self.setTimeout(self.socket_timeout)
@@ -238,7 +239,7 @@ class HttpRequestReceiver(LineReceiver, TimeoutMixin):
             self.log.debug("idle connection from {peer} closed", peer=self.peer)
         self.answer(Response.text(408, f"no complete request within {self.socket_timeout:g} s"))
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.setTimeout(None)
         self._answered = True
 
@@ -258,7 +259,9 @@ class HttpRequestReceiver(LineReceiver, TimeoutMixin):
         )
         self._body = bytearray()
         self.request = request
-        d = defer.maybeDeferred(self.handleRequest, request)
+        # maybeDeferred's overloads take a handler's `Response | Deferred[Response]` for the
+        # result's type; the Deferred it returns fires with a Response either way.
+        d = cast("defer.Deferred[Response]", defer.maybeDeferred(self.handleRequest, request))
         d.addErrback(self._requestFailed, request)
         d.addCallback(self.answer)
 
