@@ -15,10 +15,6 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 MAX_PATH_LENGTH = 4096
 
 
-class HostNotAllowed(Exception):
-    """A peer address is not in the allow list; the message is what the user reads."""
-
-
 class PathNotAllowed(Exception):
     """A local path is outside every allowed root; the message is what the user reads."""
 

@@ -1,5 +1,6 @@
 """Request signing and checking: HMAC-SHA256 over method, path, time, nonce and body, with a
-clock window and a nonce replay cache; and the original's one-time ``auth_key``, only when enabled.
+clock window and a nonce replay cache; the original's one-time ``auth_key``, only when enabled;
+and `RequestAuthenticator`, the one check the agent and the proxy both run on a request.
 """
 
 from __future__ import annotations
@@ -9,7 +10,8 @@ import heapq
 import hmac
 import re
 import secrets
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IReactorTime
@@ -186,3 +188,62 @@ def check_legacy_auth_key(key: str, auth_key: str, *, now: float, window: float 
     t = int(_xor_digits(suffix[::-1]))
     if not abs(now - t) < window:
         raise AuthError("auth_key time outside the allowed window")
+
+
+class SignedRequest(Protocol):
+    """What `RequestAuthenticator` reads of a request (`deploy.wire.Request` has it)."""
+
+    @property
+    def method(self) -> str: ...
+
+    @property
+    def path(self) -> str: ...
+
+    @property
+    def query(self) -> str: ...
+
+    @property
+    def headers(self) -> Mapping[str, str]: ...
+
+    @property
+    def body(self) -> bytes: ...
+
+
+class RequestAuthenticator:
+    """How a daemon checks who sent a request: a signed ``Authorization`` header, or the
+    original's ``auth_key`` field when ``legacy`` is set. One per daemon, so the replay cache
+    covers every connection.
+
+    ``legacy_refusal``, when given, is what an ``auth_key`` gets while ``legacy`` is off;
+    otherwise it is answered like a request without credentials.
+    """
+
+    def __init__(
+        self,
+        key: str,
+        *,
+        clock: IReactorTime,
+        window: float = 60.0,
+        legacy: bool = False,
+        legacy_refusal: str | None = None,
+    ) -> None:
+        self.key = key
+        self.clock = clock
+        self.window = window
+        self.legacy = legacy
+        self.legacy_refusal = legacy_refusal
+        self.verifier = HmacVerifier(key, clock=clock, window=window)
+
+    def authenticate(self, request: SignedRequest, fields: Mapping[str, str]) -> None:
+        """Accept ``request`` (whose form fields are ``fields``) or raise AuthError."""
+        header = request.headers.get("authorization")
+        auth_key = fields.get("auth_key")
+        if header:
+            target = request.path + (f"?{request.query}" if request.query else "")
+            self.verifier.verify(header, request.method, target, request.body)
+        elif auth_key and self.legacy:
+            check_legacy_auth_key(self.key, auth_key, now=self.clock.seconds(), window=self.window)
+        elif auth_key and self.legacy_refusal:
+            raise AuthError(self.legacy_refusal)
+        else:
+            raise AuthError("missing Authorization header")

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from deploy import clientconfig, output
+from deploy.message import ORDERS
 from deploy.output import (  # noqa: F401  (the exit codes, re-exported for callers)
     EXIT_CODES,
     EXIT_FAILED,
@@ -34,7 +35,6 @@ if TYPE_CHECKING:
 
     from deploy.orders import ClientOptions, FanOutResult, HostResult, Order
 
-ORDERS = ("status", "rlist", "rsync", "rkill", "exec")
 EXIT_INTERRUPTED = 130
 
 # --wait polls `status` every 0.5 s for the first few seconds, then every second.

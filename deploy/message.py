@@ -1,9 +1,12 @@
-"""The parts of the message format both ends share that need no event loop: status texts and
-form encoding. `deploy.wire` re-exports them; the plain client imports only this."""
+"""The parts of the message format both ends share that need no event loop: the order names,
+status texts and form encoding. `deploy.wire` re-exports the last two; the plain client imports
+only this."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+
+ORDERS = ("status", "rlist", "rsync", "rkill", "exec")
 
 STATUS_TEXT = {
     200: "OK",

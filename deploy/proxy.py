@@ -14,21 +14,9 @@ from deploy import auth, logs
 from deploy.access import AllowedHosts
 from deploy.client import ClientOptions, Order, OrderClient, fan_out, parse_budget, result_map
 from deploy.config import DEFAULT_KEY_CIPHER, ClientSettings, ProxyConfig
-from deploy.wire import (
-    TEXT_TYPE,
-    Request,
-    RequestError,
-    RequestFactory,
-    Response,
-    ServiceRequestReceiver,
-)
-
-ORDERS = ("status", "rlist", "rsync", "rkill", "exec")
-
-
-def denied(name: str) -> RequestError:
-    # The original's text, spelling included: scripts match on it.
-    return RequestError(403, f"You don't have permisson to access on this[{name}].")
+from deploy.errors import BadHostSelection, BadRequest, NotGranted, UnknownOrder
+from deploy.message import ORDERS
+from deploy.wire import TEXT_TYPE, Request, RequestFactory, Response, ServiceRequestReceiver
 
 
 @dataclass
@@ -51,8 +39,14 @@ class ProxyService:
         self.reactor = reactor
         self.clock = reactor  # what the request deadline runs on
         server = config.server
-        self.verifier = (
-            auth.HmacVerifier(server.key_cipher, clock=reactor, window=server.auth_window)
+        # Only with `[server] key_cipher` set: then requests must be signed like an agent's.
+        self.authenticator = (
+            auth.RequestAuthenticator(
+                server.key_cipher,
+                clock=reactor,
+                window=server.auth_window,
+                legacy=server.legacy_auth,
+            )
             if server.key_cipher
             else None
         )
@@ -61,52 +55,30 @@ class ProxyService:
 
     # -- checks
 
-    def authenticate(self, request: Request, fields: dict[str, str]) -> None:
-        """Only when `[server] key_cipher` is set: then requests must be signed like an agent's."""
-        server = self.config.server
-        if not server.key_cipher:
-            return
-        header = request.headers.get("authorization")
-        target = request.path + (f"?{request.query}" if request.query else "")
-        try:
-            if header:
-                assert self.verifier is not None
-                self.verifier.verify(header, request.method, target, request.body)
-            elif server.legacy_auth and fields.get("auth_key"):
-                auth.check_legacy_auth_key(
-                    server.key_cipher,
-                    fields["auth_key"],
-                    now=self.reactor.seconds(),
-                    window=server.auth_window,
-                )
-            else:
-                raise auth.AuthError("missing Authorization header")
-        except auth.AuthError as e:
-            raise RequestError(401, str(e)) from None
-
     def granted_hosts(self, api_key: str, args: str) -> list[str]:
-        """The hosts `args` names (`hosts:a,b` or `groups:g1,g2`), each granted to `api_key`."""
+        """The hosts `args` names (`hosts:a,b` or `groups:g1,g2`), each granted to `api_key`;
+        else BadHostSelection or NotGranted (both 403, as the original answered)."""
         kind, sep, names_text = args.partition(":")
         if not sep or kind not in ("hosts", "groups"):
-            raise RequestError(403, f"Syntax error, unrecognized expression: [{args}]")
+            raise BadHostSelection(args)
         names = [n.strip() for n in names_text.split(",") if n.strip()]
         if not names:
-            raise RequestError(403, f"Syntax error, unrecognized expression: [{args}]")
+            raise BadHostSelection(args)
         groups = self.config.keys.get(api_key) if api_key else None
         if groups is None:
-            raise denied(names_text)
+            raise NotGranted(names_text)
         servers = self.config.servers
         if kind == "groups":
             hosts: list[str] = []
             for name in names:
                 if name not in groups or name not in servers:
-                    raise denied(name)
+                    raise NotGranted(name)
                 hosts.extend(servers[name])
             return list(dict.fromkeys(hosts))
         reachable = {h for g in groups for h in servers.get(g, ())}
         for name in names:
             if name not in reachable:
-                raise denied(name)
+                raise NotGranted(name)
         return list(dict.fromkeys(names))
 
     # -- the order
@@ -117,7 +89,7 @@ class ProxyService:
             parse_budget(request.batch, len(hosts), "batch")
             parse_budget(request.max_fail, len(hosts), "max_fail")
         except ValueError as e:
-            raise RequestError(400, str(e)) from None
+            raise BadRequest(str(e)) from None
         # What the agents get: the same order, options and args; the API key stays here.
         order = Order(request.order, request.options, request.args, "")
         self.log.info(
@@ -177,17 +149,19 @@ def client_options(settings: ClientSettings) -> ClientOptions:
 
 
 class ProxyProtocol(ServiceRequestReceiver):
-    factory: ProxyFactory
+    # `factory` stays untyped: annotating it with our factory class would make this protocol
+    # not the kind of protocol Twisted's generic Factory expects (mypy).
 
     def handleRequest(self, request: Request) -> defer.Deferred[Response]:
-        service = self.factory.service
+        service: ProxyService = self.factory.service
         segments = request.segments
         if len(segments) < 2 or segments[0] not in ("agent", "api") or segments[1] not in ORDERS:
-            raise RequestError(404, "")
+            raise UnknownOrder()
         if len(segments) > 5 or (segments[0] == "agent" and len(segments) > 2):
-            raise RequestError(404, "")
+            raise UnknownOrder()
         fields = request.form()
-        service.authenticate(request, fields)
+        if service.authenticator is not None:
+            service.authenticator.authenticate(request, fields)
         # /api/<order>/<options>/<args>/<api_key>: path segments, when present, win.
         for name, value in zip(("options", "args", "api_key"), segments[2:], strict=False):
             fields[name] = value

@@ -17,6 +17,7 @@ from twisted.protocols.basic import LineReceiver
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
+from deploy.errors import RequestError, status_for
 from deploy.message import STATUS_TEXT, encode_form  # noqa: F401  (re-exported)
 
 JSON_TYPE = "application/json; charset=utf-8"
@@ -26,15 +27,6 @@ MAX_LINE = 8192
 MAX_HEADERS = 64
 MAX_BODY = 1024 * 1024
 MAX_FIELDS = 64
-
-
-class RequestError(Exception):
-    """A request that gets a 4xx/5xx answer; the message is the text/plain body the user reads."""
-
-    def __init__(self, status: int, message: str = "") -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 @dataclass
@@ -266,9 +258,11 @@ class HttpRequestReceiver(LineReceiver, TimeoutMixin):
         d.addCallback(self.answer)
 
     def _requestFailed(self, failure: Failure, request: Request) -> Response:
-        if failure.check(RequestError):
-            e = failure.value
-            return Response.text(e.status, e.message)
+        # The one place an error becomes an answer: its status from deploy.errors, its text
+        # from its message.
+        status = status_for(failure.value)
+        if status is not None:
+            return Response.text(status, str(failure.value))
         self.log.failure(
             "unexpected error handling {method} {path} from {peer}",
             failure,

@@ -14,10 +14,12 @@ from deploy.auth import (
     SCHEME,
     AuthError,
     HmacVerifier,
+    RequestAuthenticator,
     check_legacy_auth_key,
     legacy_auth_key,
     sign_request,
 )
+from deploy.wire import Request
 
 KEY = "s3cret-key"
 NOW = 1_700_000_000
@@ -409,3 +411,37 @@ def test_legacy_arbitrary_text_only_raises_auth_error(auth_key: str) -> None:
     """Whatever arrives as auth_key, the check raises AuthError and nothing else."""
     with pytest.raises(AuthError):
         check_legacy_auth_key(DEFAULT_KEY_CIPHER, auth_key, now=CAPTURED_TIME + 3600)
+
+
+# --------------------------------------------------------------------------- the request check
+
+
+def make_authenticator(
+    *, legacy: bool = False, legacy_refusal: str | None = None
+) -> RequestAuthenticator:
+    clock = Clock()
+    clock.advance(NOW)
+    return RequestAuthenticator(KEY, clock=clock, legacy=legacy, legacy_refusal=legacy_refusal)
+
+
+def test_authenticator_accepts_a_signed_request_path_and_query() -> None:
+    """A signed request passes; the signature covers the path with its query string."""
+    authenticator = make_authenticator()
+    header = sign_request(KEY, "GET", "/agent/rlist?options=web", b"", now=NOW, nonce=NONCE)
+    request = Request("GET", "/agent/rlist", "options=web", {"authorization": header})
+    authenticator.authenticate(request, {"options": "web"})
+    with pytest.raises(AuthError, match="^replayed request$"):
+        authenticator.authenticate(request, {"options": "web"})
+
+
+def test_authenticator_takes_an_auth_key_only_when_legacy_is_on() -> None:
+    """auth_key: accepted with legacy on; else the refusal text given, or as if absent."""
+    request = Request(METHOD, PATH, body=BODY)
+    fields = {"auth_key": legacy_auth_key(KEY, NOW)}
+    make_authenticator(legacy=True).authenticate(request, fields)
+    with pytest.raises(AuthError, match="^legacy refused$"):
+        make_authenticator(legacy_refusal="legacy refused").authenticate(request, fields)
+    with pytest.raises(AuthError, match="^missing Authorization header$"):
+        make_authenticator().authenticate(request, fields)
+    with pytest.raises(AuthError, match="^missing Authorization header$"):
+        make_authenticator(legacy=True).authenticate(request, {})

@@ -27,8 +27,8 @@ from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 
 from deploy import auth
-from deploy.access import is_within
-from deploy.agent import ORDERS, AgentFactory, AgentService, names_a_remote_host
+from deploy.access import PathNotAllowed, is_within
+from deploy.agent import AgentFactory, AgentService
 from deploy.commands import MAX_ARG_LENGTH, CommandError, build_command
 from deploy.config import (
     ConfigError,
@@ -36,10 +36,12 @@ from deploy.config import (
     load_jobs,
     load_proxy_config,
 )
+from deploy.errors import BadHostSelection, InvalidTarget, NotGranted, status_for
 from deploy.jobstate import error_message
+from deploy.message import ORDERS
 from deploy.proxy import ProxyFactory, ProxyService
 from deploy.rsync import OTHER_LINES_KEPT, RsyncOutputParser, build_argv
-from deploy.wire import RequestError
+from deploy.targets import names_a_remote_host
 
 SOCKET_TIMEOUT = 2.0
 NOW = 1_700_000_000
@@ -443,10 +445,10 @@ def test_fuzz_config_loaders_give_a_config_or_a_located_error(
                     service = AgentService(config, Clock())
                     for name in config.groups:
                         try:
-                            target, _ = service.resolve_target(name)
+                            target, _ = service.targets.resolve(name)
                             build_argv(target, dry_run=True)
-                        except RequestError as error:
-                            assert error.status in (400, 403)
+                        except (InvalidTarget, PathNotAllowed) as error:
+                            assert status_for(error) in (400, 403)
                         except ValueError:
                             pass  # a group dest starting with "-": build_argv's 400
                 else:
@@ -569,12 +571,12 @@ def test_fuzz_resolve_target_stays_in_the_jail(
     src = lead.format(targets=world["targets"], root=world["root"]) + "/".join(parts)
     options = raw if use_raw else f"{dest},{src}"
     try:
-        target, group = service.resolve_target(options)
-    except RequestError as error:
-        assert error.status in (400, 403), error.status
+        target, group = service.targets.resolve(options)
+    except (InvalidTarget, PathNotAllowed) as error:
+        assert status_for(error) in (400, 403), status_for(error)
         return
     root = os.path.realpath(world["targets"])
-    assert is_within(service.allowed_paths.check(target.src), root)
+    assert is_within(service.targets.allowed_paths.check(target.src), root)
     if group is None:
         assert not target.dest.startswith("-")
         assert not any(ord(c) < 32 or ord(c) == 127 for c in target.dest)
@@ -647,8 +649,8 @@ def test_fuzz_granted_hosts_never_exceed_the_keys_groups(
     service = ProxyService(world["proxy"], Clock())
     try:
         hosts = service.granted_hosts(api_key, args)
-    except RequestError as error:
-        assert error.status == 403
+    except (BadHostSelection, NotGranted) as error:
+        assert status_for(error) == 403
         return
     config = world["proxy"]
     reachable = {h for g in config.keys[api_key] for h in config.servers.get(g, ())}

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.task import Clock
@@ -18,10 +19,12 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
 
-from deploy import agent as agent_module
+from deploy import agent_orders
+from deploy.access import PathNotAllowed
 from deploy.agent import AgentFactory, AgentService
-from deploy.auth import legacy_auth_key, sign_request
+from deploy.auth import AuthError, legacy_auth_key, sign_request
 from deploy.config import load_agent_config
+from deploy.errors import CapacityExceeded, InvalidTarget, NotGranted, status_for
 from deploy.wire import (
     MAX_BODY,
     MAX_HEADERS,
@@ -442,6 +445,35 @@ def test_request_error_in_handler_is_its_status() -> None:
     assert headers["content-type"] == "text/plain; charset=utf-8"
 
 
+@pytest.mark.parametrize("outcome", ["raise", "fail"])
+@pytest.mark.parametrize(
+    ("error", "status"),
+    [
+        (NotGranted("web"), 403),
+        (PathNotAllowed("/x"), 403),
+        (CapacityExceeded(2), 503),
+        (AuthError("bad signature"), 401),
+    ],
+)
+def test_domain_error_in_handler_is_its_status_from_the_table(
+    error: Exception, status: int, outcome: str
+) -> None:
+    """A domain error raised by a handler, or failing its Deferred, gets the status the error
+    table gives it and its message as the text/plain body; nothing is logged as a failure."""
+
+    class Refusing(HttpRequestReceiver):
+        def handleRequest(self, request: Request) -> Any:
+            if outcome == "raise":
+                raise error
+            return defer.fail(error)
+
+    with capturedLogs() as events:
+        answer, headers, body = parse(exchange(REQUEST, receiver_class=Refusing))
+    assert (answer, body) == (status, str(error).encode("utf-8"))
+    assert headers["content-type"] == "text/plain; charset=utf-8"
+    assert not [e for e in events if "log_failure" in e]
+
+
 def test_response_status_lines_are_the_originals() -> None:
     """Status lines use the original's reason phrases (403 Permission Denied)."""
     assert Response.text(403).to_bytes().startswith(b"HTTP/1.1 403 Permission Denied\r\n")
@@ -637,7 +669,7 @@ def test_agent_empty_options_is_400(agent_env: dict[str, Any]) -> None:
 def test_resolve_group_target(agent_env: dict[str, Any]) -> None:
     """A group name resolves to its dest/src; the job id is md5hex(dest + src)."""
     service, _ = make_service(agent_env)
-    target, group = service.resolve_target("web")
+    target, group = service.targets.resolve("web")
     src = f"{agent_env['targets']}/web"
     assert (target.dest, target.src, group.name) == ("127.0.0.1::DEST/", src, "web")
     assert target.checksum == hashlib.md5(f"127.0.0.1::DEST/{src}".encode()).hexdigest()
@@ -646,7 +678,7 @@ def test_resolve_group_target(agent_env: dict[str, Any]) -> None:
 def test_resolve_inline_target(agent_env: dict[str, Any]) -> None:
     """`HOST::MODULE/,/path` is an inline target: remote source first, then local path."""
     service, _ = make_service(agent_env)
-    target, group = service.resolve_target(f"h::M/sub/, {agent_env['targets']}/adhoc")
+    target, group = service.targets.resolve(f"h::M/sub/, {agent_env['targets']}/adhoc")
     assert group is None
     assert (target.dest, target.src) == ("h::M/sub/", f"{agent_env['targets']}/adhoc")
 
@@ -655,17 +687,17 @@ def test_resolve_inline_target(agent_env: dict[str, Any]) -> None:
 def test_resolve_unknown_or_empty_target_is_400(agent_env: dict[str, Any], options: str) -> None:
     """An unknown group or an inline target with an empty side: 400 `empty value in options!`."""
     service, _ = make_service(agent_env)
-    with pytest.raises(RequestError) as e:
-        service.resolve_target(options)
-    assert (e.value.status, e.value.message) == (400, "empty value in options!")
+    with pytest.raises(InvalidTarget) as e:
+        service.targets.resolve(options)
+    assert (status_for(e.value), str(e.value)) == (400, "empty value in options!")
 
 
 def test_resolve_inline_source_may_not_be_an_option(agent_env: dict[str, Any]) -> None:
     """An inline remote source starting with `-` (option injection) gets 400."""
     service, _ = make_service(agent_env)
-    with pytest.raises(RequestError) as e:
-        service.resolve_target(f"--rsh=touch /tmp/x,{agent_env['targets']}/web")
-    assert e.value.status == 400
+    with pytest.raises(InvalidTarget) as e:
+        service.targets.resolve(f"--rsh=touch /tmp/x,{agent_env['targets']}/web")
+    assert status_for(e.value) == 400
 
 
 @pytest.mark.parametrize("suffix", ["/../outside/web", "/escape/web", "/escape", "/web/../../x"])
@@ -673,17 +705,20 @@ def test_resolve_path_escaping_allow_paths_is_403(agent_env: dict[str, Any], suf
     """`..` or a symlink leading out of allow::paths: 403 `<src> is not allowed!`."""
     service, _ = make_service(agent_env)
     src = f"{agent_env['targets']}{suffix}"
-    with pytest.raises(RequestError) as e:
-        service.resolve_target(f"h::M/,{src}")
-    assert (e.value.status, e.value.message) == (403, f"{src} is not allowed!")
+    with pytest.raises(PathNotAllowed) as e:
+        service.targets.resolve(f"h::M/,{src}")
+    assert (status_for(e.value), str(e.value)) == (403, f"{src} is not allowed!")
 
 
 def test_resolve_group_outside_allow_paths_is_403(agent_env: dict[str, Any]) -> None:
     """A group whose src lies outside allow::paths is refused like an inline one."""
     service, _ = make_service(agent_env)
-    with pytest.raises(RequestError) as e:
-        service.resolve_target("badpath")
-    assert (e.value.status, e.value.message) == (403, f"{agent_env['outside']}/web is not allowed!")
+    with pytest.raises(PathNotAllowed) as e:
+        service.targets.resolve("badpath")
+    assert (status_for(e.value), str(e.value)) == (
+        403,
+        f"{agent_env['outside']}/web is not allowed!",
+    )
 
 
 def captured_stdout(name: str) -> bytes:
@@ -692,7 +727,7 @@ def captured_stdout(name: str) -> bytes:
 
 
 def run_order(service: AgentService, reactor: ProcessClock, order: str) -> Any:
-    d = getattr(service, "order_" + order)("web")
+    d = getattr(service.orders, "order_" + order)("web")
     results: list[Any] = []
     d.addBoth(results.append)
     return d, results
@@ -714,7 +749,7 @@ def test_status_answers_counts_as_strings(agent_env: dict[str, Any]) -> None:
         "transferFilesCount": "12",
         "transferFilesSize": "3145747",
     }
-    assert service.children == 0
+    assert service.orders.children == 0
 
 
 def test_rlist_answer_is_valid_json_for_awkward_names(agent_env: dict[str, Any]) -> None:
@@ -755,7 +790,7 @@ def test_dry_run_timeout_stops_rsync_and_says_so(
 ) -> None:
     """A dry run still running at max_process_timeout is stopped and answers Process Timeout."""
     stopped: list[Any] = []
-    monkeypatch.setattr(agent_module, "_stop_group", stopped.append)
+    monkeypatch.setattr(agent_orders, "_stop_group", stopped.append)
     service, reactor = make_service(agent_env, server="max_process_timeout = 30")
     _, results = run_order(service, reactor, "rlist")
     proto, _ = reactor.spawned[-1]
@@ -773,9 +808,9 @@ def test_max_prefork_answers_503(agent_env: dict[str, Any]) -> None:
     """With max_prefork children already running, a further dry run gets 503."""
     service, reactor = make_service(agent_env, server="max_prefork = 1")
     run_order(service, reactor, "status")
-    with pytest.raises(RequestError) as e:
-        service.order_status("web")
-    assert e.value.status == 503
+    with pytest.raises(CapacityExceeded) as e:
+        service.orders.order_status("web")
+    assert status_for(e.value) == 503
     assert len(reactor.spawned) == 1
 
 

@@ -1,0 +1,299 @@
+"""The agent's five orders (status, rlist, rsync, rkill, exec): what each does with its target
+or command, the dry runs behind status and rlist, the limit on child processes, and the JSON
+answers."""
+
+from __future__ import annotations
+
+import base64
+import shlex
+import signal
+import time
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from deploy.commands import (
+    CommandError,
+    CommandResult,
+    build_command,
+    group_leader_prefix,
+    run_command,
+    signal_process,
+)
+from deploy.config import AgentConfig
+from deploy.errors import CapacityExceeded, InvalidTarget, RequestError
+from deploy.jobs import Job, JobError, JobRegistry, deletes_on_target
+from deploy.jobstate import OUTCOME_OK, OUTCOME_WARNING, error_message
+from deploy.rsync import (
+    RsyncOutputParser,
+    RsyncTarget,
+    build_argv,
+    display_name,
+    run_rsync,
+)
+from deploy.targets import TargetResolver, group_state_dir
+from deploy.wire import Response
+
+
+def b64(data: bytes | str) -> str:
+    if isinstance(data, str):
+        data = data.encode("utf-8", "surrogateescape")
+    return base64.b64encode(data).decode("ascii")
+
+
+class AgentOrders:
+    """The order handlers, each `order_NAME(options)` answering a `Response` (or a Deferred of
+    one); they share the targets, the jobs and the count of dry runs and commands in flight."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        reactor: Any,
+        *,
+        clock: IReactorTime,
+        jobs: JobRegistry,
+        targets: TargetResolver,
+    ) -> None:
+        self.config = config
+        self.reactor = reactor
+        self.clock = clock
+        self.jobs = jobs
+        self.targets = targets
+        self.children = 0  # dry runs and exec commands in flight
+        self.prefix = group_leader_prefix()
+
+    def check_capacity(self) -> None:
+        limit = self.config.server.max_prefork
+        if limit and self.children + self.jobs.running_count() >= limit:
+            raise CapacityExceeded(limit)
+
+    # -- dry runs
+
+    @defer.inlineCallbacks
+    def dry_run(self, target: RsyncTarget, keep_lists: bool):
+        """Run rsync --dry-run on `target`; fires (parser, exit code, stderr text)."""
+        try:
+            argv = build_argv(target, dry_run=True)
+        except ValueError as e:
+            raise RequestError(400, str(e)) from None
+        parser = RsyncOutputParser(keep_lists=keep_lists)
+        self.children += 1
+        timer = None
+        timed_out = []
+
+        def stop(transport: Any) -> None:
+            timed_out.append(True)
+            _stop_group(transport)
+
+        try:
+            try:
+                proto, transport = run_rsync(self.reactor, [*self.prefix, *argv], parser)
+            except (OSError, FileNotFoundError) as e:
+                return parser, 127, f"cannot run {target.rsync}: {e}"
+            timeout = self.config.server.max_process_timeout
+            if timeout:
+                timer = self.clock.callLater(timeout, stop, transport)
+            result = yield proto.ended
+        finally:
+            self.children -= 1
+            if timer is not None and timer.active():
+                timer.cancel()
+        code = result.exit_code
+        # Only a timer that fired means a timeout: a cancelled one is not active() either.
+        if timed_out and code != 0:
+            return parser, code, f"Process Timeout({timeout:g})!"
+        return parser, code, result.stderr
+
+    # -- orders
+
+    def order_status(self, options: str) -> defer.Deferred[Response]:
+        target, group = self.targets.resolve(options)
+        state_dir = group_state_dir(group)
+        job = self.jobs.running(target.checksum, state_dir)
+        if job is not None:
+            return defer.succeed(Response.json(self._running_answer(job, with_progress=True)))
+        self.check_capacity()
+        d = self.dry_run(target, keep_lists=False)
+
+        def answer(result: tuple[RsyncOutputParser, int | None, str]) -> Response:
+            parser, code, stderr = result
+            body: dict[str, Any]
+            if code != 0:
+                body = _rsync_failure(code, stderr)
+            else:
+                stats = parser.stats
+                body = {
+                    "return": "true",
+                    "alreadyRsync": "false",
+                    "transferFilesCount": str(stats.files_transferred or 0),
+                    "transferFilesSize": str(stats.transferred_size or 0),
+                }
+            # How the last sync ended matters most when the target cannot even be compared.
+            last = self.jobs.last_result(target.checksum, state_dir)
+            if last:
+                body["lastRsync"] = last
+            return Response.json(body)
+
+        return d.addCallback(answer)
+
+    def order_rlist(self, options: str) -> defer.Deferred[Response]:
+        target, _ = self.targets.resolve(options)
+        self.check_capacity()
+        d = self.dry_run(target, keep_lists=True)
+
+        def answer(result: tuple[RsyncOutputParser, int | None, str]) -> Response:
+            parser, code, stderr = result
+            if code != 0:
+                return Response.json(_rsync_failure(code, stderr))
+            new = parser.display_new_files()
+            if parser.created_directory:
+                new.insert(0, "created directory " + display_name(parser.created_directory))
+            stats = parser.stats
+            return Response.json(
+                {
+                    "return": "true",
+                    "transferNewFiles": new,
+                    # files only, as the original listed them: rsync marks a directory with "/"
+                    "transferDeleteFiles": [
+                        display_name(n) for n in parser.deleted_files if not n.endswith("/")
+                    ],
+                    "transferFilesCount": str(stats.files_transferred or 0),
+                    "transferFilesSize": str(stats.transferred_size or 0),
+                }
+            )
+
+        return d.addCallback(answer)
+
+    def order_rsync(self, options: str) -> defer.Deferred[Response]:
+        target, group = self.targets.resolve(options)
+        state_dir = group_state_dir(group)
+        job = self.jobs.running(target.checksum, state_dir)
+        if job is not None:
+            return defer.succeed(Response.json(self._running_answer(job, with_progress=False)))
+        self.check_capacity()
+        allow_empty = group is not None and group.allow_empty_source
+        try:
+            d = self.jobs.start(
+                target,
+                refuse_empty=deletes_on_target(target) and not allow_empty,
+                state_dir=state_dir,
+            )
+        except ValueError as e:
+            raise InvalidTarget(str(e)) from None
+        except OSError as e:
+            raise JobError(str(e)) from None
+
+        def answer(job: Job) -> Response:
+            state = job.state
+            body: dict[str, Any] = {"checksum": target.checksum, "return": "true"}
+            if state.get("state") == "ended" and state.get("outcome") not in (
+                OUTCOME_OK,
+                OUTCOME_WARNING,
+            ):
+                message = state.get("message") or "rsync failed"
+                body.update(
+                    {
+                        "return": "false",
+                        "content": b64(message + "\n"),
+                        "message": message,
+                        "outcome": state.get("outcome"),
+                    }
+                )
+                if state.get("exitCode") is not None:
+                    body["exitCode"] = state["exitCode"]
+            return Response.json(body)
+
+        return d.addCallback(answer)
+
+    def order_rkill(self, options: str) -> Response:
+        target, group = self.targets.resolve(options)
+        pids = self.jobs.kill(target.checksum, group_state_dir(group))
+        return Response.json({"return": "true", "process": [str(p) for p in pids]})
+
+    def order_exec(self, options: str) -> defer.Deferred[Response]:
+        name, argv = build_command(self.config.jobs, options)
+        self.check_capacity()
+        command_line = shlex.join(argv)
+        self.children += 1
+        started = time.monotonic()
+        d = run_command(
+            self.reactor,
+            argv,
+            timeout=self.config.server.max_process_timeout,
+            prefix=self.prefix,
+        )
+
+        def finished(result: Any) -> Any:
+            self.children -= 1
+            return result
+
+        def could_not_run(failure: Failure) -> Response:
+            failure.trap(CommandError)
+            return Response.json(
+                {
+                    "return": "false",
+                    "command": b64(command_line),
+                    "content": "",
+                    "message": failure.getErrorMessage(),
+                }
+            )
+
+        def answer(result: CommandResult) -> Response:
+            body: dict[str, Any] = {
+                "return": "true" if result.ok else "false",
+                "command": b64(command_line),
+                "content": b64(result.output),
+            }
+            if result.exit_code is not None:
+                body["exitCode"] = result.exit_code
+            if result.timed_out:
+                body["message"] = f"Process Timeout({self.config.server.max_process_timeout:g})!"
+            elif result.signal is not None:
+                body["message"] = f"killed by signal {result.signal}"
+            if result.truncated:
+                body["outputTruncated"] = True
+            self.log.info(
+                "exec {name} exited {code} in {secs:.3f}s",
+                name=name,
+                code=result.exit_code,
+                secs=time.monotonic() - started,
+            )
+            return Response.json(body)
+
+        return d.addBoth(finished).addCallbacks(answer, could_not_run)
+
+    def _running_answer(self, job: Job, *, with_progress: bool) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "return": "true",
+            "alreadyRsync": "true",
+            "process": [str(p) for p in self.jobs.pids(job)],
+            "checksum": job.checksum,
+        }
+        if with_progress:
+            progress = self.jobs.progress(job)
+            if progress:
+                body["progress"] = progress
+        return body
+
+
+def _rsync_failure(code: int | None, stderr: str) -> dict[str, Any]:
+    message = error_message(stderr) or f"rsync exited with code {code}"
+    body: dict[str, Any] = {
+        "return": "false",
+        "content": b64(stderr if stderr.strip() else message + "\n"),
+        "message": message,
+    }
+    if code is not None:
+        body["exitCode"] = code
+    return body
+
+
+def _stop_group(transport: Any) -> None:
+    pid = getattr(transport, "pid", None)
+    if pid:
+        signal_process(pid, signal.SIGKILL)
