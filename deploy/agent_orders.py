@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import base64
 import shlex
-import signal
 import time
+from collections.abc import Generator
 from typing import Any
 
 from twisted.internet import defer
@@ -21,12 +21,12 @@ from deploy.commands import (
     build_command,
     group_leader_prefix,
     run_command,
-    signal_process,
 )
 from deploy.config import AgentConfig
 from deploy.errors import CapacityExceeded, InvalidTarget, RequestError
 from deploy.jobs import Job, JobError, JobRegistry, deletes_on_target
 from deploy.jobstate import OUTCOME_OK, OUTCOME_WARNING, error_message
+from deploy.process import KILL_GRACE, GroupStopper
 from deploy.rsync import (
     RsyncOutputParser,
     RsyncTarget,
@@ -75,37 +75,32 @@ class AgentOrders:
     # -- dry runs
 
     @defer.inlineCallbacks
-    def dry_run(self, target: RsyncTarget, keep_lists: bool):
-        """Run rsync --dry-run on `target`; fires (parser, exit code, stderr text)."""
+    def dry_run(
+        self, target: RsyncTarget, keep_lists: bool
+    ) -> Generator[defer.Deferred[Any], Any, tuple[RsyncOutputParser, int | None, str]]:
+        """Run rsync --dry-run on `target`; fires (parser, exit code, stderr text). A run past
+        max_process_timeout is stopped: TERM to its process group, KILL after KILL_GRACE."""
         try:
             argv = build_argv(target, dry_run=True)
         except ValueError as e:
             raise RequestError(400, str(e)) from None
         parser = RsyncOutputParser(keep_lists=keep_lists)
-        self.children += 1
-        timer = None
-        timed_out = []
-
-        def stop(transport: Any) -> None:
-            timed_out.append(True)
-            _stop_group(transport)
-
         try:
-            try:
-                proto, transport = run_rsync(self.reactor, [*self.prefix, *argv], parser)
-            except (OSError, FileNotFoundError) as e:
-                return parser, 127, f"cannot run {target.rsync}: {e}"
-            timeout = self.config.server.max_process_timeout
-            if timeout:
-                timer = self.clock.callLater(timeout, stop, transport)
+            proto, transport = run_rsync(self.reactor, [*self.prefix, *argv], parser)
+        except (OSError, FileNotFoundError) as e:
+            return parser, 127, f"cannot run {target.rsync}: {e}"
+        self.children += 1
+        stopper = GroupStopper(self.clock, transport.pid, KILL_GRACE, leader=transport)
+        timeout = self.config.server.max_process_timeout
+        if timeout:
+            stopper.stop_after(timeout)
+        try:
             result = yield proto.ended
         finally:
             self.children -= 1
-            if timer is not None and timer.active():
-                timer.cancel()
+            stopper.cancel()
         code = result.exit_code
-        # Only a timer that fired means a timeout: a cancelled one is not active() either.
-        if timed_out and code != 0:
+        if stopper.requested and code != 0:
             return parser, code, f"Process Timeout({timeout:g})!"
         return parser, code, result.stderr
 
@@ -291,9 +286,3 @@ def _rsync_failure(code: int | None, stderr: str) -> dict[str, Any]:
     if code is not None:
         body["exitCode"] = code
     return body
-
-
-def _stop_group(transport: Any) -> None:
-    pid = getattr(transport, "pid", None)
-    if pid:
-        signal_process(pid, signal.SIGKILL)

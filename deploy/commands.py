@@ -7,18 +7,18 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
-import signal
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from twisted.internet import defer, error, protocol
-from twisted.internet.interfaces import IReactorProcess
+from twisted.internet.interfaces import IReactorProcess, IReactorTime
 from twisted.python.failure import Failure
+
+from deploy.process import KILL_GRACE, GroupStopper
 
 MAX_OUTPUT = 1024 * 1024
 MAX_ARGS = 32
 MAX_ARG_LENGTH = 4096
-KILL_GRACE = 2.0
 
 
 class CommandError(Exception):
@@ -94,14 +94,15 @@ class CommandResult:
 
 
 class CommandProcess(protocol.ProcessProtocol):
-    """Collects a command's stdout and stderr (merged, capped) and fires `ended` once."""
+    """Collects a command's stdout and stderr (merged, capped) and fires `ended` once; its end
+    ends the stop of a command that timed out."""
 
     def __init__(self, argv: list[str], limit: int = MAX_OUTPUT) -> None:
         self.argv = argv
         self.limit = limit
         self.output = bytearray()
         self.truncated = False
-        self.timed_out = False
+        self.stopper: GroupStopper | None = None
         self.ended: defer.Deferred[CommandResult] = defer.Deferred()
 
     def _collect(self, data: bytes) -> None:
@@ -120,24 +121,13 @@ class CommandProcess(protocol.ProcessProtocol):
         sig = getattr(value, "signal", None)
         if isinstance(value, error.ProcessDone):
             code = 0
+        timed_out = False
+        if self.stopper is not None:
+            self.stopper.cancel()
+            timed_out = self.stopper.requested
         self.ended.callback(
-            CommandResult(self.argv, code, sig, bytes(self.output), self.truncated, self.timed_out)
+            CommandResult(self.argv, code, sig, bytes(self.output), self.truncated, timed_out)
         )
-
-
-def signal_process(pid: int, sig: int, *, group: bool = True) -> None:
-    """Send `sig` to the process group led by `pid` (a child started through `setsid`), or to
-    `pid` alone when `group` is false or setsid has not run yet. Gone already is fine."""
-    try:
-        if group:
-            try:
-                os.killpg(pid, sig)
-                return
-            except ProcessLookupError:
-                pass  # setsid has not run yet: signal the process itself
-        os.kill(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def group_leader_prefix() -> list[str]:
@@ -156,7 +146,8 @@ def run_command(
     prefix: list[str] | None = None,
     limit: int = MAX_OUTPUT,
 ) -> defer.Deferred[CommandResult]:
-    """Run `argv` (no shell); on `timeout` (> 0) TERM its process group, KILL after a grace."""
+    """Run `argv` (no shell) on `reactor` (which is also the clock); on `timeout` (> 0) TERM its
+    process group, KILL after a grace."""
     proto = CommandProcess(argv, limit)
     full = [*(prefix if prefix is not None else group_leader_prefix()), *argv]
     executable = full[0]
@@ -177,25 +168,8 @@ def run_command(
     except OSError as e:
         return defer.fail(CommandError(f"cannot run {argv[0]}: {e}"))
     transport.closeStdin()
-    grouped = bool(full is not argv and len(full) > len(argv))
-    timers = []
-
-    def signal_child(sig: int) -> None:
-        if transport.pid is not None:
-            signal_process(transport.pid, sig, group=grouped)
-
-    def on_timeout() -> None:
-        proto.timed_out = True
-        signal_child(signal.SIGTERM)
-        timers.append(reactor.callLater(KILL_GRACE, signal_child, signal.SIGKILL))
-
     if timeout and timeout > 0:
-        timers.append(reactor.callLater(timeout, on_timeout))
-
-    def cancel_timers(result: CommandResult) -> CommandResult:
-        for t in timers:
-            if t.active():
-                t.cancel()
-        return result
-
-    return proto.ended.addBoth(cancel_timers)
+        clock: IReactorTime = reactor  # type: ignore[assignment]
+        proto.stopper = GroupStopper(clock, transport.pid, KILL_GRACE, leader=transport)
+        proto.stopper.stop_after(timeout)
+    return proto.ended

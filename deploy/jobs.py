@@ -5,6 +5,7 @@ result, read back from the persisted state (and /proc) so an agent restart loses
 from __future__ import annotations
 
 import datetime
+import functools
 import os
 import signal
 import sys
@@ -26,10 +27,10 @@ from deploy.jobstate import (
     STATE_ENDED,
     STATE_RUNNING,
     STATE_STARTING,
-    ProcessTable,
     read_state,
     write_state,
 )
+from deploy.process import ProcessTable, Stopper, StopPolicy
 from deploy.rsync import DEFAULT_FLAGS, RsyncTarget, build_argv
 
 # start() answers by then even if the supervisor has not said `ready` (e.g. a slow source listing).
@@ -38,7 +39,8 @@ ANSWER_WITHIN = 5.0
 # supervisor) counts as running this long, then as lost.
 STARTING_GRACE = 30.0
 # After the supervisor's own TERM-then-KILL (rkill_grace), how long the agent waits before it
-# KILLs rsync's group itself, and then the supervisor if it still has not recorded the end.
+# KILLs rsync's group itself, and then (every KILL_MARGIN) the supervisor if it still has not
+# recorded the end.
 KILL_MARGIN = 2.0
 # A temp file of write_state this old was left by a process killed mid-write.
 STALE_TEMP = 3600.0
@@ -67,7 +69,7 @@ class Job:
     supervisor: SupervisorProtocol | None = None
     kill_requested: bool = False
     finished: bool = False
-    escalation: IDelayedCall | None = None
+    stopper: Stopper | None = None  # rkill's
     answer_timer: IDelayedCall | None = None
     started: defer.Deferred[Job] = field(default_factory=defer.Deferred)
 
@@ -90,14 +92,14 @@ class SupervisorProtocol(protocol.ProcessProtocol):
         self.ended = False
         self._buffer = b""
 
-    def outReceived(self, data: bytes) -> None:  # noqa: N802
+    def outReceived(self, data: bytes) -> None:
         self._buffer += data
         *lines, self._buffer = self._buffer.split(b"\n")
         for line in lines:
             self.registry._told(self.job, line[:MAX_LINE].decode("ascii", "replace").strip())
         self._buffer = self._buffer[-MAX_LINE:]
 
-    def processEnded(self, reason: Failure) -> None:  # noqa: N802
+    def processEnded(self, reason: Failure) -> None:
         if self.ended:
             return
         self.ended = True
@@ -255,7 +257,7 @@ class JobRegistry:
             cmd.append("--refuse-empty")
         cmd += ["--", *argv]
         try:
-            self.reactor.spawnProcess(
+            transport = self.reactor.spawnProcess(
                 proto,
                 self.python,
                 cmd,
@@ -269,7 +271,7 @@ class JobRegistry:
             raise JobError(f"cannot start the sync supervisor: {e}") from e
         finally:
             os.close(log_fd)
-        proto.transport.closeStdin()
+        transport.closeStdin()
         self._jobs[checksum] = job
         job.answer_timer = self.clock.callLater(ANSWER_WITHIN, self._answer, job)
         return job.started
@@ -283,13 +285,10 @@ class JobRegistry:
             return []
         pids = self.pids(job)
         job.kill_requested = True
-        supervisor = self._supervisor_pid(job)
-        if supervisor:
-            self.processes.signal(supervisor, signal.SIGTERM)
-        elif job.rsync_pid and self.processes.same(job.rsync_pid, job.state.get("rsyncStart")):
-            self.processes.signal_group(job.rsync_pid, signal.SIGTERM)
-        if job.escalation is None:
-            job.escalation = self.clock.callLater(self.grace + KILL_MARGIN, self._escalate, job)
+        if job.stopper is None:
+            policy = StopPolicy(self.grace + KILL_MARGIN, repeat=KILL_MARGIN)
+            job.stopper = Stopper(self.clock, policy, functools.partial(self._signal_sync, job))
+            job.stopper.stop()
         self.log.info("rkill of sync {checksum}: pids {pids}", checksum=checksum, pids=pids)
         return pids
 
@@ -369,9 +368,8 @@ class JobRegistry:
         its record says how."""
         if self._jobs.get(job.checksum) is job:
             del self._jobs[job.checksum]
-        if job.escalation is not None and job.escalation.active():
-            job.escalation.cancel()
-        job.escalation = None
+        if job.stopper is not None:
+            job.stopper.cancel()
         if job.finished:
             return  # seen in its record first, then again when our child exited
         job.finished = True
@@ -434,23 +432,33 @@ class JobRegistry:
                 e=e,
             )
 
-    def _escalate(self, job: Job) -> None:
-        """The supervisor had its grace period: KILL rsync's group, then the supervisor itself
-        if it still has not recorded the end a little later."""
-        job.escalation = None
+    def _signal_sync(self, job: Job, sig: int) -> bool:
+        """rkill's signals. TERM goes to the supervisor, which stops rsync's group with the grace
+        period itself (to rsync's group when there is no supervisor); KILL to rsync's group while
+        rsync runs, else to a supervisor that still has not recorded the end. False once the end
+        is recorded or nothing is left to stop."""
         self._refresh(job)
         if job.state.get("state") == STATE_ENDED:
-            return
+            return False
         rsync = job.rsync_pid
-        if rsync and self.processes.same(rsync, job.state.get("rsyncStart")):
-            self.log.warn("sync {checksum} outlived its grace period: KILL", checksum=job.checksum)
-            self.processes.signal_group(rsync, signal.SIGKILL)
-            job.escalation = self.clock.callLater(KILL_MARGIN, self._escalate, job)
-            return
+        if not (rsync and self.processes.same(rsync, job.state.get("rsyncStart"))):
+            rsync = None
         supervisor = self._supervisor_pid(job)
+        if sig == signal.SIGTERM:
+            if supervisor:
+                self.processes.signal(supervisor, sig)
+            elif rsync:
+                self.processes.signal_group(rsync, sig)
+            return True
+        if rsync:
+            self.log.warn("sync {checksum} outlived its grace period: KILL", checksum=job.checksum)
+            self.processes.signal_group(rsync, sig)
+            return True
         if supervisor:
             self.log.warn("the supervisor of sync {checksum} is stuck: KILL", checksum=job.checksum)
-            self.processes.signal(supervisor, signal.SIGKILL)
+            self.processes.signal(supervisor, sig)
+            return True
+        return False
 
     @staticmethod
     def _remove_stale_temp(path: str) -> None:

@@ -1,5 +1,5 @@
 """A background sync's state record on disk (atomic JSON writes), the outcomes it can end with, and
-the /proc look-ups that tell whether a recorded process is still the one we started."""
+rsync's own explanation of an end from its stderr."""
 
 from __future__ import annotations
 
@@ -57,90 +57,6 @@ def read_state(path: str) -> dict[str, Any] | None:
     except ValueError:
         return None
     return state if isinstance(state, dict) else None
-
-
-def _stat_fields(pid: int) -> list[bytes] | None:
-    """The fields of /proc/PID/stat after the command name: [0] state, [2] process group,
-    [19] start time in clock ticks since boot."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return None
-    # The command name (field 2) may hold spaces and parentheses: split after its last ')'.
-    fields = stat[stat.rfind(b")") + 2 :].split()
-    return fields if len(fields) > 19 else None
-
-
-def proc_start_ticks(pid: int) -> int | None:
-    """The start time of `pid` in clock ticks since boot (field 22 of /proc/PID/stat)."""
-    fields = _stat_fields(pid)
-    try:
-        return int(fields[19]) if fields else None
-    except ValueError:
-        return None
-
-
-def is_same_process(pid: int | None, start_ticks: int | None) -> bool:
-    """True when `pid` runs and is the process that started at `start_ticks` (not a reused pid,
-    not a zombie)."""
-    if not pid or start_ticks is None:
-        return False
-    fields = _stat_fields(pid)
-    if fields is None or fields[0] == b"Z":
-        return False
-    try:
-        return int(fields[19]) == start_ticks
-    except ValueError:
-        return False
-
-
-def process_group_pids(pgid: int) -> list[int]:
-    """Every live pid in process group `pgid`, the leader first."""
-    pids = []
-    try:
-        entries = os.listdir("/proc")
-    except OSError:
-        return []
-    for entry in entries:
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        # fields[0] is the state, fields[2] the process group
-        if len(fields) > 2 and fields[0] != b"Z" and fields[2] == str(pgid).encode():
-            pids.append(int(entry))
-    pids.sort(key=lambda p: (p != pgid, p))
-    return pids
-
-
-class ProcessTable:
-    """The process look-ups and signals a job registry needs, behind one object so tests can
-    give it a fake /proc."""
-
-    def same(self, pid: int | None, start_ticks: int | None) -> bool:
-        return is_same_process(pid, start_ticks)
-
-    def start_ticks(self, pid: int) -> int | None:
-        return proc_start_ticks(pid)
-
-    def group(self, pgid: int) -> list[int]:
-        return process_group_pids(pgid)
-
-    def signal(self, pid: int, sig: int) -> None:
-        try:
-            os.kill(pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
-
-    def signal_group(self, pgid: int, sig: int) -> None:
-        try:
-            os.killpg(pgid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
 
 
 # What rsync writes to stderr to explain itself; anything else there is noise around it.

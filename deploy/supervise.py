@@ -28,10 +28,10 @@ from deploy.jobstate import (
     STATE_RUNNING,
     STATE_STARTING,
     error_message,
-    proc_start_ticks,
     read_state,
     write_state,
 )
+from deploy.process import StopPolicy, has_exited, proc_start_ticks, signal_group
 from deploy.rsync import Progress, RsyncOutputParser, TailBuffer
 
 PROGRESS_INTERVAL = 0.5
@@ -91,8 +91,7 @@ class Supervisor:
         self.run_id = run_id
         self.state: dict[str, Any] = {}
         self.kill_requested = False
-        self.term_sent = False
-        self.kill_deadline: float | None = None
+        self.stop = StopPolicy(grace)
         self.child: subprocess.Popen[bytes] | None = None
         self.lister: subprocess.Popen[bytes] | None = None
         self.last_write = 0.0
@@ -135,10 +134,7 @@ class Supervisor:
         self.kill_requested = True
         lister = self.lister
         if lister is not None and lister.poll() is None:
-            try:
-                os.killpg(lister.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+            signal_group(lister.pid, signal.SIGKILL)
 
     # -- the run
 
@@ -252,17 +248,11 @@ class Supervisor:
         open_streams = 2
         while open_streams:
             now = time.monotonic()
-            if self.kill_requested and not self.term_sent:
-                self.term_sent = True
-                self.kill_deadline = now + self.grace
-                self._signal_group(signal.SIGTERM)
-            if self.kill_deadline is not None and now >= self.kill_deadline:
-                self.kill_deadline = None
-                self._signal_group(signal.SIGKILL)
+            self._send_due_signals(now)
             if self.parent_open and now >= ready_at:
                 self.tell("ready")
                 self.hang_up()
-            if child.poll() is not None:
+            if has_exited(child.pid):
                 if drain_until is None:
                     drain_until = now + DRAIN_AFTER_EXIT
                 elif now >= drain_until:
@@ -282,18 +272,12 @@ class Supervisor:
                 progress.clear()
         sel.close()
         parser.close()
-        while child.poll() is None:  # it closed its output but lives on
-            if self.kill_requested and not self.term_sent:
-                self.term_sent = True
-                self.kill_deadline = time.monotonic() + self.grace
-                self._signal_group(signal.SIGTERM)
-            if self.kill_deadline is not None and time.monotonic() >= self.kill_deadline:
-                self.kill_deadline = None
-                self._signal_group(signal.SIGKILL)
+        while not has_exited(child.pid):  # it closed its output but lives on
+            self._send_due_signals(time.monotonic())
             time.sleep(0.1)
         code = child.wait()
         # No member of rsync's group outlives the record of its end.
-        self._signal_group(signal.SIGKILL)
+        signal_group(child.pid, signal.SIGKILL)
         exit_code = code if code >= 0 else None
         sig = -code if code < 0 else None
         text = stderr.text()
@@ -305,6 +289,14 @@ class Supervisor:
             outcome, message = outcome_of(exit_code, sig, text)
         return self.finish(outcome, exit_code, sig, message, parser, text)
 
+    def _send_due_signals(self, now: float) -> None:
+        """Stop rsync's group as the policy says: on rkill TERM, KILL after the grace period."""
+        if self.kill_requested:
+            self.stop.request(now)
+        while (sig := self.stop.due(now)) is not None:
+            if self.child is not None:
+                signal_group(self.child.pid, sig)
+
     def _save_soft(self, **changes: Any) -> None:
         """Record changes while the sync runs; a failure costs the record, not the sync (the
         whole record is written again with the outcome)."""
@@ -315,13 +307,6 @@ class Supervisor:
             if not self.save_failed:
                 self.save_failed = True
                 self.complain(f"cannot record the sync in {self.state_path}: {e}")
-
-    def _signal_group(self, sig: int) -> None:
-        if self.child is not None:
-            try:
-                os.killpg(self.child.pid, sig)
-            except (ProcessLookupError, PermissionError):
-                pass
 
     def finish(
         self,

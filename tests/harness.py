@@ -331,7 +331,8 @@ def captured_response(name: str) -> tuple[int, dict[str, str], bytes]:
 
 def stop_supervisors(state_dir: Path) -> None:
     """Stop sync supervisors and rsyncs recorded in `state_dir` (started by our agents)."""
-    from deploy.jobstate import is_same_process, read_state
+    from deploy.jobstate import read_state
+    from deploy.process import is_same_process
 
     if not state_dir.is_dir():
         return

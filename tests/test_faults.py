@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 
 from deploy.client import ClientOptions, Order, build_request
+from deploy.process import all_processes
 from tests.conftest import JOBS, Daemons
 from tests.harness import (
     AgentProcess,
@@ -142,18 +143,7 @@ def last_rsync(env: Env, options: str, timeout: float = 30) -> dict[str, Any]:
 
 def children(pid: int) -> list[int]:
     """The pids whose parent is `pid` (an rsync daemon forks one per connection)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[1]) == pid:
-            found.append(int(entry))
-    return found
+    return [stat.pid for stat in all_processes() if stat.ppid == pid]
 
 
 def open_sockets(pid: int) -> int:

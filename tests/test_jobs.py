@@ -32,14 +32,8 @@ from deploy.jobs import (
     check_state_dir,
     deletes_on_target,
 )
-from deploy.jobstate import (
-    error_message,
-    is_same_process,
-    proc_start_ticks,
-    process_group_pids,
-    read_state,
-    write_state,
-)
+from deploy.jobstate import error_message, read_state, write_state
+from deploy.process import proc_start_ticks, process_group_pids
 from deploy.rsync import RsyncTarget
 from tests.harness import wait_until
 
@@ -112,9 +106,6 @@ class FakeProcesses:
 
     def same(self, pid: int | None, start_ticks: int | None) -> bool:
         return bool(pid) and start_ticks is not None and self.alive.get(pid) == start_ticks
-
-    def start_ticks(self, pid: int) -> int | None:
-        return self.alive.get(pid)
 
     def group(self, pgid: int) -> list[int]:
         return [p for p in self.groups.get(pgid, [pgid]) if p in self.alive]
@@ -751,51 +742,6 @@ def test_read_state_refuses_garbage(tmp_path):
     assert read_state(str(tmp_path / "half.json")) is None
     (tmp_path / "list.json").write_text("[1]")
     assert read_state(str(tmp_path / "list.json")) is None
-
-
-def test_is_same_process_needs_the_right_start_time():
-    """Our own pid with its real start time is the same process; with any other start time
-    (the pid was reused), or no start time, it is not."""
-    me = os.getpid()
-    ticks = proc_start_ticks(me)
-    assert ticks is not None
-    assert is_same_process(me, ticks)
-    assert not is_same_process(me, ticks + 1)
-    assert not is_same_process(me, None)
-    assert not is_same_process(None, ticks)
-
-
-def test_is_same_process_false_for_gone_and_zombie():
-    """A pid that exited, even if not yet reaped (a zombie), is not the process any more."""
-    child = subprocess.Popen(["true"])
-    ticks = proc_start_ticks(child.pid)
-
-    def zombie():
-        try:
-            with open(f"/proc/{child.pid}/stat", "rb") as f:
-                return f.read().rsplit(b")", 1)[1].split()[0] == b"Z"
-        except OSError:
-            return False
-
-    wait_until(zombie, 10, what="the child to be a zombie")
-    assert not is_same_process(child.pid, ticks)
-    child.wait()
-    assert not is_same_process(child.pid, ticks)
-
-
-def test_process_group_pids_lists_the_group():
-    """process_group_pids finds the members of a process group, leader first."""
-    child = subprocess.Popen(
-        [sys.executable, "-c", "import os,time; os.fork(); time.sleep(30)"], process_group=0
-    )
-    try:
-        wait_until(lambda: len(process_group_pids(child.pid)) == 2, 10, what="the fork")
-        pids = process_group_pids(child.pid)
-        assert pids[0] == child.pid
-    finally:
-        os.killpg(child.pid, signal.SIGKILL)
-        child.wait()
-    wait_until(lambda: process_group_pids(child.pid) == [], 10, what="the group to go")
 
 
 def test_error_message_picks_rsync_explanations():

@@ -18,6 +18,7 @@ import pytest
 
 from deploy.client import ClientOptions, Order, build_request
 from deploy.jobstate import read_state
+from deploy.process import read_stat
 from deploy.rsync import RsyncTarget
 from tests.harness import (
     AgentProcess,
@@ -72,12 +73,8 @@ def last_rsync(agent: AgentProcess, group: str, timeout: float = 30) -> dict[str
 
 
 def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with open(f"/proc/{pid}/stat", "rb") as f:
-        return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    stat = read_stat(pid)
+    return stat is not None and stat.alive
 
 
 def files(root: Path) -> dict[str, bytes]:

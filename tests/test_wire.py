@@ -790,7 +790,7 @@ def test_dry_run_timeout_stops_rsync_and_says_so(
 ) -> None:
     """A dry run still running at max_process_timeout is stopped and answers Process Timeout."""
     stopped: list[Any] = []
-    monkeypatch.setattr(agent_orders, "_stop_group", stopped.append)
+    monkeypatch.setattr(agent_orders.GroupStopper, "signal", lambda self, sig: stopped.append(sig))
     service, reactor = make_service(agent_env, server="max_process_timeout = 30")
     _, results = run_order(service, reactor, "rlist")
     proto, _ = reactor.spawned[-1]
