@@ -30,7 +30,13 @@ from deploy.jobstate import (
     read_state,
     write_state,
 )
-from deploy.process import ProcessTable, Stopper, StopPolicy
+from deploy.process import (
+    GROUP_GONE_WITHIN,
+    GROUP_POLL,
+    ProcessTable,
+    Stopper,
+    StopPolicy,
+)
 from deploy.rsync import DEFAULT_FLAGS, RsyncTarget, build_argv
 
 # start() answers by then even if the supervisor has not said `ready` (e.g. a slow source listing).
@@ -68,8 +74,10 @@ class Job:
     # Set when this agent spawned the supervisor (then it is our child and tells us its end).
     supervisor: SupervisorProtocol | None = None
     kill_requested: bool = False
+    # Set once its end is seen; the job is forgotten once that end is recorded.
     finished: bool = False
     stopper: Stopper | None = None  # rkill's
+    ending: IDelayedCall | None = None  # the wait for rsync's group to go before recording
     answer_timer: IDelayedCall | None = None
     started: defer.Deferred[Job] = field(default_factory=defer.Deferred)
 
@@ -172,13 +180,13 @@ class JobRegistry:
             path = self.state_file(checksum, state_dir)
             state = read_state(path)
             if state and state.get("state") in (STATE_STARTING, STATE_RUNNING):
-                return self._adopt(checksum, path, state)
-            return None
-        self._refresh(job)
-        if job.state.get("state") == STATE_ENDED or not self._alive(job):
-            self._ended(job)
-            return None
-        return job
+                self._adopt(checksum, path, state)
+        else:
+            self._refresh(job)
+            if job.state.get("state") == STATE_ENDED or not self._alive(job):
+                self._ended(job)
+        # A sync whose end waits for rsync's group to go still runs.
+        return self._jobs.get(checksum)
 
     def running_count(self) -> int:
         return sum(1 for checksum in list(self._jobs) if self.running(checksum))
@@ -285,7 +293,7 @@ class JobRegistry:
             return []
         pids = self.pids(job)
         job.kill_requested = True
-        if job.stopper is None:
+        if job.stopper is None and not job.finished:  # finished: its end waits for rsync to go
             policy = StopPolicy(self.grace + KILL_MARGIN, repeat=KILL_MARGIN)
             job.stopper = Stopper(self.clock, policy, functools.partial(self._signal_sync, job))
             job.stopper.stop()
@@ -316,17 +324,18 @@ class JobRegistry:
     # -- internals
 
     def _adopt(self, checksum: str, path: str, state: dict[str, Any]) -> Job | None:
+        """Watch a sync a previous agent (or this one, unknowingly) started; None when it is not
+        running any more."""
         job = Job(checksum, path, state, state.get("runId"))
+        self._jobs[checksum] = job
         if not self._alive(job):
-            self._abandon(job, OUTCOME_LOST)
             self.log.warn(
-                "sync {checksum} was {state} but its supervisor is gone: {outcome}",
+                "sync {checksum} was {state} but its supervisor is gone",
                 checksum=checksum,
                 state=state.get("state"),
-                outcome=job.state.get("outcome"),
             )
+            self._ended(job)
             return None
-        self._jobs[checksum] = job
         self.log.info(
             "watching sync {checksum} again (supervisor pid {supervisor}, rsync pid {pid})",
             checksum=checksum,
@@ -364,25 +373,33 @@ class JobRegistry:
         return pid if self.processes.same(pid, job.state.get("supervisorStart")) else None
 
     def _ended(self, job: Job) -> None:
-        """Forget a sync that ended (its record says so, or its supervisor is gone); make sure
-        its record says how."""
+        """A sync ended (its record says so, or its supervisor is gone): make sure its record
+        says how, then forget it."""
+        if job.finished:
+            return  # seen in its record first, then again when our child exited
+        job.finished = True
+        if job.stopper is not None:
+            job.stopper.cancel()
+        self._refresh(job)
+        if job.state.get("state") == STATE_ENDED:
+            self._forget(job)
+        elif job.kill_requested:
+            self._abandon(job, OUTCOME_KILLED, "stopped by rkill")
+        elif job.supervisor is not None:
+            self._abandon(
+                job, OUTCOME_FAILED, "the sync's supervisor ended without recording an outcome"
+            )
+        else:
+            self._abandon(job, OUTCOME_LOST)
+
+    def _forget(self, job: Job) -> None:
         if self._jobs.get(job.checksum) is job:
             del self._jobs[job.checksum]
         if job.stopper is not None:
             job.stopper.cancel()
-        if job.finished:
-            return  # seen in its record first, then again when our child exited
-        job.finished = True
-        self._refresh(job)
-        if job.state.get("state") != STATE_ENDED:
-            if job.kill_requested:
-                self._abandon(job, OUTCOME_KILLED, "stopped by rkill")
-            elif job.supervisor is not None:
-                self._abandon(
-                    job, OUTCOME_FAILED, "the sync's supervisor ended without recording an outcome"
-                )
-            else:
-                self._abandon(job, OUTCOME_LOST)
+        if job.ending is not None and job.ending.active():
+            job.ending.cancel()
+        job.ending = None
         self.log.info(
             "sync {checksum} ended: {outcome} (exit code {exitCode})",
             checksum=job.checksum,
@@ -391,10 +408,12 @@ class JobRegistry:
         )
 
     def _abandon(self, job: Job, outcome: str, message: str | None = None) -> None:
-        """Record the end of a sync whose supervisor died without recording it (stopping an
-        rsync it left behind: nobody would record that one's end)."""
+        """Record the end of a sync whose supervisor died without recording it, once no process
+        of rsync's group is left: an rsync it left behind is KILLed (nobody would record that
+        one's end) and its group waited for (at most GROUP_GONE_WITHIN)."""
         self._refresh(job)
         if job.state.get("state") == STATE_ENDED:
+            self._forget(job)
             return  # it recorded its end after all
         if message is None:
             message = "the sync's supervisor is gone and left no outcome"
@@ -411,7 +430,31 @@ class JobRegistry:
             )
             self.processes.signal_group(rsync, signal.SIGKILL)
             message += " (its rsync was stopped)"
+            self._record_when_gone(job, rsync, outcome, message, self.clock.seconds())
+        else:
+            self._record_end(job, outcome, message)
+            self._forget(job)
+
+    def _record_when_gone(
+        self, job: Job, pgid: int, outcome: str, message: str, since: float
+    ) -> None:
+        """Record the end once process group `pgid` (a KILLed rsync's) is empty: rsync's forked
+        receiver can outlive it for a moment."""
+        job.ending = None
+        left = self.processes.group(pgid)
+        if left and self.clock.seconds() - since < GROUP_GONE_WITHIN:
+            job.ending = self.clock.callLater(
+                GROUP_POLL, self._record_when_gone, job, pgid, outcome, message, since
+            )
+            return
+        if left:
+            self.log.warn(
+                "sync {checksum}: rsync's processes {pids} would not go",
+                checksum=job.checksum,
+                pids=left,
+            )
         self._record_end(job, outcome, message)
+        self._forget(job)
 
     def _record_end(self, job: Job, outcome: str, message: str) -> None:
         state = dict(job.state)

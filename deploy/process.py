@@ -16,6 +16,10 @@ if TYPE_CHECKING:
 
 # How long a child stopped for its timeout (an exec command, a dry run) has between TERM and KILL.
 KILL_GRACE = 2.0
+# How long what is left of a process group may take to go once KILLed, before the end of what
+# ran in it is recorded anyway (a process in uninterruptible sleep), and how often to look.
+GROUP_GONE_WITHIN = 10.0
+GROUP_POLL = 0.05
 
 
 # --------------------------------------------------------------------------- /proc

@@ -5,7 +5,8 @@ Run as `python -m deploy.supervise --state FILE --run ID --grace S [--refuse-emp
 ARGV...`. It runs only if FILE still holds the `starting` record of run ID, so a late or duplicate
 supervisor never runs a second sync. It speaks to its parent on stdout only until the sync is
 under way (`pid N`, then `ready` or `ended`), so an agent that dies or restarts costs the sync
-nothing. SIGTERM stops the sync: TERM to rsync's process group, KILL after the grace period."""
+nothing. SIGTERM stops the sync: TERM to rsync's process group, KILL after the grace period. The
+end is recorded only once no process of that group is left."""
 
 from __future__ import annotations
 
@@ -31,7 +32,15 @@ from deploy.jobstate import (
     read_state,
     write_state,
 )
-from deploy.process import StopPolicy, has_exited, proc_start_ticks, signal_group
+from deploy.process import (
+    GROUP_GONE_WITHIN,
+    GROUP_POLL,
+    StopPolicy,
+    has_exited,
+    proc_start_ticks,
+    process_group_pids,
+    signal_group,
+)
 from deploy.rsync import Progress, RsyncOutputParser, TailBuffer
 
 PROGRESS_INTERVAL = 0.5
@@ -272,12 +281,7 @@ class Supervisor:
                 progress.clear()
         sel.close()
         parser.close()
-        while not has_exited(child.pid):  # it closed its output but lives on
-            self._send_due_signals(time.monotonic())
-            time.sleep(0.1)
-        code = child.wait()
-        # No member of rsync's group outlives the record of its end.
-        signal_group(child.pid, signal.SIGKILL)
+        code = self.wait_for_group(child)
         exit_code = code if code >= 0 else None
         sig = -code if code < 0 else None
         text = stderr.text()
@@ -288,6 +292,28 @@ class Supervisor:
         else:
             outcome, message = outcome_of(exit_code, sig, text)
         return self.finish(outcome, exit_code, sig, message, parser, text)
+
+    def wait_for_group(self, child: subprocess.Popen[bytes]) -> int:
+        """Wait until rsync has exited and no process of its group is left (a forked rsync can
+        outlive its parent), KILLing what outlives rsync; then reap rsync and answer its exit
+        status. rsync stays unreaped (a zombie) until then, so its group id cannot be reused
+        while we signal it. A group that will not go is given up on after GROUP_GONE_WITHIN."""
+        give_up_at = None
+        while True:
+            now = time.monotonic()
+            if has_exited(child.pid):
+                left = process_group_pids(child.pid)
+                if not left:
+                    break
+                if give_up_at is None:
+                    give_up_at = now + GROUP_GONE_WITHIN
+                elif now >= give_up_at:
+                    self.complain(f"rsync's processes {left} outlived it and would not go")
+                    break
+                self.stop.request(now, grace=0)  # rsync ended: what is left of it goes now
+            self._send_due_signals(now)
+            time.sleep(GROUP_POLL)
+        return child.wait()
 
     def _send_due_signals(self, now: float) -> None:
         """Stop rsync's group as the policy says: on rkill TERM, KILL after the grace period."""

@@ -33,7 +33,13 @@ from deploy.jobs import (
     deletes_on_target,
 )
 from deploy.jobstate import error_message, read_state, write_state
-from deploy.process import proc_start_ticks, process_group_pids
+from deploy.process import (
+    GROUP_GONE_WITHIN,
+    GROUP_POLL,
+    proc_start_ticks,
+    process_group_pids,
+    read_stat,
+)
 from deploy.rsync import RsyncTarget
 from tests.harness import wait_until
 
@@ -97,11 +103,13 @@ class FakeProcessReactor(task.Clock):
 
 class FakeProcesses:
     """A fake /proc: pid -> start ticks of the live processes, pgid -> members; records every
-    signal instead of sending it."""
+    signal instead of sending it. A KILL ends its processes at once, except those in
+    `lingering`, which stay until a test drops them (a KILLed process takes a moment to go)."""
 
     def __init__(self) -> None:
         self.alive: dict[int, int] = {}
         self.groups: dict[int, list[int]] = {}
+        self.lingering: set[int] = set()
         self.sent: list[tuple[str, int, int]] = []
 
     def same(self, pid: int | None, start_ticks: int | None) -> bool:
@@ -112,9 +120,17 @@ class FakeProcesses:
 
     def signal(self, pid: int, sig: int) -> None:
         self.sent.append(("pid", pid, sig))
+        self._killed([pid], sig)
 
     def signal_group(self, pgid: int, sig: int) -> None:
         self.sent.append(("group", pgid, sig))
+        self._killed(self.group(pgid), sig)
+
+    def _killed(self, pids: list[int], sig: int) -> None:
+        if sig == signal.SIGKILL:
+            for pid in pids:
+                if pid not in self.lingering:
+                    self.alive.pop(pid, None)
 
 
 @pytest.fixture
@@ -368,6 +384,60 @@ def test_supervisor_crash_records_failed_with_its_last_words(registry, reactor, 
     assert registry.running(TARGET.checksum) is None
 
 
+def test_abandoned_sync_is_recorded_only_once_rsyncs_group_is_gone(registry, reactor, procs):
+    """A supervisor that dies leaves its rsync group KILLed, and its end is recorded only once
+    no process of that group is left (a KILLed fork can take a moment): till then the target
+    still runs; no timer is left after."""
+    job, spawned = started_job(registry, reactor)
+    supervisor_runs(registry, job, procs)
+    procs.lingering.add(7101)
+    procs.alive.pop(7000)
+    ended(spawned.proto, code=1)
+    assert ("group", 7100, signal.SIGKILL) in procs.sent
+    reactor.advance(1)
+    assert registry.last_result(TARGET.checksum) is None
+    assert registry.running(TARGET.checksum) is job
+    with pytest.raises(JobError, match="already running"):
+        registry.start(TARGET)
+    procs.alive.pop(7101)
+    reactor.advance(GROUP_POLL)
+    assert registry.last_result(TARGET.checksum)["outcome"] == "failed"
+    assert registry.running(TARGET.checksum) is None
+    assert reactor.getDelayedCalls() == []
+
+
+def test_killed_sync_whose_supervisor_was_killed_waits_for_rsyncs_group(registry, reactor, procs):
+    """rkill whose supervisor had to be KILLed: `killed` is recorded once rsync's group is gone,
+    not before."""
+    job, spawned = started_job(registry, reactor)
+    supervisor_runs(registry, job, procs)
+    registry.kill(TARGET.checksum)
+    procs.lingering.add(7101)
+    procs.alive.pop(7000)
+    ended(spawned.proto, code=9)
+    assert registry.last_result(TARGET.checksum) is None
+    procs.alive.pop(7101)
+    reactor.advance(GROUP_POLL)
+    assert registry.last_result(TARGET.checksum)["outcome"] == "killed"
+    assert reactor.getDelayedCalls() == []
+
+
+def test_group_that_will_not_go_holds_the_record_back_a_while(registry, reactor, procs):
+    """A KILLed rsync group that does not go (a process stuck in the kernel) holds the record
+    back GROUP_GONE_WITHIN at most."""
+    job, spawned = started_job(registry, reactor)
+    supervisor_runs(registry, job, procs)
+    procs.lingering.update({7100, 7101})
+    procs.alive.pop(7000)
+    ended(spawned.proto, code=1)
+    steps = round(GROUP_GONE_WITHIN / GROUP_POLL)
+    reactor.pump([GROUP_POLL] * (steps - 2))
+    assert registry.last_result(TARGET.checksum) is None
+    reactor.pump([GROUP_POLL] * 3)
+    assert registry.last_result(TARGET.checksum)["outcome"] == "failed"
+    assert reactor.getDelayedCalls() == []
+
+
 def test_progress_comes_from_the_record(registry, reactor, procs):
     """progress() is the supervisor's latest progress2 record, re-read each time."""
     job, _ = started_job(registry, reactor)
@@ -415,8 +485,8 @@ def test_kill_escalates_when_rsync_outlives_grace(registry, reactor, procs):
     assert ("group", 7100, signal.SIGKILL) not in procs.sent
     reactor.advance(0.01)
     assert ("group", 7100, signal.SIGKILL) in procs.sent
-    procs.alive.pop(7100)
-    procs.alive.pop(7101)
+    procs.alive.pop(7100, None)
+    procs.alive.pop(7101, None)
     reactor.advance(KILL_MARGIN)
     assert ("pid", spawned.transport.pid, signal.SIGKILL) in procs.sent
     ended(spawned.proto, code=9)
@@ -947,6 +1017,44 @@ def test_supervisor_term_then_kill_after_grace(tmp_path):
     assert elapsed >= grace - 0.3, "TERM was ignored: only KILL after the grace period ends it"
     rec = run.finish()
     assert (rec["outcome"], rec["signal"], rec["message"]) == ("killed", 9, "stopped by rkill")
+
+
+# A forked rsync (the receiver) that ignores TERM and outlives its parent. Its ballast makes it
+# slow to go even by KILL: what a KILL took still shows in /proc for tens of milliseconds.
+LINGERING_FORK = """
+if os.fork() == 0:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    os.close(1)
+    os.close(2)
+    ballast = b"x" * (256 << 20)
+    open({forked!r}, "w").close()
+    while True:
+        time.sleep(1)
+sys.stdout.write('    1,000   1%   1.00kB/s    0:10:00\\r')
+sys.stdout.flush()
+time.sleep(60)
+"""
+
+
+def test_supervisor_records_killed_only_once_rsyncs_group_is_gone(tmp_path):
+    """rkill of an rsync whose fork ignores TERM and outlives it: the fork is KILLed, and
+    `killed` is recorded only once no process of rsync's group is alive."""
+    forked = tmp_path / "forked"
+    run = supervise(tmp_path, LINGERING_FORK.format(forked=str(forked)), grace=30)
+    rsync = wait_until(lambda: run.record().get("rsyncPid"), 10, what="rsync to start")
+    wait_until(forked.exists, 20, what="rsync's fork and its ballast")
+    members = process_group_pids(rsync)
+    assert len(members) == 2
+    run.proc.send_signal(signal.SIGTERM)
+
+    def ended() -> dict[str, Any] | None:
+        record = run.record()
+        return record if record.get("state") == "ended" else None
+
+    record = wait_until(ended, 20, 0.001, "the end to be recorded")
+    still = [p for p in members if (stat := read_stat(p)) is not None and stat.alive]
+    assert record["outcome"] == "killed" and still == []
+    run.finish()
 
 
 def test_supervisor_term_stops_a_cooperative_rsync_at_once(tmp_path):
