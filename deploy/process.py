@@ -1,6 +1,6 @@
 """Stopping child processes, in one place: reading /proc (is this pid still the process we started,
-who is in a process group), signalling a process group without ever signalling one we did not start,
-and the stop policy — TERM, a grace period, KILL — as a plain state machine that a Twisted clock
+who is in a process group), signalling a process group or a process (gone already is fine), and the
+stop policy — TERM, a grace period, KILL — as a plain state machine that a Twisted clock
 (`Stopper`, `GroupStopper`) and a polling loop (the sync supervisor) drive alike."""
 
 from __future__ import annotations
