@@ -109,12 +109,9 @@ def server_endpoint(reactor: Any, server: ServerSettings) -> Any:
                 names=", ".join(tls_files),
             )
         return tcp
-    from deploy.tls import (
-        TLSConfigError,
-        TLSServerEndpoint,
-        public_key_fingerprint,
-        server_context_from_settings,
-    )
+    from deploy.tls import TLSConfigError, server_context_from_settings
+    from deploy.tls_endpoint import TLSServerEndpoint
+    from deploy.tls_keys import public_key_fingerprint
 
     try:
         context = server_context_from_settings(server)
