@@ -142,7 +142,7 @@ def run(
         timed = TimedSender(sender)
         reporter.start()
         outcome["fan"] = await fan_out(
-            timed,  # type: ignore[arg-type]  (duck-typed: send + options)
+            timed,  # type: ignore[arg-type]  # duck-typed: send + options
             hosts,
             order_for,
             max_parallel=args.max_parallel,

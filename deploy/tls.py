@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import datetime
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
 from OpenSSL import SSL
@@ -47,6 +47,8 @@ from deploy.tls_keys import (
 )
 
 if TYPE_CHECKING:
+    from twisted.protocols.tls import TLSMemoryBIOProtocol
+
     from deploy.config import ServerSettings
 
 MINIMUM_TLS_VERSION = TLSVersion.TLSv1_2
@@ -66,7 +68,7 @@ def _openssl_certificate(certificate: x509.Certificate) -> X509:
     return X509.from_cryptography(certificate)
 
 
-def _key_and_chain(key_path: str, certificate_path: str, what: str) -> dict[str, object]:
+def _key_and_chain(key_path: str, certificate_path: str, what: str) -> dict[str, Any]:
     """CertificateOptions arguments for a key and its certificate (+ intermediates) file."""
     key = load_private_key(key_path)
     chain = load_certificates(certificate_path, f"{what} certificate")
@@ -77,7 +79,7 @@ def _key_and_chain(key_path: str, certificate_path: str, what: str) -> dict[str,
     return _options_for(key, chain)
 
 
-def _options_for(key: PrivateKeyTypes, chain: list[x509.Certificate]) -> dict[str, object]:
+def _options_for(key: PrivateKeyTypes, chain: list[x509.Certificate]) -> dict[str, Any]:
     # CertificateOptions hands these straight to Context.use_certificate/use_privatekey/
     # add_extra_chain_cert, which take cryptography objects and warn (pyOpenSSL >= 25) for the
     # pyOpenSSL X509/PKey wrappers Twisted's signature still names.
@@ -119,7 +121,7 @@ def server_context_factory(
         kwargs = _options_for(key, [self_signed_certificate(key)])
     else:
         kwargs = _key_and_chain(private_key_path, certificate_path, "server")
-        _warn_if_expired(kwargs["certificate"], certificate_path)  # type: ignore[arg-type]
+        _warn_if_expired(kwargs["certificate"], certificate_path)
     if client_ca_path is not None:
         client_cas = load_certificates(client_ca_path, "client CA")
         kwargs.update(
@@ -227,7 +229,7 @@ class VerifyingClientCreator:
         self.server_name = server_name
         self._checks = checks
 
-    def clientConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
+    def clientConnectionForTLS(self, tlsProtocol: TLSMemoryBIOProtocol) -> SSL.Connection:
         connection = self.options.clientConnectionForTLS(tlsProtocol)
         if self.server_name is not None:
             connection.set_tlsext_host_name(self.server_name)
@@ -236,7 +238,7 @@ class VerifyingClientCreator:
         )
         return connection
 
-    def _verify_callback(self, tls_protocol: object) -> Callable[..., bool]:
+    def _verify_callback(self, tls_protocol: TLSMemoryBIOProtocol) -> Callable[..., bool]:
         # Held only until the first refusal, so the connection does not keep its protocol alive.
         holder = [tls_protocol]
 
@@ -276,7 +278,7 @@ def client_context_factories(
         raise TLSConfigError(NEEDS_VERIFICATION_MESSAGE)
     if (cert_path is None) != (key_path is None):
         raise TLSConfigError("--ssl-cert and --ssl-key must be given together")
-    kwargs: dict[str, object] = {}
+    kwargs: dict[str, Any] = {}
     if cert_path is not None and key_path is not None:
         kwargs = _key_and_chain(key_path, cert_path, "client")
     if ca_path is not None:

@@ -15,7 +15,7 @@ from twisted.internet.interfaces import (
 )
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
-from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -38,6 +38,7 @@ class _HandshakeDeadline(ProtocolWrapper):
     forever."""
 
     factory: _HandshakeDeadlineFactory
+    transport: TLSMemoryBIOProtocol
 
     def makeConnection(self, transport: object) -> None:
         self._handshake_done = False

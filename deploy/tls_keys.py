@@ -95,7 +95,7 @@ def load_certificates(path: str, what: str) -> list[x509.Certificate]:
         raise TLSConfigError(f"{what} {path} holds no PEM certificate ({e})") from e
 
 
-def _signature_hash(key: PrivateKeyTypes) -> hashes.HashAlgorithm | None:
+def _signature_hash(key: PrivateKeyTypes) -> hashes.SHA256 | None:
     if isinstance(key, ed25519.Ed25519PrivateKey | ed448.Ed448PrivateKey):
         return None
     return hashes.SHA256()
