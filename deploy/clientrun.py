@@ -24,7 +24,7 @@ EXIT_INTERRUPTED = 130
 class Reporter:
     """Follows a run as hosts answer: rows, the progress line, NDJSON lines, --verbose."""
 
-    def __init__(self, fmt: str, total: int, verbose: bool, progress: output.ProgressLine):
+    def __init__(self, fmt: str, total: int, verbose: bool, progress: output.ProgressLine) -> None:
         self.format = fmt
         self.total = total
         self.verbose = verbose
@@ -142,7 +142,7 @@ def run(
         timed = TimedSender(sender)
         reporter.start()
         outcome["fan"] = await fan_out(
-            timed,  # type: ignore[arg-type]  # duck-typed: send + options
+            timed,
             hosts,
             order_for,
             max_parallel=args.max_parallel,

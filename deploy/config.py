@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from deploy.auth import DEFAULT_KEY_CIPHER  # noqa: F401  (re-exported for callers)
+from deploy.auth import DEFAULT_KEY_CIPHER
 from deploy.converters import (  # noqa: F401  (LOG_LEVELS re-exported for callers)
     LOG_LEVELS,
     BadValue,

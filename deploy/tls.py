@@ -30,7 +30,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from deploy.config import TLSConfigError  # noqa: F401  (re-exported; defined without OpenSSL)
+from deploy.config import TLSConfigError
 from deploy.tls_failures import (
     TLSVerificationError,
     describe_tls_failure,  # noqa: F401  (re-exported for callers)
