@@ -4,24 +4,13 @@ daemon before it listens."""
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 from twisted.application import service
 from twisted.python import usage
 
-from deploy.config import AgentConfig, ConfigError, load_agent_config
-from deploy.daemon import (
-    COMMON_PARAMETERS,
-    IGNORED_OPTIONS,
-    ProcessTitleService,
-    collect_overrides,
-    listening_service,
-    log_ignored_options,
-    one_line_errors,
-    run_as,
-    setup_logging,
-)
+from deploy import daemon
+from deploy.config import AgentConfig, load_agent_config
 
 DEFAULT_PATH = "/etc/deploy/deploy_agent.ini"
 
@@ -38,7 +27,7 @@ class Options(usage.Options):
     ]
     optParameters = [
         ["path", None, DEFAULT_PATH, "server configuration file"],
-        *COMMON_PARAMETERS,
+        *daemon.COMMON_PARAMETERS,
         [
             "state-path",
             None,
@@ -54,47 +43,29 @@ class Options(usage.Options):
     ]
 
     def postOptions(self) -> None:
-        overrides = collect_overrides(self, extra=("state-path", "rkill-grace"))
-        if self["legacy-auth"]:
-            overrides["legacy_auth"] = True
-        try:
-            self.config: AgentConfig = load_agent_config(self["path"], overrides)
-        except ConfigError as e:
-            raise usage.UsageError(str(e)) from None
-        if not self.config.server.ssl:
-            # Without TLS, keep Twisted from loading pyOpenSSL/cryptography when it imports
-            # the reactor (twisted.internet.tcp, posixbase): ~12 MB of RSS in every daemon.
-            sys.modules.setdefault("OpenSSL", None)  # type: ignore[arg-type]
+        overrides = daemon.collect_overrides(self, extra=("state-path", "rkill-grace"))
+        self.config: AgentConfig = daemon.load_config(
+            load_agent_config, self["path"], overrides, uses_tls=lambda c: c.server.ssl
+        )
 
 
-def build_service(options: Options, reactor: Any = None) -> service.MultiService:
-    if reactor is None:
-        from twisted.internet import reactor as default_reactor
-
-        reactor = default_reactor
+def build_service(options: Options, reactor: Any) -> service.MultiService:
     from deploy.agent import AgentFactory, AgentService
 
     config = options.config
     agent = AgentService(config, reactor)
     factory = AgentFactory(agent)
     # From here on the error log keeps what is logged, for its file once the daemon starts.
-    logs = setup_logging(config.server, factory, daemon="agent")
+    logs = daemon.setup_logging(config.server, factory, daemon="agent")
     # Still root: directories the agent writes are made (or handed over) for --user first.
     queue_dirs = [g.queue_path for g in config.groups.values() if g.queue_path]
-    drop = run_as(config.server, logs, own=[agent.state_dir], create=queue_dirs)
+    drop = daemon.run_as(config.server, logs, own=[agent.state_dir], create=queue_dirs)
     try:
         agent.startup()
     except OSError as e:
         raise usage.UsageError(f"cannot prepare state directory {agent.state_dir}: {e}") from None
-    top = service.MultiService()
-    log_ignored_options(config.server, IGNORED_OPTIONS)
-    # Order matters: the port is bound (privilegedStartService) before privileges are dropped,
-    # and the log files open (startService) after.
-    listening_service(reactor, config.server, factory).setServiceParent(top)
-    drop.setServiceParent(top)
-    logs.setServiceParent(top)
-    ProcessTitleService(config.server).setServiceParent(top)
-    return top
+    daemon.log_ignored_options(config.server, daemon.IGNORED_OPTIONS)
+    return daemon.assemble(reactor, config.server, factory, logs, drop)
 
 
-makeService = one_line_errors("deploy-agent", build_service)
+makeService = daemon.service_maker("deploy-agent", build_service)

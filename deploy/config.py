@@ -1,205 +1,36 @@
-"""INI loading in the original's dialect (`key[] = v` arrays, `;`/`#` comments,
-`[a::b::c]` sections), typed settings for agent and proxy, and validation errors that name
-file:line."""
+"""The typed settings of agent and proxy (and the jobs and API files they name), read from the
+original's INI files (`deploy.ini`) and command-line overrides; a wrong value is a ConfigError
+naming file:line."""
 
 from __future__ import annotations
 
-import math
 import os
-import re
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from deploy.auth import DEFAULT_KEY_CIPHER  # noqa: F401  (re-exported for callers)
+from deploy.auth import DEFAULT_KEY_CIPHER
+from deploy.converters import (  # noqa: F401  (LOG_LEVELS re-exported for callers)
+    LOG_LEVELS,
+    BadValue,
+    Converter,
+    converters_for,
+    to_bool,
+    to_optint,
+    to_optstr,
+    to_str,
+)
+from deploy.ini import (  # noqa: F401  (ConfigError and parse_ini re-exported for callers)
+    BLANKS,
+    ConfigError,
+    IniEntry,
+    IniSection,
+    load_ini,
+    parse_ini,
+    shown,
+)
 
-LOG_LEVELS = ("emerg", "alert", "crit", "error", "warn", "notice", "info", "debug")
-# syslog's own spellings, which operators of the original may have used
-_LEVEL_ALIASES = {"err": "error", "warning": "warn"}
-
-MAX_LINE_BYTES = 64 * 1024
-MAX_LINES = 100_000
-# A config is read whole; this bounds what a wrong path (a log file, a device) can cost.
-MAX_CONFIG_BYTES = 16 * 1024 * 1024
-
-_MAX_INT = 2**31 - 1
-# Perl's \s, not Python's str.strip() default that also eats Unicode spaces and \x1c-\x1f.
-_BLANKS = " \t\r\f\v"
-_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
-_SURROGATE = re.compile(r"[\ud800-\udfff]")
-_DIGITS = re.compile(r"[0-9]+")
-_DECIMAL = re.compile(r"[0-9]+(?:\.[0-9]*)?|\.[0-9]+")
-_TRUE = frozenset({"true", "on", "yes", "1"})
-_FALSE = frozenset({"false", "off", "no", "0"})
 _GROUP_PREFIX = "rsync::group::"
-
-
-class ConfigError(Exception):
-    """A config that cannot be used; the message is for the operator, located at path:line."""
-
-    def __init__(self, message: str, path: str | None = None, line: int | None = None) -> None:
-        super().__init__(message, path, line)
-        self.message = message
-        self.path = path
-        self.line = line
-
-    def __str__(self) -> str:
-        if self.path is None:
-            return self.message if self.line is None else f"line {self.line}: {self.message}"
-        if self.line is None:
-            return f"{self.path}: {self.message}"
-        return f"{self.path}:{self.line}: {self.message}"
-
-
-# --------------------------------------------------------------------------- generic INI layer
-
-
-@dataclass
-class IniEntry:
-    key: str
-    value: str | list[str]
-    # the line of the value in force: the last one for a repeated scalar, the first for an array
-    line: int
-    # every line that set this key, in order: one per item of an array, each repeat of a scalar
-    lines: list[int] = field(default_factory=list)
-
-
-@dataclass
-class IniSection:
-    name: str
-    line: int
-    entries: dict[str, IniEntry]
-
-
-def parse_ini(text: str, path: str = "<string>") -> dict[str, IniSection]:
-    """Parse *text* in the original's INI dialect; raise ConfigError naming *path*:line."""
-    if text.startswith("\ufeff"):
-        text = text[1:]
-    count = text.count("\n") + (1 if text and not text.endswith("\n") else 0)
-    if count > MAX_LINES:
-        raise ConfigError(f"more than {MAX_LINES} lines", path, MAX_LINES + 1)
-
-    sections: dict[str, IniSection] = {}
-    current: IniSection | None = None
-    for number, raw in enumerate(text.split("\n"), start=1):
-        # 4 bytes per character at most, so only long lines need the exact count
-        if len(raw) > MAX_LINE_BYTES // 4 and _utf8_size(raw) > MAX_LINE_BYTES:
-            raise ConfigError(f"line longer than {MAX_LINE_BYTES} bytes", path, number)
-        line = raw.strip(_BLANKS)
-        # Comment lines are skipped before any check, so a legacy-encoded comment still loads.
-        if not line or line[0] in ";#":
-            continue
-        if _SURROGATE.search(line):
-            raise ConfigError("line is not valid UTF-8", path, number)
-        if _CONTROL.search(line):
-            raise ConfigError("control character in line", path, number)
-        if line[0] == "[":
-            name = _section_name(line, path, number)
-            current = sections.setdefault(name, IniSection(name, number, {}))
-            continue
-        if current is None:
-            # jobs files may define commands before any header; the original filed them as "list"
-            current = sections.setdefault("", IniSection("", number, {}))
-        key, value, is_array = _key_value(line, path, number)
-        _add_entry(current, key, value, is_array, path, number)
-    return sections
-
-
-def _utf8_size(text: str) -> int:
-    return len(text.encode("utf-8", "surrogatepass"))
-
-
-def _section_name(line: str, path: str, number: int) -> str:
-    if not line.endswith("]"):
-        raise ConfigError(f"unterminated section header {_shown(line)}", path, number)
-    name = line[1:-1].strip(_BLANKS)
-    if not name:
-        raise ConfigError("empty section name", path, number)
-    if "[" in name or "]" in name:
-        raise ConfigError(f"bad section header {_shown(line)}", path, number)
-    return name
-
-
-def _key_value(line: str, path: str, number: int) -> tuple[str, str, bool]:
-    key, sep, value = line.partition("=")
-    if not sep:
-        raise ConfigError(
-            f"expected 'key = value' or '[section]', got {_shown(line)}", path, number
-        )
-    key = key.strip(_BLANKS)
-    is_array = key.endswith("[]")
-    if is_array:
-        key = key[:-2].rstrip(_BLANKS)
-    if not key:
-        raise ConfigError("empty key before '='", path, number)
-    if "[" in key or "]" in key:
-        raise ConfigError(f"bad key {key!r}: only a trailing '[]' may use brackets", path, number)
-    # No inline comments, as in the original: a ';' or '#' inside a value is part of the value
-    # (exec templates and rsync options may need them).
-    value = value.strip(_BLANKS)
-    if len(value) >= 2 and value[0] == '"' and value[-1] == '"':
-        value = value[1:-1]
-    return key, value, is_array
-
-
-def _add_entry(
-    section: IniSection, key: str, value: str, is_array: bool, path: str, number: int
-) -> None:
-    entry = section.entries.get(key)
-    if entry is None:
-        section.entries[key] = IniEntry(key, [value] if is_array else value, number, [number])
-    elif isinstance(entry.value, list) != is_array:
-        raise ConfigError(
-            f"{key!r} is set both as '{key} = ...' and '{key}[] = ...' in [{section.name}]",
-            path,
-            number,
-        )
-    elif isinstance(entry.value, list):
-        entry.value.append(value)
-        entry.lines.append(number)
-    else:
-        entry.value = value
-        entry.line = number
-        entry.lines.append(number)
-
-
-def _shown(value: object, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 4] + "...'"
-
-
-def _read_text(path: str) -> str:
-    """Read a config file as text; OSError passes through for the caller to locate."""
-    with open(path, "rb") as handle:
-        data = handle.read(MAX_CONFIG_BYTES + 1)
-    if len(data) > MAX_CONFIG_BYTES:
-        raise ConfigError(f"larger than {MAX_CONFIG_BYTES} bytes", path)
-    # surrogateescape keeps bytes of a legacy encoding; parse_ini refuses them outside comments
-    return data.decode("utf-8-sig", "surrogateescape")
-
-
-def _load_ini(
-    path: str, what: str = "config", ref: tuple[str, int] | None = None
-) -> dict[str, IniSection]:
-    """Read and parse *path*; a read failure is located at *ref* (the line naming it) if given."""
-    try:
-        text = _read_text(path)
-    except (OSError, ValueError) as exc:
-        reason = getattr(exc, "strerror", None) or str(exc)
-        if ref is None:
-            raise ConfigError(f"cannot read {what}: {reason}", path) from None
-        raise ConfigError(f"cannot read {what} {path!r}: {reason}", *ref) from None
-    return parse_ini(text, path)
-
-
-def _items(entry: IniEntry) -> list[tuple[str, int]]:
-    """(value, line) pairs of an entry, a scalar counting as a one-item list."""
-    if isinstance(entry.value, list):
-        return list(zip(entry.value, entry.lines, strict=True))
-    return [(entry.value, entry.line)]
-
-
-# --------------------------------------------------------------------------- typed settings
 
 
 @dataclass
@@ -300,127 +131,16 @@ def agent_key_cipher(server: ServerSettings) -> str:
     return DEFAULT_KEY_CIPHER if server.key_cipher is None else server.key_cipher
 
 
-class _BadValue(Exception):
-    """A value of the wrong type; the caller adds where it came from."""
-
-
-# A converter takes the name to show (`port` or `--port`) and a raw value: a string from a file
-# or the command line, or an already-typed value from an override.
-_Converter = Callable[[str, object], Any]
-
-
-def _bad(label: str, expected: str, raw: object) -> _BadValue:
-    return _BadValue(f"{label}: expected {expected}, got {_shown(raw)}")
-
-
-def _int_between(low: int, high: int) -> _Converter:
-    expected = f"an integer {low}-{high}"
-
-    def convert(label: str, raw: object) -> int:
-        if isinstance(raw, int) and not isinstance(raw, bool):
-            number = raw
-        elif isinstance(raw, str) and _DIGITS.fullmatch(text := raw.strip(_BLANKS)):
-            # the length check keeps int() away from huge digit strings
-            if len(text) > 10:
-                raise _bad(label, expected, raw)
-            number = int(text)
-        else:
-            raise _bad(label, expected, raw)
-        if not low <= number <= high:
-            raise _bad(label, expected, raw)
-        return number
-
-    return convert
-
-
-_to_port = _int_between(1, 65535)
-_to_int = _int_between(0, _MAX_INT)
-
-
-def _to_optint(label: str, raw: object) -> int | None:
-    return None if raw == "" else _to_int(label, raw)
-
-
-def _to_float(label: str, raw: object) -> float:
-    expected = "a number >= 0"
-    if isinstance(raw, int | float) and not isinstance(raw, bool):
-        number = float(raw)
-    elif isinstance(raw, str) and _DECIMAL.fullmatch(text := raw.strip(_BLANKS)):
-        number = float(text)
-    else:
-        raise _bad(label, expected, raw)
-    if not math.isfinite(number) or number < 0:
-        raise _bad(label, expected, raw)
-    return number
-
-
-def _to_bool(label: str, raw: object) -> bool:
-    # ints too: twisted.python.usage flags are 0/1
-    if isinstance(raw, bool | int) and raw in (0, 1):
-        return bool(raw)
-    if isinstance(raw, str):
-        word = raw.strip(_BLANKS).lower()
-        if word in _TRUE:
-            return True
-        if word in _FALSE:
-            return False
-    raise _bad(label, "one of true/false/on/off/yes/no/1/0", raw)
-
-
-def _to_level(label: str, raw: object) -> str:
-    expected = f"one of {'/'.join(LOG_LEVELS)} or 0-7"
-    if isinstance(raw, int) and not isinstance(raw, bool):
-        if 0 <= raw < len(LOG_LEVELS):
-            return LOG_LEVELS[raw]
-        raise _bad(label, expected, raw)
-    if isinstance(raw, str):
-        word = raw.strip(_BLANKS).lower()
-        word = _LEVEL_ALIASES.get(word, word)
-        if word in LOG_LEVELS:
-            return word
-        if len(word) == 1 and "0" <= word <= "7":
-            return LOG_LEVELS[int(word)]
-    raise _bad(label, expected, raw)
-
-
-def _to_str(label: str, raw: object) -> str:
-    if not isinstance(raw, str) or not raw:
-        raise _bad(label, "a non-empty value", raw)
-    return raw
-
-
-def _to_optstr(label: str, raw: object) -> str | None:
-    # an empty value means unset, like a commented-out line
-    if not isinstance(raw, str):
-        raise _bad(label, "a string", raw)
-    return raw or None
-
-
-_BY_TYPE: dict[str, _Converter] = {
-    "int": _to_int,
-    "float": _to_float,
-    "bool": _to_bool,
-    "str": _to_str,
-    "str | None": _to_optstr,
-}
-_BY_NAME: dict[str, _Converter] = {"port": _to_port, "log_error_level": _to_level}
-
-
-def _converters(cls: type) -> dict[str, _Converter]:
-    # annotations are strings here (from __future__ import annotations)
-    return {f.name: _BY_NAME.get(f.name) or _BY_TYPE[str(f.type)] for f in fields(cls)}
-
-
-_SERVER_KEYS = _converters(ServerSettings)
-_CLIENT_KEYS = _converters(ClientSettings)
-_GROUP_SCALARS: dict[str, _Converter] = {
-    "dest": _to_str,
-    "src": _to_str,
-    "rsync": _to_str,
-    "rsh": _to_optstr,
-    "queue_path": _to_optstr,
-    "max_delete": _to_optint,
-    "allow_empty_source": _to_bool,
+_SERVER_KEYS = converters_for(ServerSettings)
+_CLIENT_KEYS = converters_for(ClientSettings)
+_GROUP_SCALARS: dict[str, Converter] = {
+    "dest": to_str,
+    "src": to_str,
+    "rsync": to_str,
+    "rsh": to_optstr,
+    "queue_path": to_optstr,
+    "max_delete": to_optint,
+    "allow_empty_source": to_bool,
 }
 _GROUP_LISTS = {"option": "options", "exclude": "excludes", "include": "includes"}
 
@@ -429,7 +149,7 @@ def _unknown_key(section: IniSection, entry: IniEntry, path: str) -> ConfigError
     return ConfigError(f"unknown key {entry.key!r} in [{section.name}]", path, entry.line)
 
 
-def _scalar(entry: IniEntry, convert: _Converter, path: str) -> Any:
+def _scalar(entry: IniEntry, convert: Converter, path: str) -> Any:
     if isinstance(entry.value, list):
         raise ConfigError(
             f"{entry.key}: expected one value ('{entry.key} = ...'), not '{entry.key}[]'",
@@ -438,12 +158,12 @@ def _scalar(entry: IniEntry, convert: _Converter, path: str) -> Any:
         )
     try:
         return convert(entry.key, entry.value)
-    except _BadValue as exc:
+    except BadValue as exc:
         raise ConfigError(str(exc), path, entry.line) from None
 
 
 def _settings(
-    section: IniSection, converters: Mapping[str, _Converter], path: str
+    section: IniSection, converters: Mapping[str, Converter], path: str
 ) -> tuple[dict[str, Any], dict[str, int]]:
     """Typed values of a [server]/[client] section, and the line each came from."""
     values: dict[str, Any] = {}
@@ -459,7 +179,7 @@ def _settings(
 
 def _string_list(entry: IniEntry, path: str) -> list[str]:
     result = []
-    for value, line in _items(entry):
+    for value, line in entry.pairs():
         if not value:
             raise ConfigError(f"{entry.key}[]: empty value", path, line)
         result.append(value)
@@ -481,9 +201,9 @@ def _absolute_paths(section: IniSection, path: str) -> list[str]:
     here rather than a traceback when the agent starts."""
     paths = _list_section(section, "path", path)
     for entry in section.entries.values():
-        for value, line in _items(entry):
+        for value, line in entry.pairs():
             if not value.startswith("/"):
-                raise ConfigError(f"path[]: {_shown(value)} is not an absolute path", path, line)
+                raise ConfigError(f"path[]: {shown(value)} is not an absolute path", path, line)
     return paths
 
 
@@ -494,7 +214,7 @@ def _only_path(section: IniSection, path: str, base: str) -> tuple[str | None, i
     for entry in section.entries.values():
         if entry.key != "path":
             raise _unknown_key(section, entry, path)
-        value = _scalar(entry, _to_optstr, path)
+        value = _scalar(entry, to_optstr, path)
         line = entry.line
     if value is not None:
         value = os.path.join(base, value)
@@ -502,7 +222,7 @@ def _only_path(section: IniSection, path: str, base: str) -> tuple[str | None, i
 
 
 def _rsync_group(section: IniSection, path: str) -> RsyncGroup:
-    name = section.name[len(_GROUP_PREFIX) :].strip(_BLANKS)
+    name = section.name[len(_GROUP_PREFIX) :].strip(BLANKS)
     if not name:
         raise ConfigError("empty rsync group name", path, section.line)
     values: dict[str, Any] = {}
@@ -543,7 +263,7 @@ def _apply_overrides(
             raise ConfigError(f"unknown option {option}")
         try:
             values[key] = converters[key](option, raw)
-        except _BadValue as exc:
+        except BadValue as exc:
             raise ConfigError(str(exc)) from None
         lines[key] = None
 
@@ -561,7 +281,7 @@ def load_agent_config(
     path: str | None, overrides: Mapping[str, object] | None = None
 ) -> AgentConfig:
     """Load an agent config (and the jobs file it names); *overrides* are command-line values."""
-    sections = {} if path is None else _load_ini(path)
+    sections = {} if path is None else load_ini(path)
     base = os.path.dirname(os.path.abspath(path)) if path is not None else ""
     server_values: dict[str, Any] = {}
     server_lines: dict[str, int | None] = {}
@@ -594,7 +314,7 @@ def load_agent_config(
     jobs: dict[str, str] = {}
     if jobs_path is not None:
         assert path is not None and jobs_line is not None
-        jobs = _jobs(_load_ini(jobs_path, "jobs file", (path, jobs_line)), jobs_path)
+        jobs = _jobs(load_ini(jobs_path, "jobs file", (path, jobs_line)), jobs_path)
     return AgentConfig(
         path=path,
         server=server,
@@ -608,7 +328,7 @@ def load_agent_config(
 
 def load_jobs(path: str) -> dict[str, str]:
     """Job name -> command template from a jobs file: `name = template` in any section."""
-    return _jobs(_load_ini(path, "jobs file"), path)
+    return _jobs(load_ini(path, "jobs file"), path)
 
 
 def _jobs(sections: Mapping[str, IniSection], path: str) -> dict[str, str]:
@@ -642,7 +362,7 @@ def load_proxy_config(
     path: str | None, overrides: Mapping[str, object] | None = None
 ) -> ProxyConfig:
     """Load a proxy config (and the API file it names); *overrides* are command-line values."""
-    sections = {} if path is None else _load_ini(path)
+    sections = {} if path is None else load_ini(path)
     base = os.path.dirname(os.path.abspath(path)) if path is not None else ""
     server: tuple[dict[str, Any], dict[str, int | None]] = ({}, {})
     client: tuple[dict[str, Any], dict[str, int | None]] = ({}, {})
@@ -668,7 +388,7 @@ def load_proxy_config(
     servers: dict[str, list[str]] = {}
     if api_path is not None:
         assert path is not None and api_line is not None
-        api = _load_ini(api_path, "api file", (path, api_line))
+        api = load_ini(api_path, "api file", (path, api_line))
         keys, servers = _api(api, api_path)
     return ProxyConfig(
         path=path,
@@ -690,8 +410,8 @@ def _api(
         if name == "keys":
             for key, entry in section.entries.items():
                 granted = keys.setdefault(key, [])
-                for value, _line in _items(entry):
-                    groups = (group.strip(_BLANKS) for group in value.split(","))
+                for value, _line in entry.pairs():
+                    groups = (group.strip(BLANKS) for group in value.split(","))
                     granted.extend(group for group in groups if group)
         elif name == "servers":
             # names and hosts keep their case: the proxy matches them as written

@@ -1,6 +1,7 @@
 """What the agent and proxy daemons share at start-up: the original's server options, turning
-them into config overrides, the listening service (TCP or TLS endpoint, backlog, address,
-TCP_DEFER_ACCEPT), the logs, the process title and running as --user/--group."""
+them into config overrides and loading the config, the listening service (TCP or TLS endpoint,
+backlog, address, TCP_DEFER_ACCEPT), the logs, the process title, running as --user/--group,
+and the order these services start in."""
 
 from __future__ import annotations
 
@@ -11,25 +12,28 @@ import os
 import resource
 import socket
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, TypeVar
 
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import defer
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python import usage
 from zope.interface import implementer
 
 from deploy import logs, privileges
-from deploy.config import ServerSettings
+from deploy.config import ConfigError, ServerSettings
+from deploy.notls import skip_pyopenssl
 
 log = Logger()
 
+Config = TypeVar("Config")
+
 # The original daemons' --help, every one accepted; None = "not given" (the file decides).
-COMMON_PARAMETERS = [
+COMMON_PARAMETERS: list[list[Any]] = [
     ["user", None, None, "drop privileges to this user after binding (default: root)"],
     ["group", None, None, "drop privileges to this group after binding (default: root)"],
     ["addr", None, None, "listen address (default: 0.0.0.0)"],
@@ -68,9 +72,28 @@ def collect_overrides(options: usage.Options, extra: tuple[str, ...] = ()) -> di
             overrides[name.replace("-", "_")] = value
     if overrides.get("ssl_private_key"):
         overrides["ssl"] = True
+    if options.get("legacy-auth"):
+        overrides["legacy_auth"] = True
     if options.get("debug"):
         overrides["log_error_level"] = "debug"
     return overrides
+
+
+def load_config(
+    load: Callable[[str, dict[str, Any]], Config],
+    path: str,
+    overrides: dict[str, Any],
+    uses_tls: Callable[[Config], bool],
+) -> Config:
+    """`load(path, overrides)`, a bad config as the UsageError twistd prints in one line. When
+    `uses_tls(config)` is false, pyOpenSSL is kept from loading: ~12 MB of RSS in every daemon."""
+    try:
+        config = load(path, overrides)
+    except ConfigError as e:
+        raise usage.UsageError(str(e)) from None
+    if not uses_tls(config):
+        skip_pyopenssl()
+    return config
 
 
 def log_ignored_options(server: ServerSettings, names: tuple[str, ...]) -> None:
@@ -109,12 +132,9 @@ def server_endpoint(reactor: Any, server: ServerSettings) -> Any:
                 names=", ".join(tls_files),
             )
         return tcp
-    from deploy.tls import (
-        TLSConfigError,
-        TLSServerEndpoint,
-        public_key_fingerprint,
-        server_context_from_settings,
-    )
+    from deploy.tls import TLSConfigError, server_context_from_settings
+    from deploy.tls_endpoint import TLSServerEndpoint
+    from deploy.tls_keys import public_key_fingerprint
 
     try:
         context = server_context_from_settings(server)
@@ -160,7 +180,7 @@ class TunedServerEndpoint:
         self.endpoint = endpoint
         self.defer_accept = defer_accept
 
-    def listen(self, factory: Factory) -> defer.Deferred[IListeningPort]:
+    def listen(self, factory: IProtocolFactory) -> defer.Deferred[IListeningPort]:
         return self.endpoint.listen(factory).addCallback(self._tune)
 
     def _tune(self, port: Any) -> Any:
@@ -205,14 +225,19 @@ def raise_open_files_limit() -> int | None:
     return want
 
 
-def one_line_errors(name: str, make: Callable[..., Any]) -> Callable[..., Any]:
-    """`make` as twistd's makeService: a start-up error (a UsageError: bad TLS files, state
-    directory, --user...) stops the daemon with one line naming what to fix, not a traceback."""
+def service_maker(name: str, build: Callable[[Any, Any], service.MultiService]) -> Any:
+    """twistd's `makeService` for `build(options, reactor)`: the global reactor unless one is
+    given, and a start-up error (a UsageError: bad TLS files, state directory, --user...) stops
+    the daemon with one line naming what to fix, not a traceback."""
 
-    @functools.wraps(make)
-    def makeService(options: usage.Options, reactor: Any = None) -> Any:
+    @functools.wraps(build)
+    def makeService(options: usage.Options, reactor: Any = None) -> service.MultiService:
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+
+            reactor = default_reactor
         try:
-            return make(options, reactor)
+            return build(options, reactor)
         except usage.UsageError as e:
             raise SystemExit(f"twistd {name}: {e}") from None
 
@@ -227,6 +252,24 @@ def listening_service(reactor: Any, server: ServerSettings, factory: Factory) ->
     # A port that cannot be bound stops twistd with the reason instead of logging and going on.
     svc._raiseSynchronously = True
     return svc
+
+
+def assemble(
+    reactor: Any,
+    server: ServerSettings,
+    factory: Factory,
+    log_service: logs.LogService,
+    drop: privileges.DropPrivilegesService,
+) -> service.MultiService:
+    """A daemon's services, in the order they must start: the port is bound
+    (privilegedStartService) before privileges are dropped, and the log files open (startService)
+    after; then the process title."""
+    top = service.MultiService()
+    listening_service(reactor, server, factory).setServiceParent(top)
+    drop.setServiceParent(top)
+    log_service.setServiceParent(top)
+    ProcessTitleService(server).setServiceParent(top)
+    return top
 
 
 def setup_logging(

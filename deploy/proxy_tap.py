@@ -3,24 +3,13 @@
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 from twisted.application import service
 from twisted.python import usage
 
-from deploy.config import ConfigError, ProxyConfig, load_proxy_config
-from deploy.daemon import (
-    COMMON_PARAMETERS,
-    IGNORED_OPTIONS,
-    ProcessTitleService,
-    collect_overrides,
-    listening_service,
-    log_ignored_options,
-    one_line_errors,
-    run_as,
-    setup_logging,
-)
+from deploy import daemon
+from deploy.config import ProxyConfig, load_proxy_config
 
 DEFAULT_PATH = "/etc/deploy/deploy_proxy.ini"
 
@@ -37,10 +26,10 @@ _PROXY_HELP = {
 }
 SERVER_PARAMETERS = [
     [name, short, default, _PROXY_HELP.get(name, text)]
-    for name, short, default, text in COMMON_PARAMETERS
+    for name, short, default, text in daemon.COMMON_PARAMETERS
 ]
 
-CLIENT_PARAMETERS = [
+CLIENT_PARAMETERS: list[list[Any]] = [
     ["client-port", None, None, "port to connect to agents (default: 3440)"],
     ["client-max-parallel", None, None, "most agents ordered at once (default: 64; 0: no limit)"],
     [
@@ -75,30 +64,22 @@ class Options(usage.Options):
     ]
 
     def postOptions(self) -> None:
-        overrides = collect_overrides(self)
+        overrides = daemon.collect_overrides(self)
         for name, *_ in CLIENT_PARAMETERS:
             # --client-worker-method/--client-ipc-path too: makeService warns they are ignored
             if self.get(name) is not None:
                 overrides[name.replace("-", "_")] = self[name]
-        if self["legacy-auth"]:
-            overrides["legacy_auth"] = True
         if self["client-legacy-auth"]:
             overrides["client_legacy_auth"] = True
-        try:
-            self.config: ProxyConfig = load_proxy_config(self["path"], overrides)
-        except ConfigError as e:
-            raise usage.UsageError(str(e)) from None
-        if not (self.config.server.ssl or self.config.client.uses_tls):
-            # Without TLS, keep Twisted from loading pyOpenSSL/cryptography when it imports
-            # the reactor (twisted.internet.tcp, posixbase): ~12 MB of RSS in every daemon.
-            sys.modules.setdefault("OpenSSL", None)  # type: ignore[arg-type]
+        self.config: ProxyConfig = daemon.load_config(
+            load_proxy_config,
+            self["path"],
+            overrides,
+            uses_tls=lambda c: c.server.ssl or c.client.uses_tls,
+        )
 
 
-def build_service(options: Options, reactor: Any = None) -> service.MultiService:
-    if reactor is None:
-        from twisted.internet import reactor as default_reactor
-
-        reactor = default_reactor
+def build_service(options: Options, reactor: Any) -> service.MultiService:
     from deploy.config import TLSConfigError
     from deploy.proxy import ProxyFactory, ProxyService
 
@@ -115,11 +96,10 @@ def build_service(options: Options, reactor: Any = None) -> service.MultiService
         ProxyService.log.warn("no API keys (see [api] path): every order will be refused")
     factory = ProxyFactory(proxy)
     # From here on the error log keeps what is logged, for its file once the daemon starts.
-    logs = setup_logging(config.server, factory, daemon="proxy")
-    drop = run_as(config.server, logs)
-    top = service.MultiService()
+    logs = daemon.setup_logging(config.server, factory, daemon="proxy")
+    drop = daemon.run_as(config.server, logs)
     # The proxy runs no child processes: the agent's process limits mean nothing here.
-    log_ignored_options(config.server, (*IGNORED_OPTIONS, *PROXY_UNUSED_OPTIONS))
+    daemon.log_ignored_options(config.server, (*daemon.IGNORED_OPTIONS, *PROXY_UNUSED_OPTIONS))
     for name in CLIENT_IGNORED_OPTIONS:
         value = getattr(config.client, name)
         if value:
@@ -128,13 +108,7 @@ def build_service(options: Options, reactor: Any = None) -> service.MultiService
                 name=name,
                 value=value,
             )
-    # Order matters: the port is bound (privilegedStartService) before privileges are dropped,
-    # and the log files open (startService) after.
-    listening_service(reactor, config.server, factory).setServiceParent(top)
-    drop.setServiceParent(top)
-    logs.setServiceParent(top)
-    ProcessTitleService(config.server).setServiceParent(top)
-    return top
+    return daemon.assemble(reactor, config.server, factory, logs, drop)
 
 
-makeService = one_line_errors("deploy-proxy", build_service)
+makeService = daemon.service_maker("deploy-proxy", build_service)

@@ -133,7 +133,7 @@ class HttpRequestReceiver(LineReceiver, TimeoutMixin):
         # What the order handler wants in the audit log (order, target, key id...).
         self.audit: dict[str, Any] = {}
         assert self.transport is not None  # makeConnection sets it before calling us
-        self.peer = _peer_host(self.transport.getPeer())
+        self.peer = peer_host(self.transport.getPeer())
         if self.socket_timeout:
             self.setTimeout(self.socket_timeout)
 
@@ -326,5 +326,6 @@ class RequestFactory(Factory):
                 self.log.failure("response observer {observer!r} failed", observer=observer)
 
 
-def _peer_host(address: Any) -> str:
+def peer_host(address: Any) -> str:
+    """The host of a peer address (an IP address), or the address as text when it has none."""
     return getattr(address, "host", "") or str(address)

@@ -20,7 +20,8 @@ from typing import Any
 import pytest
 
 from deploy import clientconfig, output
-from deploy.cli import main, read_result_rows, retry_plan
+from deploy.cli import main
+from deploy.retry import read_result_rows, retry_plan
 from tests.harness import ClientRun, free_port, run_client, tool
 
 SLOW_JOBS = """\
@@ -558,7 +559,7 @@ def test_sample_client_config_documents_every_key(tmp_path):
 def test_thread_timeout_default_is_longer_through_a_proxy():
     """Without --thread-timeout the client waits 10 s for an agent but 60 s for a proxy, which
     answers only after its own agents (each up to its [client] thread_timeout)."""
-    from deploy.cli import thread_timeout_for
+    from deploy.clientrun import thread_timeout_for
 
     assert thread_timeout_for(None, via_proxy=False) == 10.0
     assert thread_timeout_for(None, via_proxy=True) == 60.0

@@ -15,8 +15,8 @@ import pytest
 from twisted.internet import defer
 from twisted.internet.task import Clock
 
-from deploy.cli import WAIT_LOST_CONTACT, SyncWaiter
 from deploy.client import ClientOptions, HostResult, Order
+from deploy.follow import WAIT_LOST_CONTACT, SyncWaiter
 from tests.harness import free_port, wait_until
 from tests.test_cli_formats import TtyClient, clean_env, client, down_host, proxy_text
 

@@ -1,4 +1,5 @@
-"""Tests for deploy.config: the original's INI dialect, typed settings, file:line errors."""
+"""Tests for deploy.config and deploy.ini: the original's INI dialect, typed settings, file:line
+errors."""
 
 from __future__ import annotations
 
@@ -15,8 +16,6 @@ from hypothesis import strategies as st
 from deploy.config import (
     DEFAULT_KEY_CIPHER,
     LOG_LEVELS,
-    MAX_LINE_BYTES,
-    MAX_LINES,
     AgentConfig,
     ClientSettings,
     ConfigError,
@@ -26,8 +25,8 @@ from deploy.config import (
     load_agent_config,
     load_jobs,
     load_proxy_config,
-    parse_ini,
 )
+from deploy.ini import MAX_LINE_BYTES, MAX_LINES, parse_ini
 
 REFERENCE = Path(__file__).parent / "data" / "config"
 

@@ -37,11 +37,10 @@ from deploy.tls import (
     TLSConfigError,
     client_context_factories,
     client_context_factory,
-    describe_tls_failure,
-    load_private_key,
-    self_signed_certificate,
     server_context_factory,
 )
+from deploy.tls_failures import describe_tls_failure
+from deploy.tls_keys import load_private_key, self_signed_certificate
 
 DEADLINE = 5.0
 LINE = b"hello over tls\n"

@@ -1,0 +1,198 @@
+"""Following what an order started, over time: `SyncWaiter` (`deploy-client --wait`) polls
+`status` after an rsync order until each sync it started ends, directly or behind a proxy."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from deploy import output
+from deploy.output import GOOD, is_proxy_answer
+
+if TYPE_CHECKING:
+    from twisted.internet.defer import Deferred
+
+    from deploy.orders import HostResult, Order
+
+# --wait polls `status` every 0.5 s for the first few seconds, then every second.
+WAIT_POLL_FIRST = 0.5
+WAIT_POLL = 1.0
+WAIT_FAST_POLLS = 10
+# A host that stops answering while --wait follows it (an agent restart) is given this long.
+WAIT_LOST_CONTACT = 30.0
+
+
+def _started(content: Any) -> bool:
+    """An rsync answer saying a sync runs (just started, or already running)."""
+    return (
+        isinstance(content, dict)
+        and content.get("return") in ("true", True, 1)
+        and bool(content.get("checksum"))
+        and "outcome" not in content
+    )
+
+
+@dataclass
+class _Followed:
+    """One sync `--wait` follows: an agent's rsync answer until the sync ends."""
+
+    label: str
+    rsync: dict[str, Any]
+    lost_since: float | None = None
+    final: dict[str, Any] | None = None
+
+
+class SyncWaiter:
+    """A sender for `rsync` that, once a host (or a proxy's agents) started the sync, polls
+    `status` until it ends, and answers the rsync answer with the sync's `lastRsync` and
+    `outcome` added (`return` "false" when the outcome is not ok/warning)."""
+
+    def __init__(
+        self,
+        client: Any,
+        reactor: Any,
+        timeout: float,
+        on_progress: Callable[[str, str | None], None] | None = None,
+    ) -> None:
+        self.client = client
+        self.options = client.options
+        self.reactor = reactor
+        self.timeout = timeout
+        self.on_progress = on_progress or (lambda _label, _text: None)
+
+    def send(self, host: str, order: Order) -> Deferred[HostResult]:
+        from twisted.internet.defer import Deferred
+
+        return Deferred.fromCoroutine(self._send(host, order))
+
+    async def _send(self, host: str, order: Order) -> HostResult:
+        first: HostResult = await self.client.send(host, order)
+        if not first.http_ok:
+            return first
+        content = first.content
+        if is_proxy_answer(content):
+            followed = [
+                _Followed(agent, per_order["rsync"]["content"])
+                for agent, per_order in content.items()
+                if isinstance(per_order.get("rsync"), dict)
+                and output.outcome_of("rsync", per_order["rsync"]) == "ok"
+                and _started(per_order["rsync"].get("content"))
+            ]
+            if not followed:
+                return first
+            await self._follow(host, order, followed, via_proxy=True)
+            merged = {agent: dict(per_order) for agent, per_order in content.items()}
+            for f in followed:
+                entry = dict(merged[f.label]["rsync"])
+                entry["content"] = f.final
+                merged[f.label]["rsync"] = entry
+            first.content = merged
+            return first
+        if not _started(content):
+            return first
+        sync = _Followed(host, content)
+        await self._follow(host, order, [sync], via_proxy=False)
+        first.content = sync.final
+        return first
+
+    async def _follow(
+        self, host: str, order: Order, syncs: list[_Followed], *, via_proxy: bool
+    ) -> None:
+        from twisted.internet.task import deferLater
+
+        from deploy.client import Order
+
+        deadline = self.reactor.seconds() + self.timeout
+        running = list(syncs)
+        for sync in running:
+            self.on_progress(sync.label, "starting")
+        polls = 0
+        try:
+            while running:
+                interval = WAIT_POLL_FIRST if polls < WAIT_FAST_POLLS else WAIT_POLL
+                await deferLater(self.reactor, interval, lambda: None)
+                polls += 1
+                args = f"hosts:{','.join(s.label for s in running)}" if via_proxy else order.args
+                status = Order("status", order.options, args, order.api_key)
+                answer: HostResult = await self.client.send(host, status)
+                now = self.reactor.seconds()
+                entries = self._status_entries(answer, running, via_proxy)
+                for sync in list(running):
+                    self._judge(sync, entries[sync.label], now)
+                    if sync.final is None and now >= deadline:
+                        sync.final = _ended(
+                            sync.rsync,
+                            "timeout",
+                            f"still running after --wait-timeout {self.timeout:g}s",
+                        )
+                    if sync.final is not None:
+                        running.remove(sync)
+                        self.on_progress(sync.label, None)
+        finally:
+            for sync in running:
+                self.on_progress(sync.label, None)
+
+    def _status_entries(
+        self, answer: HostResult, running: list[_Followed], via_proxy: bool
+    ) -> dict[str, dict[str, Any]]:
+        """label → that sync's status answer in the original shape."""
+        entry = answer.to_json()
+        if not via_proxy or not answer.http_ok:
+            # Directly, or the proxy itself did not answer well: the same for every agent.
+            return {s.label: entry for s in running}
+        content = answer.content if is_proxy_answer(answer.content) else {}
+        missing = {
+            "return": 0,
+            "serverStatus": 1,
+            "returnCode": 500,
+            "returnString": "",
+            "content": f"the proxy's answer has no status for this agent: {str(content)[:200]}",
+        }
+        return {s.label: (content.get(s.label) or {}).get("status") or missing for s in running}
+
+    def _judge(self, sync: _Followed, entry: Mapping[str, Any], now: float) -> None:
+        """Update `sync` from one status answer: still running, ended, or out of contact."""
+        content = entry.get("content")
+        code = str(entry.get("returnCode"))
+        if entry.get("serverStatus") == 0 or code == "503":
+            # Not answering (an agent restarting) or busy: try again, for a while.
+            if sync.lost_since is None:
+                sync.lost_since = now
+            elif now - sync.lost_since > WAIT_LOST_CONTACT:
+                sync.final = _ended(
+                    sync.rsync, "unreachable", f"lost contact while waiting: {content}"
+                )
+            return
+        sync.lost_since = None
+        if code != "200" or not isinstance(content, dict):
+            sync.final = _ended(
+                sync.rsync,
+                "failed",
+                f"status answered {code} {entry.get('returnString', '')}: {content}",
+            )
+            return
+        if content.get("alreadyRsync") == "true":
+            self.on_progress(sync.label, output.sync_progress_text(content.get("progress")))
+            return
+        last = content.get("lastRsync")
+        if isinstance(last, dict) and last.get("checksum") in (None, sync.rsync.get("checksum")):
+            outcome = str(last.get("outcome") or "failed")
+            sync.final = _ended(sync.rsync, outcome, str(last.get("message") or ""), last)
+        else:
+            message = content.get("message") or "the sync ended but the agent reports no lastRsync"
+            sync.final = _ended(sync.rsync, "failed", str(message))
+
+
+def _ended(
+    rsync: Mapping[str, Any], outcome: str, message: str, last: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """The rsync answer with how the sync ended."""
+    content = dict(rsync)
+    if last is not None:
+        content["lastRsync"] = dict(last)
+    content["outcome"] = outcome
+    if outcome not in GOOD:
+        content["return"] = "false"
+        content["message"] = message or f"sync {outcome}"
+    return content
