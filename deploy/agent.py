@@ -33,7 +33,9 @@ class AgentService:
 
     log = Logger()
 
-    def __init__(self, config: AgentConfig, reactor: Any, *, clock: IReactorTime | None = None):
+    def __init__(
+        self, config: AgentConfig, reactor: Any, *, clock: IReactorTime | None = None
+    ) -> None:
         self.config = config
         self.reactor = reactor
         self.clock = clock or reactor

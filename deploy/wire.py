@@ -260,7 +260,7 @@ class HttpRequestReceiver(LineReceiver, TimeoutMixin):
     def _requestFailed(self, failure: Failure, request: Request) -> Response:
         # The one place an error becomes an answer: its status from deploy.errors, its text
         # from its message.
-        status = status_for(failure.value)
+        status = status_for(failure.value) if failure.value is not None else None
         if status is not None:
             return Response.text(status, str(failure.value))
         self.log.failure(
