@@ -42,7 +42,6 @@ from bench.lib import (  # noqa: E402
     api_ini,
     build_tree,
     cpu_seconds,
-    free_port,
     hwm_mb,
     parse_answer,
     proxy_ini,
@@ -53,10 +52,9 @@ from bench.lib import (  # noqa: E402
     rsync_groups,
     run_timed,
     timed,
-    tool,
     wait_quiet,
-    wait_until,
 )
+from deploy.testing import free_port, tool, wait_until  # noqa: E402
 
 API_KEY = "benchkey0000000000000000000000001"
 ECHO = "service:echo,hello"
@@ -895,7 +893,7 @@ class Bench:
                 raise RuntimeError(f"fleet exited: {fleet.log.read_text()[-2000:]}")
             return ready.exists()
 
-        wait_until(fleet_ready, 120, "the simulated fleet to listen")
+        wait_until(fleet_ready, 120, what="the simulated fleet to listen")
         groups = {f"fleet{k}": addresses[:k] for k in cfg.fleet}
         proxy, proxy_port = self.start_proxy(groups, "proxy-fleet")
         proxy_idle = rss_mb(proxy.pid)

@@ -13,8 +13,8 @@ from hypothesis import HealthCheck, settings
 
 from tests.harness import (
     AgentProcess,
+    ChildProcess,
     ClientRun,
-    Daemon,
     ProxyProcess,
     RsyncDaemon,
     agent_ini,
@@ -48,7 +48,7 @@ class Daemons:
     """Starts real daemons for one test and remembers them so they can all be stopped."""
 
     workdir: Path
-    started: list[Daemon] = field(default_factory=list)
+    started: list[ChildProcess] = field(default_factory=list)
     state_dirs: list[Path] = field(default_factory=list)
 
     def rsyncd(self, modules: dict[str, Path], host: str = "127.0.0.1") -> RsyncDaemon:

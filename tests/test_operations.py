@@ -34,7 +34,7 @@ from deploy.client import ClientOptions, Order, build_request
 from deploy.config import ServerSettings
 from tests.conftest import JOBS
 from tests.harness import (
-    Daemon,
+    ChildProcess,
     agent_ini,
     can_connect,
     free_port,
@@ -460,9 +460,8 @@ def test_unit_exec_start_lines_start_both_daemons(daemons, tmp_path):
         argv = exec_start(name)
         assert argv[-1].startswith("--path=/etc/deploy/")
         argv = [tool("twistd"), *argv[1:-1], f"--path={conf}"]
-        d = Daemon(argv, tmp_path / f"{name}.out", cwd=tmp_path)
+        d = ChildProcess(argv, tmp_path / f"{name}.out", cwd=tmp_path, name=name)
         daemons.started.append(d)
-        d.name = name
         started.append((d, port))
     for d, port in started:
         d.wait_listening("127.0.0.1", port)
