@@ -102,6 +102,14 @@ class Daemons:
 
 
 @pytest.fixture
+def home(tmp_path: Path) -> Path:
+    """An empty HOME, so no ~/.config/deploy/client.ini of the machine leaks in."""
+    h = tmp_path / "home"
+    h.mkdir()
+    return h
+
+
+@pytest.fixture
 def daemons(tmp_path: Path):
     d = Daemons(tmp_path)
     try:
