@@ -18,6 +18,7 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from deploy.auth import legacy_auth_key
+from deploy.client import ClientOptions, Order, build_request
 from deploy.testing import (  # noqa: F401  (re-exported: what the tests import from here)
     AgentProcess,
     ChildProcess,
@@ -53,6 +54,16 @@ def shared_free_port(hosts: list[str]) -> int:
     raise AssertionError("no port free on all of " + ", ".join(hosts))
 
 
+def jail(work: Path) -> tuple[Path, Path]:
+    """`work/targets`, for an agent's allow::paths, holding `link`: a symlink to `work/outside`,
+    where no order may write. Answers (targets, outside)."""
+    targets, outside = work / "targets", work / "outside"
+    targets.mkdir()
+    outside.mkdir()
+    (targets / "link").symlink_to(outside)
+    return targets, outside
+
+
 @dataclass
 class ClientRun:
     rc: int
@@ -80,6 +91,15 @@ def run_client(*args: str, timeout: float = 120.0, env: dict[str, str] | None = 
         env=env,
     )
     return ClientRun(proc.returncode, proc.stdout.decode(), proc.stderr.decode())
+
+
+class AgentClient:
+    """Runs the real deploy-client against `self.agent`."""
+
+    agent: AgentProcess
+
+    def client(self, *args: str, **kw: Any) -> ClientRun:
+        return run_client(f"--hosts={self.agent.address}", *args, **kw)
 
 
 def raw_request(
@@ -111,6 +131,19 @@ def parse_response(raw: bytes) -> tuple[int, dict[str, str], bytes]:
     return status, headers, body
 
 
+def parsed_answer(raw: bytes) -> tuple[int, Any]:
+    """An answer's status and body: the JSON when it is JSON, else the text."""
+    status, _, body = parse_response(raw)
+    text = body.decode("utf-8", "replace")
+    return status, json.loads(text) if text.startswith("{") else text
+
+
+def ask(agent: AgentProcess, order: str, options: str, timeout: float = 15.0) -> tuple[int, Any]:
+    """One order straight to `agent`, signed as deploy-client signs it: (status, parsed answer)."""
+    request = build_request(Order(order, options), ClientOptions(), agent.host, time.time())
+    return parsed_answer(raw_request(agent.host, agent.port, request, timeout=timeout))
+
+
 def legacy_request(name: str, replace: dict[str, str] | None = None, key: str = "65535") -> bytes:
     """A captured request from tests/data/wire with a fresh one-time auth_key (and paths
     rewritten by `replace`), its Content-Length fixed."""
@@ -129,6 +162,15 @@ def legacy_request(name: str, replace: dict[str, str] | None = None, key: str = 
         for line in head.decode().split("\r\n")
     ]
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+# Captures of the original proxy refusing a request (tests/data/wire).
+PROXY_REFUSALS = (
+    "proxy-error-unknown-api-key",
+    "proxy-error-group-not-granted",
+    "proxy-error-host-not-granted",
+    "proxy-error-args-syntax",
+)
 
 
 def captured_response(name: str) -> tuple[int, dict[str, str], bytes]:

@@ -3,12 +3,10 @@ loopback; its JSON output (the original's shape) and its exit codes."""
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import pytest
 import pytest_twisted
@@ -18,7 +16,7 @@ from twisted.internet.utils import getProcessOutputAndValue
 from deploy.auth import check_legacy_auth_key
 from deploy.cli import EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE
 from deploy.wire import decode_form
-from tests.harness import tool
+from tests.harness import ClientRun, tool
 from tests.test_client import (
     FakeAgent,
     Script,
@@ -36,15 +34,8 @@ NOT_FOUND = response(400, b"exec[x] not found!", "text/plain; charset=utf-8")
 
 
 @dataclass
-class Run:
-    rc: int
-    stdout: str
-    stderr: str
+class Run(ClientRun):
     elapsed: float
-
-    @property
-    def json(self) -> Any:
-        return json.loads(self.stdout)
 
 
 class FullBacklog:

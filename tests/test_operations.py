@@ -110,13 +110,7 @@ def test_agent_started_as_root_drops_to_nobody_and_keeps_working(daemons, open_d
     logdir = open_dir / "logs"
     agent = daemons.agent(
         port=free_privileged_port(),
-        groups={
-            "web": {
-                "dest": rsyncd.url("DEST"),
-                "src": targets / "web",
-                "option": [f"--port={rsyncd.port}", "--archive"],
-            }
-        },
+        groups={"web": rsyncd.group(targets / "web", "--archive")},
         jobs=jobs,
         state=state,
         allow_paths=[targets],
