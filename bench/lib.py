@@ -1,41 +1,31 @@
-"""What the benchmark runs on: deterministic release trees, the processes it starts (rsync
-daemon, agents, proxy, simulated fleet) and stops by pid, a raw socket client, and the timers and
-memory readers the measurements share."""
+"""What the benchmark runs on besides `deploy.testing` (which it shares with the tests):
+deterministic release trees, the processes it starts (rsync daemon, agents, proxy, simulated
+fleet) and stops by pid, its configs, a raw socket client, and the timers and memory readers the
+measurements share."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from deploy import testing
+from deploy.testing import ChildProcess
+
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 WORK = BENCH / "work"
-BIN = Path(sys.executable).parent
 T = TypeVar("T")
-
-
-def tool(name: str) -> str:
-    """An executable next to this interpreter (its venv's twistd/deploy-client), else on PATH.
-    A pyenv shim on PATH costs ~50 ms per start, so the interpreter's own bin comes first."""
-    candidate = BIN / name
-    if candidate.exists():
-        return str(candidate)
-    found = shutil.which(name)
-    if not found:
-        raise RuntimeError(f"{name} is not installed next to {sys.executable} nor on PATH")
-    return found
 
 
 def python_env(**extra: str) -> dict[str, str]:
@@ -107,30 +97,15 @@ def build_tree(root: Path, spec: TreeSpec) -> tuple[int, int]:
 # --------------------------------------------------------------------------- processes
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+class Process(ChildProcess):
+    """A process the benchmark started: on a machine loaded by the measurement itself it gets
+    more time to listen and to stop."""
 
+    def wait_listening(self, host: str, port: int, timeout: float = 60.0) -> None:
+        super().wait_listening(host, port, timeout)
 
-def wait_until(predicate: Callable[[], T], timeout: float, what: str, interval: float = 0.02) -> T:
-    """Poll `predicate` until it returns something truthy; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(interval)
-
-
-def can_connect(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=0.5):
-            return True
-    except OSError:
-        return False
+    def stop(self, grace: float = 15.0) -> None:
+        super().stop(grace)
 
 
 class Processes:
@@ -141,7 +116,7 @@ class Processes:
         self.started: list[Process] = []
 
     def start(self, name: str, argv: list[str], log: Path, **kw: Any) -> Process:
-        p = Process(name, argv, log, **kw)
+        p = Process(argv, log, name=name, **kw)
         self.started.append(p)
         return p
 
@@ -149,47 +124,6 @@ class Processes:
         for p in reversed(self.started):
             p.stop()
         self.started.clear()
-
-
-class Process:
-    def __init__(
-        self, name: str, argv: list[str], log: Path, cwd: Path | None = None, env: Any = None
-    ) -> None:
-        self.name = name
-        self.log = log
-        self._log = open(log, "ab")
-        self.proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            cwd=cwd,
-            env=env,
-        )
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def wait_listening(self, host: str, port: int, timeout: float = 60.0) -> None:
-        def ready() -> bool:
-            if self.proc.poll() is not None:
-                tail = self.log.read_text(errors="replace")[-3000:]
-                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{tail}")
-            return can_connect(host, port)
-
-        wait_until(ready, timeout, f"{self.name} to listen on {host}:{port}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        if not self._log.closed:
-            self._log.close()
 
 
 def proc_status(pid: int) -> dict[str, int]:
@@ -265,39 +199,10 @@ def reset_hwm(pid: int) -> bool:
 # --------------------------------------------------------------------------- configs
 
 
-def agent_ini(
-    *,
-    host: str,
-    port: int,
-    state: Path,
-    allow_paths: Sequence[Path],
-    groups: dict[str, dict[str, Any]],
-    jobs: Path,
-) -> str:
-    """An agent config in the original's dialect (as tests/harness.py writes one)."""
-    out = [
-        "[server]",
-        f"addr = {host}",
-        f"port = {port}",
-        f"state_path = {state}",
-        "log_error_level = info",
-        "",
-        "[allow::hosts]",
-        "host[] = 127.0.0.0/8",
-        "",
-        "[allow::paths]",
-    ]
-    out += [f"path[] = {p}" for p in allow_paths]
-    for name, keys in groups.items():
-        out += ["", f"[rsync::group::{name}]"]
-        for key, value in keys.items():
-            if isinstance(value, list | tuple):
-                out += [f"{key}[] = {v}" for v in value]
-            else:
-                out.append(f"{key} = {value}")
-    out += ["", "[jobs]", f"path = {jobs}"]
-    return "\n".join(out) + "\n"
-
+# The benchmark's agents log at info and serve loopback only.
+agent_ini = functools.partial(
+    testing.agent_ini, server={"log_error_level": "info"}, allow_hosts=("127.0.0.0/8",)
+)
 
 JOBS = """\
 ; the benchmark's jobs file, in the original's format

@@ -14,6 +14,7 @@ import os
 import platform
 import resource
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -27,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from twisted.internet import defer, task
 
 from deploy.client import ClientOptions, HostResult, Order, OrderClient
-from tests.harness import AgentProcess, RsyncDaemon, agent_ini, free_port, make_tree
+from deploy.testing import AgentProcess, RsyncDaemon, agent_ini, free_port, make_tree
 
 BENCH = Path(__file__).resolve().parent
 JOBS = "[application]\napp:true = /bin/true\n"
@@ -150,6 +151,12 @@ def report(rounds: list[Round], args: argparse.Namespace, facts: dict[str, Any])
     return "\n".join(lines)
 
 
+def rsync_version() -> str:
+    """The first line of `rsync --version`."""
+    out = subprocess.run(["rsync", "--version"], capture_output=True, text=True, check=True)
+    return out.stdout.partition("\n")[0].strip()
+
+
 def raise_fd_limit(needed: int) -> None:
     """This process holds one socket per request in flight."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -220,7 +227,7 @@ def main(reactor: Any, args: argparse.Namespace):
         facts = {
             "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
             "files": TREE_FILES,
-            "rsync": os.popen("rsync --version").readline().strip(),
+            "rsync": rsync_version(),
             "rss": f"{rss:.0f} MiB" if rss is not None else "unknown",
             "errors": errors,
         }

@@ -42,7 +42,6 @@ from bench.lib import (
     api_ini,
     build_tree,
     cpu_seconds,
-    free_port,
     hwm_mb,
     parse_answer,
     proxy_ini,
@@ -53,10 +52,9 @@ from bench.lib import (
     rsync_groups,
     run_timed,
     timed,
-    tool,
     wait_quiet,
-    wait_until,
 )
+from deploy.testing import free_port, tool, wait_until
 
 API_KEY = "benchkey0000000000000000000000001"
 ECHO = "service:echo,hello"
@@ -84,45 +82,31 @@ class Settings:
 
 
 def settings(quick: bool) -> Settings:
-    if quick:
-        out = WORK / "quick"
-        return Settings(
-            quick=True,
-            trees={
-                "medium": TreeSpec("q2k", 2_000, 5_000),
-                "large": TreeSpec("q5k", 5_000, 2_000),
-                "huge": TreeSpec("q15k", 15_000, 1_000),
-                "small": TreeSpec("small", 100, 1_000),
-            },
-            reps_overhead=3,
-            reps_startup=3,
-            reps_fanout=2,
-            reps_fleet=2,
-            reps_big=2,
-            fanout=(1, 5, 10),
-            fleet=(50, 200),
-            concurrent=20,
-            out=out / "RESULTS.md",
-            plot=out / "fanout.png",
-        )
+    """What a run measures: each value below is (--quick, full)."""
+
+    def pick(fast: Any, full: Any) -> Any:
+        return fast if quick else full
+
+    out = pick(WORK / "quick", BENCH)
     return Settings(
-        quick=False,
+        quick=quick,
         trees={
-            "medium": TreeSpec("t10k", 10_000, 5_000),  # ~50 MB
-            "large": TreeSpec("t40k", 40_000, 2_000),
-            "huge": TreeSpec("t150k", 150_000, 1_000),
+            # the full medium tree is ~50 MB
+            "medium": pick(TreeSpec("q2k", 2_000, 5_000), TreeSpec("t10k", 10_000, 5_000)),
+            "large": pick(TreeSpec("q5k", 5_000, 2_000), TreeSpec("t40k", 40_000, 2_000)),
+            "huge": pick(TreeSpec("q15k", 15_000, 1_000), TreeSpec("t150k", 150_000, 1_000)),
             "small": TreeSpec("small", 100, 1_000),
         },
-        reps_overhead=15,
-        reps_startup=11,
-        reps_fanout=7,
-        reps_fleet=5,
-        reps_big=5,
-        fanout=(1, 10, 50),
-        fleet=(200, 1000),
-        concurrent=50,
-        out=BENCH / "RESULTS.md",
-        plot=BENCH / "fanout.png",
+        reps_overhead=pick(3, 15),
+        reps_startup=pick(3, 11),
+        reps_fanout=pick(2, 7),
+        reps_fleet=pick(2, 5),
+        reps_big=pick(2, 5),
+        fanout=pick((1, 5, 10), (1, 10, 50)),
+        fleet=pick((50, 200), (200, 1000)),
+        concurrent=pick(20, 50),
+        out=out / "RESULTS.md",
+        plot=out / "fanout.png",
     )
 
 
@@ -283,6 +267,11 @@ class Bench:
     def group(self, role: str) -> str:
         return self.cfg.trees[role].name
 
+    def twistd(self, plugin: str, ini: Path, log: str) -> list[str]:
+        """`twistd -n` running `plugin` with the config `ini`, its log `log`.log in the logs."""
+        logfile = f"--logfile={self.logs / f'{log}.log'}"
+        return [tool("twistd"), "-n", "--pidfile=", logfile, plugin, "--path", str(ini)]
+
     def start_agent(self, host: str, port: int, wait: bool = True) -> Any:
         """A real `twistd -n deploy-agent` on host:port with a group per tree and the jobs file."""
         home = self.run_dir / "agents" / host
@@ -301,15 +290,7 @@ class Bench:
                 jobs=self.jobs,
             )
         )
-        argv = [
-            tool("twistd"),
-            "-n",
-            "--pidfile=",
-            f"--logfile={self.logs / f'agent-{host}.log'}",
-            "deploy-agent",
-            "--path",
-            str(ini),
-        ]
+        argv = self.twistd("deploy-agent", ini, f"agent-{host}")
         proc = self.procs.start(
             f"agent {host}", argv, self.logs / f"agent-{host}.out", cwd=home, env=python_env()
         )
@@ -323,15 +304,7 @@ class Bench:
         api.write_text(api_ini(API_KEY, groups))
         ini = self.run_dir / f"{name}.ini"
         ini.write_text(proxy_ini(host="127.0.0.1", port=port, agent_port=self.agent_port, api=api))
-        argv = [
-            tool("twistd"),
-            "-n",
-            "--pidfile=",
-            f"--logfile={self.logs / f'{name}.log'}",
-            "deploy-proxy",
-            "--path",
-            str(ini),
-        ]
+        argv = self.twistd("deploy-proxy", ini, name)
         proc = self.procs.start(
             name, argv, self.logs / f"{name}.out", cwd=self.run_dir, env=python_env()
         )
@@ -895,7 +868,7 @@ class Bench:
                 raise RuntimeError(f"fleet exited: {fleet.log.read_text()[-2000:]}")
             return ready.exists()
 
-        wait_until(fleet_ready, 120, "the simulated fleet to listen")
+        wait_until(fleet_ready, 120, what="the simulated fleet to listen")
         groups = {f"fleet{k}": addresses[:k] for k in cfg.fleet}
         proxy, proxy_port = self.start_proxy(groups, "proxy-fleet")
         proxy_idle = rss_mb(proxy.pid)

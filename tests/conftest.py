@@ -4,6 +4,7 @@ always stopped when a test ends, passing or failing."""
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,15 +13,14 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 from tests.harness import (
+    AgentClient,
     AgentProcess,
-    ClientRun,
-    Daemon,
+    ChildProcess,
     ProxyProcess,
     RsyncDaemon,
     agent_ini,
     free_port,
     make_tree,
-    run_client,
     stop_supervisors,
 )
 
@@ -48,7 +48,7 @@ class Daemons:
     """Starts real daemons for one test and remembers them so they can all be stopped."""
 
     workdir: Path
-    started: list[Daemon] = field(default_factory=list)
+    started: list[ChildProcess] = field(default_factory=list)
     state_dirs: list[Path] = field(default_factory=list)
 
     def rsyncd(self, modules: dict[str, Path], host: str = "127.0.0.1") -> RsyncDaemon:
@@ -102,7 +102,16 @@ class Daemons:
 
 
 @pytest.fixture
-def daemons(tmp_path: Path):
+def home(tmp_path: Path) -> Path:
+    """An empty HOME, so no ~/.config/deploy/client.ini of the machine leaks in."""
+    h = tmp_path / "home"
+    h.mkdir()
+    return h
+
+
+@pytest.fixture
+def daemons(tmp_path: Path) -> Iterator[Daemons]:
+    """Daemons for one test, in its tmp_path, stopped when it ends."""
     d = Daemons(tmp_path)
     try:
         yield d
@@ -110,8 +119,21 @@ def daemons(tmp_path: Path):
         d.stop_all()
 
 
+@pytest.fixture(scope="module")
+def module_daemons(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Daemons]:
+    """Daemons that the tests of one module share (its module-scoped fixtures start them), in
+    a directory of their own, stopped when the module is done."""
+    d = Daemons(tmp_path_factory.mktemp(request.module.__name__.rpartition(".")[2]))
+    try:
+        yield d
+    finally:
+        d.stop_all()
+
+
 @dataclass
-class Site:
+class Site(AgentClient):
     """An rsync daemon serving a release tree, and one agent with the usual groups."""
 
     daemons: Daemons
@@ -123,33 +145,21 @@ class Site:
     rsyncd: RsyncDaemon
     agent: AgentProcess
 
-    def client(self, *args: str, **kw: Any) -> ClientRun:
-        return run_client(f"--hosts={self.agent.address}", *args, **kw)
-
     def groups(self) -> dict[str, dict[str, Any]]:
         return site_groups(self.rsyncd, self.targets)
 
 
 def site_groups(rsyncd: RsyncDaemon, targets: Path) -> dict[str, dict[str, Any]]:
-    port = f"--port={rsyncd.port}"
     base = ["--archive", "--delete", "--force"]
     return {
-        "web": {"dest": rsyncd.url("DEST"), "src": targets / "web", "option": [port, *base]},
-        "webslow": {
-            "dest": rsyncd.url("DEST"),
-            "src": targets / "webslow",
-            "option": [port, *base, "--bwlimit=200"],
-        },
+        "web": rsyncd.group(targets / "web", *base),
+        "webslow": rsyncd.group(targets / "webslow", *base, "--bwlimit=200"),
         "weburl": {
             "dest": f"rsync://{rsyncd.host}:{rsyncd.port}/DEST/",
             "src": targets / "weburl",
         },
-        "empty": {"dest": rsyncd.url("EMPTY"), "src": targets / "empty", "option": [port, *base]},
-        "badpath": {
-            "dest": rsyncd.url("DEST"),
-            "src": "/srv/peer-notallowed/web",
-            "option": [port],
-        },
+        "empty": rsyncd.group(targets / "empty", *base, module="EMPTY"),
+        "badpath": rsyncd.group("/srv/peer-notallowed/web"),
     }
 
 

@@ -1,6 +1,7 @@
-"""Real processes for integration tests: an rsync daemon, `twistd -n deploy-agent` and
-`deploy-proxy` on 127.0.0.x with free ports, and the real `deploy-client`. Every wait polls
-with a deadline; every process started here is stopped by its pid when the test ends."""
+"""What the integration tests add to `deploy.testing` (real daemons on loopback, shared with the
+benchmark): the real `deploy-client`, raw requests and captured answers, scripted servers, and
+stopping the syncs our agents left. Every wait polls with a deadline; every process started here
+is stopped by its pid when the test ends."""
 
 from __future__ import annotations
 
@@ -9,40 +10,29 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 from urllib.parse import parse_qsl
 
 from deploy.auth import legacy_auth_key
+from deploy.client import ClientOptions, Order, build_request
+from deploy.testing import (  # noqa: F401  (re-exported: what the tests import from here)
+    AgentProcess,
+    ChildProcess,
+    ProxyProcess,
+    RsyncDaemon,
+    agent_ini,
+    can_connect,
+    free_port,
+    make_tree,
+    tool,
+    wait_until,
+)
 
-T = TypeVar("T")
-BIN = Path(sys.executable).parent
 DATA = Path(__file__).parent / "data"
-
-
-def tool(name: str) -> str:
-    """An executable next to this interpreter (the venv's twistd/deploy-client), else on PATH."""
-    candidate = BIN / name
-    if candidate.exists():
-        return str(candidate)
-    import shutil
-
-    found = shutil.which(name)
-    if not found:
-        raise RuntimeError(f"{name} is not installed (run scripts/setup.sh)")
-    return found
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def shared_free_port(hosts: list[str]) -> int:
@@ -64,187 +54,14 @@ def shared_free_port(hosts: list[str]) -> int:
     raise AssertionError("no port free on all of " + ", ".join(hosts))
 
 
-def wait_until(
-    predicate: Callable[[], T], timeout: float = 20.0, interval: float = 0.02, what: str = ""
-) -> T:
-    """Poll `predicate` until it returns something truthy; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what or predicate}")
-        time.sleep(interval)
-
-
-def can_connect(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
-class Daemon:
-    """A child process we started; `stop()` ends it (TERM, then KILL) and only it."""
-
-    name = "daemon"
-
-    def __init__(
-        self, argv: list[str], log: Path, cwd: Path | None = None, env: dict[str, str] | None = None
-    ) -> None:
-        self.argv = argv
-        self.log = log
-        self._log_file = open(log, "ab")
-        self.proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log_file,
-            stderr=subprocess.STDOUT,
-            cwd=cwd,
-            env=env,
-        )
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def log_text(self) -> str:
-        try:
-            return self.log.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def wait_listening(self, host: str, port: int, timeout: float = 30.0) -> None:
-        def ready() -> bool:
-            if self.proc.poll() is not None:
-                raise AssertionError(
-                    f"{self.name} exited with {self.proc.returncode}:\n{self.log_text()}"
-                )
-            return can_connect(host, port)
-
-        wait_until(ready, timeout, what=f"{self.name} to listen on {host}:{port}")
-
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self._log_file.close()
-
-
-class RsyncDaemon(Daemon):
-    """`rsync --daemon --no-detach` serving `modules` read-only on host:port."""
-
-    name = "rsyncd"
-
-    def __init__(self, workdir: Path, modules: dict[str, Path], host: str = "127.0.0.1") -> None:
-        self.host = host
-        self.port = free_port(host)
-        conf = workdir / f"rsyncd-{self.port}.conf"
-        lines = ["use chroot = no", "max connections = 0", f"log file = {workdir}/rsyncd.log"]
-        for name, path in modules.items():
-            lines += [f"[{name}]", f"    path = {path}", "    read only = yes", "    list = yes"]
-        conf.write_text("\n".join(lines) + "\n")
-        super().__init__(
-            [
-                tool("rsync") if (BIN / "rsync").exists() else "rsync",
-                "--daemon",
-                "--no-detach",
-                f"--config={conf}",
-                f"--port={self.port}",
-                f"--address={host}",
-            ],
-            workdir / f"rsyncd-{self.port}.out",
-        )
-        self.wait_listening(host, self.port)
-
-    def url(self, module: str) -> str:
-        return f"{self.host}::{module}/"
-
-
-def agent_ini(
-    *,
-    host: str,
-    port: int,
-    state: Path,
-    allow_paths: list[Path],
-    groups: dict[str, dict[str, Any]] | None = None,
-    jobs: Path | None = None,
-    server: dict[str, Any] | None = None,
-    allow_hosts: tuple[str, ...] = ("127.0.0.0/8", "::1"),
-) -> str:
-    """An agent config in the original's dialect."""
-    out = ["[server]", f"addr = {host}", f"port = {port}", f"state_path = {state}"]
-    out += [f"{k} = {v}" for k, v in (server or {}).items()]
-    out += ["", "[allow::hosts]"] + [f"host[] = {h}" for h in allow_hosts]
-    out += ["", "[allow::paths]"] + [f"path[] = {p}" for p in allow_paths]
-    for name, keys in (groups or {}).items():
-        out += ["", f"[rsync::group::{name}]"]
-        for key, value in keys.items():
-            if isinstance(value, list | tuple):
-                out += [f"{key}[] = {v}" for v in value]
-            else:
-                out.append(f"{key} = {value}")
-    if jobs is not None:
-        out += ["", "[jobs]", f"path = {jobs}"]
-    return "\n".join(out) + "\n"
-
-
-class AgentProcess(Daemon):
-    """`twistd -n --pidfile= deploy-agent --path INI` on host:port."""
-
-    name = "deploy-agent"
-    plugin = "deploy-agent"
-
-    def __init__(
-        self,
-        workdir: Path,
-        ini_text: str,
-        host: str,
-        port: int,
-        extra: list[str] | None = None,
-        wait: bool = True,
-    ) -> None:
-        self.host = host
-        self.port = port
-        self.workdir = workdir
-        self.ini = workdir / f"{self.plugin}-{host}-{port}.ini"
-        self.ini.write_text(ini_text)
-        super().__init__(
-            [
-                tool("twistd"),
-                "-n",
-                "--pidfile=",
-                "--logfile=-",
-                self.plugin,
-                "--path",
-                str(self.ini),
-                *(extra or []),
-            ],
-            workdir / f"{self.plugin}-{host}-{port}.log",
-            cwd=workdir,
-        )
-        if wait:
-            self.wait_listening(host, port)
-
-    @property
-    def address(self) -> str:
-        return f"{self.host}:{self.port}"
-
-
-class ProxyProcess(AgentProcess):
-    name = "deploy-proxy"
-    plugin = "deploy-proxy"
+def jail(work: Path) -> tuple[Path, Path]:
+    """`work/targets`, for an agent's allow::paths, holding `link`: a symlink to `work/outside`,
+    where no order may write. Answers (targets, outside)."""
+    targets, outside = work / "targets", work / "outside"
+    targets.mkdir()
+    outside.mkdir()
+    (targets / "link").symlink_to(outside)
+    return targets, outside
 
 
 @dataclass
@@ -276,6 +93,15 @@ def run_client(*args: str, timeout: float = 120.0, env: dict[str, str] | None = 
     return ClientRun(proc.returncode, proc.stdout.decode(), proc.stderr.decode())
 
 
+class AgentClient:
+    """Runs the real deploy-client against `self.agent`."""
+
+    agent: AgentProcess
+
+    def client(self, *args: str, **kw: Any) -> ClientRun:
+        return run_client(f"--hosts={self.agent.address}", *args, **kw)
+
+
 def raw_request(
     host: str, port: int, data: bytes, timeout: float = 15.0, chunk_delay: float = 0.0
 ) -> bytes:
@@ -305,6 +131,19 @@ def parse_response(raw: bytes) -> tuple[int, dict[str, str], bytes]:
     return status, headers, body
 
 
+def parsed_answer(raw: bytes) -> tuple[int, Any]:
+    """An answer's status and body: the JSON when it is JSON, else the text."""
+    status, _, body = parse_response(raw)
+    text = body.decode("utf-8", "replace")
+    return status, json.loads(text) if text.startswith("{") else text
+
+
+def ask(agent: AgentProcess, order: str, options: str, timeout: float = 15.0) -> tuple[int, Any]:
+    """One order straight to `agent`, signed as deploy-client signs it: (status, parsed answer)."""
+    request = build_request(Order(order, options), ClientOptions(), agent.host, time.time())
+    return parsed_answer(raw_request(agent.host, agent.port, request, timeout=timeout))
+
+
 def legacy_request(name: str, replace: dict[str, str] | None = None, key: str = "65535") -> bytes:
     """A captured request from tests/data/wire with a fresh one-time auth_key (and paths
     rewritten by `replace`), its Content-Length fixed."""
@@ -323,6 +162,15 @@ def legacy_request(name: str, replace: dict[str, str] | None = None, key: str = 
         for line in head.decode().split("\r\n")
     ]
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+# Captures of the original proxy refusing a request (tests/data/wire).
+PROXY_REFUSALS = (
+    "proxy-error-unknown-api-key",
+    "proxy-error-group-not-granted",
+    "proxy-error-host-not-granted",
+    "proxy-error-args-syntax",
+)
 
 
 def captured_response(name: str) -> tuple[int, dict[str, str], bytes]:
@@ -351,16 +199,6 @@ def stop_supervisors(state_dir: Path) -> None:
                         os.kill(pid, signal.SIGKILL)
                 except (ProcessLookupError, PermissionError):
                     pass
-
-
-def make_tree(root: Path, files: int = 20, size: int = 100, dirs: int = 4) -> Path:
-    """A release tree: `files` files of `size` bytes spread over `dirs` directories."""
-    root.mkdir(parents=True, exist_ok=True)
-    for i in range(files):
-        d = root / f"d{i % dirs:02d}"
-        d.mkdir(exist_ok=True)
-        (d / f"f{i:05d}.dat").write_bytes(bytes([65 + i % 26]) * size)
-    return root
 
 
 class ScriptedServer:

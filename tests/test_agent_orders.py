@@ -24,12 +24,14 @@ import pytest
 from deploy.auth import sign_request
 from tests.conftest import JOBS, Daemons
 from tests.harness import (
+    AgentClient,
     AgentProcess,
     ClientRun,
     RsyncDaemon,
     agent_ini,
     can_connect,
     free_port,
+    jail,
     legacy_request,
     make_tree,
     parse_response,
@@ -53,7 +55,7 @@ ODD_SHOWN = ['q"uote', "back\\slash", "new\nline", "bin\\#377name", "with space"
 
 
 @dataclass
-class Env:
+class Env(AgentClient):
     daemons: Daemons
     work: Path
     tree: Path
@@ -63,15 +65,22 @@ class Env:
     agent: AgentProcess
     down_port: int
 
-    def client(self, *args: str, **kw: Any) -> ClientRun:
-        return run_client(f"--hosts={self.agent.address}", *args, **kw)
-
     def order(self, order: str, options: str, *args: str) -> tuple[ClientRun, Any, float]:
         """Run one order through deploy-client: (run, the agent's answer, seconds it took)."""
         started = time.monotonic()
         run = self.client(f"--order={order}", f"--options={options}", *args)
         elapsed = time.monotonic() - started
         return run, run.content(self.agent.address, order), elapsed
+
+    def web_agent(self, host: str, allow_hosts: tuple[str, ...]) -> AgentProcess:
+        """Another agent, on `host`, with only the `web` group, serving `allow_hosts`."""
+        return self.daemons.agent(
+            host,
+            state=self.work / f"state-{host}",
+            allow_paths=[self.targets],
+            groups={"web": {"dest": self.rsyncd.url("DEST"), "src": self.targets / "web"}},
+            allow_hosts=allow_hosts,
+        )
 
     def raw(self, data: bytes, host: str | None = None, port: int | None = None) -> bytes:
         return raw_request(host or self.agent.host, port or self.agent.port, data)
@@ -131,64 +140,56 @@ def slow_tree(root: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
-    work = tmp_path_factory.mktemp("orders")
-    daemons = Daemons(work)
-    try:
-        tree = make_tree(work / "tree", files=40, size=2000)
-        odd = odd_tree(work / "odd")
-        slow = slow_tree(work / "slow")
-        targets = work / "targets"
-        targets.mkdir()
-        outside = work / "outside"
-        outside.mkdir()
-        (targets / "link").symlink_to(outside)
-        # a target holding 3 files the source does not have and one that differs
-        deletes = targets / "deletes"
-        subprocess.run(["rsync", "-a", f"{tree}/", f"{deletes}/"], check=True)
-        (deletes / "extra").mkdir()
-        for i in (1, 2, 3):
-            (deletes / "extra" / f"junk{i}.txt").write_text("junk\n")
-        (deletes / "d00" / "f00000.dat").write_bytes(b"changed")
-        jobs = work / "deploy_agent_exec.ini"
-        jobs.write_text(JOBS + f"service:touch           =   {TOUCH} %s\n")
-        rsyncd = daemons.rsyncd({"DEST": tree, "ODD": odd, "SLOW": slow})
-        port = f"--port={rsyncd.port}"
-        base = ["--archive", "--delete", "--force"]
-        down_port = free_port()
-        dest = rsyncd.url("DEST")
+def env(module_daemons: Daemons) -> Env:
+    daemons = module_daemons
+    work = daemons.workdir
+    tree = make_tree(work / "tree", files=40, size=2000)
+    odd = odd_tree(work / "odd")
+    slow = slow_tree(work / "slow")
+    targets, outside = jail(work)
+    # a target holding 3 files the source does not have and one that differs
+    deletes = targets / "deletes"
+    subprocess.run(["rsync", "-a", f"{tree}/", f"{deletes}/"], check=True)
+    (deletes / "extra").mkdir()
+    for i in (1, 2, 3):
+        (deletes / "extra" / f"junk{i}.txt").write_text("junk\n")
+    (deletes / "d00" / "f00000.dat").write_bytes(b"changed")
+    jobs = work / "deploy_agent_exec.ini"
+    jobs.write_text(JOBS + f"service:touch           =   {TOUCH} %s\n")
+    rsyncd = daemons.rsyncd({"DEST": tree, "ODD": odd, "SLOW": slow})
+    base = ["--archive", "--delete", "--force"]
+    down_port = free_port()
+    dest = rsyncd.url("DEST")
 
-        def group(src: str, source: str = dest, *extra: str) -> dict[str, Any]:
-            return {"dest": source, "src": targets / src, "option": [port, *base, *extra]}
+    def group(src: str, module: str = "DEST", *extra: str) -> dict[str, Any]:
+        return rsyncd.group(targets / src, *base, *extra, module=module)
 
-        groups = {
-            "web": group("web"),
-            "websync": group("websync"),
-            "deletes": group("deletes"),
-            "odd": group("odd", rsyncd.url("ODD")),
-            "webslow": group("webslow", rsyncd.url("SLOW"), "--bwlimit=100"),
-            "webkill": group("webkill", rsyncd.url("SLOW"), "--bwlimit=100"),
-            "weburl": {
-                "dest": f"rsync://{rsyncd.host}:{rsyncd.port}/DEST/",
-                "src": targets / "weburl",
-            },
-            "down": {
-                "dest": dest,
-                "src": targets / "down",
-                "option": [f"--port={down_port}", *base],
-            },
-            "badpath": {"dest": dest, "src": outside / "web", "option": [port]},
-        }
-        agent = daemons.agent(
-            groups=groups,
-            jobs=jobs,
-            state=work / "state",
-            allow_paths=[targets],
-            server={"rkill_grace": 2},
-        )
-        yield Env(daemons, work, tree, targets, outside, rsyncd, agent, down_port)
-    finally:
-        daemons.stop_all()
+    groups = {
+        "web": group("web"),
+        "websync": group("websync"),
+        "deletes": group("deletes"),
+        "odd": group("odd", "ODD"),
+        "webslow": group("webslow", "SLOW", "--bwlimit=100"),
+        "webkill": group("webkill", "SLOW", "--bwlimit=100"),
+        "weburl": {
+            "dest": f"rsync://{rsyncd.host}:{rsyncd.port}/DEST/",
+            "src": targets / "weburl",
+        },
+        "down": {
+            "dest": dest,
+            "src": targets / "down",
+            "option": [f"--port={down_port}", *base],
+        },
+        "badpath": rsyncd.group(outside / "web"),
+    }
+    agent = daemons.agent(
+        groups=groups,
+        jobs=jobs,
+        state=work / "state",
+        allow_paths=[targets],
+        server={"rkill_grace": 2},
+    )
+    return Env(daemons, work, tree, targets, outside, rsyncd, agent, down_port)
 
 
 @pytest.fixture(autouse=True)
@@ -418,13 +419,7 @@ def test_group_outside_allowed_paths_is_403(env: Env) -> None:
 
 def test_allow_hosts_refuses_the_clients_address(env: Env) -> None:
     """Only 127.0.0.2 allowed: deploy-client (source 127.0.0.1) gets 403, 127.0.0.2 is served."""
-    agent = env.daemons.agent(
-        "127.0.0.2",
-        state=env.work / "state-hosts",
-        allow_paths=[env.targets],
-        groups={"web": {"dest": env.rsyncd.url("DEST"), "src": env.targets / "web"}},
-        allow_hosts=("127.0.0.2",),
-    )
+    agent = env.web_agent("127.0.0.2", allow_hosts=("127.0.0.2",))
     run = run_client(f"--hosts={agent.address}", "--order=rkill", "--options=web")
     entry = run.entry(agent.address, "rkill")
     assert entry["returnCode"] == "403"
@@ -441,13 +436,7 @@ def test_allow_hosts_refuses_the_clients_address(env: Env) -> None:
 
 def test_ipv6_agent_and_allow_list(env: Env) -> None:
     """An agent listening on ::1 with `host[] = ::1` serves deploy-client over IPv6."""
-    agent = env.daemons.agent(
-        "::1",
-        state=env.work / "state-v6",
-        allow_paths=[env.targets],
-        groups={"web": {"dest": env.rsyncd.url("DEST"), "src": env.targets / "web"}},
-        allow_hosts=("::1",),
-    )
+    agent = env.web_agent("::1", allow_hosts=("::1",))
     address = f"[::1]:{agent.port}"
     run = run_client(f"--hosts={address}", "--order=rkill", "--options=web")
     assert run.content(address, "rkill") == {"return": "true", "process": []}

@@ -10,7 +10,7 @@ import hashlib
 import json
 import shutil
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,30 +103,27 @@ def peer_config(work: Path, targets: Path, jobs: Path, rsyncd: RsyncDaemon, port
 
 
 @pytest.fixture(scope="module")
-def peer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Peer]:
-    work = tmp_path_factory.mktemp("replay")
-    daemons = Daemons(work)
-    try:
-        # as many files as the capture: counts above 999 test rsync's thousands separators
-        tree = make_tree(work / "tree", files=10_000, size=100, dirs=100)
-        slow = work / "slow"
-        slow.mkdir()
-        with open(slow / "big.bin", "wb") as f:
-            f.truncate(SLOW_BYTES)
-        targets = work / "targets"
-        targets.mkdir()
-        (work / "logs").mkdir()
-        jobs = work / "deploy_agent_exec.ini"
-        shutil.copy(DATA / "config" / "deploy_agent_exec.ini", jobs)
-        rsyncd = daemons.rsyncd({"DEST": tree, "SLOW": slow})
-        port = free_port()
-        daemons.state_dirs.append(work / "state")
-        agent = daemons.agent_from_text(
-            peer_config(work, targets, jobs, rsyncd, port), "127.0.0.1", port
-        )
-        yield Peer(work, tree, targets, rsyncd, agent)
-    finally:
-        daemons.stop_all()
+def peer(module_daemons: Daemons) -> Peer:
+    daemons = module_daemons
+    work = daemons.workdir
+    # as many files as the capture: counts above 999 test rsync's thousands separators
+    tree = make_tree(work / "tree", files=10_000, size=100, dirs=100)
+    slow = work / "slow"
+    slow.mkdir()
+    with open(slow / "big.bin", "wb") as f:
+        f.truncate(SLOW_BYTES)
+    targets = work / "targets"
+    targets.mkdir()
+    (work / "logs").mkdir()
+    jobs = work / "deploy_agent_exec.ini"
+    shutil.copy(DATA / "config" / "deploy_agent_exec.ini", jobs)
+    rsyncd = daemons.rsyncd({"DEST": tree, "SLOW": slow})
+    port = free_port()
+    daemons.state_dirs.append(work / "state")
+    agent = daemons.agent_from_text(
+        peer_config(work, targets, jobs, rsyncd, port), "127.0.0.1", port
+    )
+    return Peer(work, tree, targets, rsyncd, agent)
 
 
 # --------------------------------------------------------------------------- target states

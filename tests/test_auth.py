@@ -173,34 +173,32 @@ def test_custom_window() -> None:
         verifier.verify(signed(now=NOW - 6, nonce=None), METHOD, PATH, BODY)
 
 
+def replay_refusal(signed_at: float, later: float) -> str:
+    """Verify a request signed at `signed_at`, then the same one again `later` seconds on: the
+    refusal of the second."""
+    clock, verifier = make_verifier()
+    header = signed(now=signed_at)
+    verifier.verify(header, METHOD, PATH, BODY)
+    clock.advance(later)
+    with pytest.raises(AuthError) as refused:
+        verifier.verify(header, METHOD, PATH, BODY)
+    return str(refused.value)
+
+
 def test_replay_refused() -> None:
     """The same signed request a second time inside the window is refused."""
-    clock, verifier = make_verifier()
-    header = signed()
-    verifier.verify(header, METHOD, PATH, BODY)
-    clock.advance(30)
-    with pytest.raises(AuthError, match="^replayed request$"):
-        verifier.verify(header, METHOD, PATH, BODY)
+    assert replay_refusal(NOW, 30) == "replayed request"
 
 
 def test_replay_at_last_second_of_window_refused() -> None:
     """The nonce is still remembered at exactly ts + window, the last second the ts passes."""
-    clock, verifier = make_verifier()
-    header = signed(now=NOW + 60)  # from a client whose clock runs a minute ahead
-    verifier.verify(header, METHOD, PATH, BODY)
-    clock.advance(120)
-    with pytest.raises(AuthError, match="^replayed request$"):
-        verifier.verify(header, METHOD, PATH, BODY)
+    # from a client whose clock runs a minute ahead
+    assert replay_refusal(NOW + 60, 120) == "replayed request"
 
 
 def test_replay_after_window_refused_by_time() -> None:
     """Once the nonce is forgotten, a replay is still refused by the ts check."""
-    clock, verifier = make_verifier()
-    header = signed()
-    verifier.verify(header, METHOD, PATH, BODY)
-    clock.advance(61)
-    with pytest.raises(AuthError, match="^request time outside the allowed window$"):
-        verifier.verify(header, METHOD, PATH, BODY)
+    assert replay_refusal(NOW, 61) == "request time outside the allowed window"
 
 
 def test_nonces_expire() -> None:

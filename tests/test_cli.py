@@ -3,11 +3,10 @@ loopback; its JSON output (the original's shape) and its exit codes."""
 
 from __future__ import annotations
 
-import json
 import os
+import socket
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import pytest
 import pytest_twisted
@@ -17,10 +16,9 @@ from twisted.internet.utils import getProcessOutputAndValue
 from deploy.auth import check_legacy_auth_key
 from deploy.cli import EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE
 from deploy.wire import decode_form
-from tests.harness import tool
+from tests.harness import ClientRun, tool
 from tests.test_client import (
     FakeAgent,
-    FullBacklog,
     Script,
     answer,
     hang,
@@ -36,15 +34,44 @@ NOT_FOUND = response(400, b"exec[x] not found!", "text/plain; charset=utf-8")
 
 
 @dataclass
-class Run:
-    rc: int
-    stdout: str
-    stderr: str
+class Run(ClientRun):
     elapsed: float
 
+
+class FullBacklog:
+    """A listening socket whose accept queue is full, so SYNs to it are dropped: a connect
+    neither succeeds nor is refused, like a host that is down (on loopback)."""
+
+    def __init__(self) -> None:
+        self.server = socket.socket()
+        self.server.bind(("127.0.0.1", 0))
+        self.server.listen(0)
+        self.port = self.server.getsockname()[1]
+        self.fillers = []
+        for _ in range(4):
+            s = socket.socket()
+            s.setblocking(False)
+            s.connect_ex(("127.0.0.1", self.port))
+            self.fillers.append(s)
+        probe = socket.socket()
+        probe.settimeout(0.3)
+        try:
+            probe.connect(("127.0.0.1", self.port))
+        except TimeoutError:
+            pass
+        else:
+            raise AssertionError("the accept queue did not fill: cannot fake a host that is down")
+        finally:
+            probe.close()
+
     @property
-    def json(self) -> Any:
-        return json.loads(self.stdout)
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        for s in self.fillers:
+            s.close()
+        self.server.close()
 
 
 async def client(*args: str) -> Run:

@@ -22,7 +22,8 @@ import pytest
 from deploy import clientconfig, output
 from deploy.cli import main
 from deploy.retry import read_result_rows, retry_plan
-from tests.harness import ClientRun, free_port, run_client, tool
+from tests.conftest import Daemons
+from tests.harness import ClientRun, ProxyProcess, free_port, run_client, tool
 
 SLOW_JOBS = """\
 ; the same names as the usual jobs file, but this agent's echo takes its time
@@ -48,14 +49,6 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
-@pytest.fixture
-def home(tmp_path: Path) -> Path:
-    """An empty HOME, so no ~/.config/deploy/client.ini of the machine leaks in."""
-    h = tmp_path / "home"
-    h.mkdir()
-    return h
-
-
 def client(home: Path, *args: str, **env: str) -> ClientRun:
     return run_client(*args, env=clean_env(HOME=str(home), **env))
 
@@ -70,16 +63,23 @@ def slow_agent(daemons, site, tmp_path):
     )
 
 
-def proxy_text(tmp_path: Path, port: int, servers: list[str], key: str = "k1") -> str:
-    """A proxy on 127.0.0.1:port whose api key `key` grants group `fleet` = servers."""
+def fleet_proxy(daemons: Daemons, tmp_path: Path, servers: list[str]) -> ProxyProcess:
+    """A proxy on 127.0.0.1 whose api key k1 grants group `fleet` = servers."""
+    port = free_port()
     api = tmp_path / f"api-{port}.ini"
     api.write_text(
-        f"[keys]\n{key}[] = fleet\n\n[servers]\n" + "".join(f"fleet[] = {s}\n" for s in servers)
+        "[keys]\nk1[] = fleet\n\n[servers]\n" + "".join(f"fleet[] = {s}\n" for s in servers)
     )
-    return (
+    text = (
         f"[server]\naddr = 127.0.0.1\nport = {port}\n\n[client]\nthread_timeout = 10\n\n"
         f"[allow::hosts]\nhost[] = 127.0.0.0/8\n\n[api]\npath = {api}\n"
     )
+    return daemons.proxy(text, "127.0.0.1", port)
+
+
+def through(proxy: ProxyProcess) -> tuple[str, ...]:
+    """deploy-client's arguments for an order to the fleet through `proxy`, with key k1."""
+    return (f"--hosts={proxy.address}", "--api-key=k1", "--args=groups:fleet")
 
 
 # ------------------------------------------------------------------------- formats, exit codes
@@ -184,16 +184,9 @@ def test_table_has_a_row_per_host_and_a_summary(site, home):
 def test_table_through_a_proxy_has_a_row_per_agent(site, daemons, home, tmp_path):
     """Through a proxy the table shows each agent (with the proxy in VIA), not one proxy row."""
     down = down_host()
-    port = free_port()
-    proxy = daemons.proxy(proxy_text(tmp_path, port, [site.agent.address, down]), "127.0.0.1", port)
+    proxy = fleet_proxy(daemons, tmp_path, [site.agent.address, down])
     r = client(
-        home,
-        f"--hosts={proxy.address}",
-        "--api-key=k1",
-        "--args=groups:fleet",
-        "--order=exec",
-        "--options=service:echo,hello",
-        "--format=table",
+        home, *through(proxy), "--order=exec", "--options=service:echo,hello", "--format=table"
     )
     assert r.rc == 3, r.stdout + r.stderr
     lines = r.stdout.splitlines()
@@ -368,8 +361,7 @@ def test_retry_failed_through_a_proxy_names_the_failed_agents(site, daemons, hom
     (`--args=hosts:...`), so agents that succeeded are not ordered again."""
     late_port = free_port()
     late = f"127.0.0.1:{late_port}"
-    port = free_port()
-    proxy = daemons.proxy(proxy_text(tmp_path, port, [site.agent.address, late]), "127.0.0.1", port)
+    proxy = fleet_proxy(daemons, tmp_path, [site.agent.address, late])
     first = client(
         home,
         f"--hosts={proxy.address}",

@@ -11,22 +11,20 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
 from twisted.internet import defer
 from twisted.internet.task import Clock
 
 from deploy.client import ClientOptions, HostResult, Order
 from deploy.follow import WAIT_LOST_CONTACT, SyncWaiter
-from tests.harness import free_port, wait_until
-from tests.test_cli_formats import TtyClient, clean_env, client, down_host, proxy_text
-
-
-@pytest.fixture
-def home(tmp_path: Path) -> Path:
-    """An empty HOME, so no ~/.config/deploy/client.ini of the machine leaks in."""
-    h = tmp_path / "home"
-    h.mkdir()
-    return h
+from tests.harness import wait_until
+from tests.test_cli_formats import (
+    TtyClient,
+    clean_env,
+    client,
+    down_host,
+    fleet_proxy,
+    through,
+)
 
 
 def add_big_file(tree: Path, size: int) -> None:
@@ -92,17 +90,8 @@ def test_wait_through_a_proxy(site, daemons, home, tmp_path):
     shows each agent's lastRsync; an agent that is down makes the exit code 3."""
     add_big_file(site.tree, 300_000)
     down = down_host()
-    port = free_port()
-    proxy = daemons.proxy(proxy_text(tmp_path, port, [site.agent.address, down]), "127.0.0.1", port)
-    r = client(
-        home,
-        f"--hosts={proxy.address}",
-        "--api-key=k1",
-        "--args=groups:fleet",
-        "--order=rsync",
-        "--options=webslow",
-        "--wait",
-    )
+    proxy = fleet_proxy(daemons, tmp_path, [site.agent.address, down])
+    r = client(home, *through(proxy), "--order=rsync", "--options=webslow", "--wait")
     assert r.rc == 3, r.stdout + r.stderr
     agents = r.content(proxy.address, "rsync")
     ok = agents[site.agent.address]["rsync"]["content"]

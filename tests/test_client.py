@@ -1,5 +1,6 @@
-"""Tests of the client side of the wire: the request bytes it sends, and `OrderClient` against a
-scripted fake agent on loopback (answers, garbage, slow hosts, refused and unreachable ones)."""
+"""Tests of the client side of the wire: the request bytes it sends, `OrderClient` against a
+scripted fake agent on loopback (answers, garbage, hang-ups), and its timeouts, refused and
+unreachable hosts on a MemoryReactorClock (no real waiting)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,15 @@ import json
 import socket
 import time
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, reactor
+from twisted.internet import defer, error, reactor
+from twisted.internet.address import IPv4Address
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
 from deploy.auth import HmacVerifier, check_legacy_auth_key
@@ -123,9 +127,6 @@ class ScriptedAgent(Protocol):
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.lost = True
-        waiters, self.factory.lost_waiters = self.factory.lost_waiters, []
-        for d in waiters:
-            d.callback(None)
 
 
 class ScriptedFactory(Factory):
@@ -135,7 +136,6 @@ class ScriptedFactory(Factory):
         self.script = script
         self.requests: list[bytes] = []
         self.connections: list[ScriptedAgent] = []
-        self.lost_waiters: list[defer.Deferred[None]] = []
 
 
 class FakeAgent:
@@ -155,14 +155,6 @@ class FakeAgent:
     def requests(self) -> list[bytes]:
         return self.factory.requests
 
-    def connection_lost(self) -> defer.Deferred[None]:
-        """Fires once a connection to this agent has ended."""
-        if any(c.lost for c in self.factory.connections):
-            return defer.succeed(None)
-        d: defer.Deferred[None] = defer.Deferred()
-        self.factory.lost_waiters.append(d)
-        return d
-
     def stop(self) -> defer.Deferred[object]:
         for c in self.factory.connections:
             if not c.lost:
@@ -170,40 +162,48 @@ class FakeAgent:
         return defer.maybeDeferred(self.listening.stopListening)
 
 
-class FullBacklog:
-    """A listening socket whose accept queue is full, so SYNs to it are dropped: a connect
-    neither succeeds nor is refused, like a host that is down (on loopback)."""
+ADDRESS = "127.0.0.1:3440"
 
-    def __init__(self) -> None:
-        self.server = socket.socket()
-        self.server.bind(("127.0.0.1", 0))
-        self.server.listen(0)
-        self.port = self.server.getsockname()[1]
-        self.fillers = []
-        for _ in range(4):
-            s = socket.socket()
-            s.setblocking(False)
-            s.connect_ex(("127.0.0.1", self.port))
-            self.fillers.append(s)
-        probe = socket.socket()
-        probe.settimeout(0.3)
-        try:
-            probe.connect(("127.0.0.1", self.port))
-        except TimeoutError:
-            pass
-        else:
-            raise AssertionError("the accept queue did not fill: cannot fake a host that is down")
-        finally:
-            probe.close()
+
+class ClockedSend:
+    """One `OrderClient.send` of `status web` to ADDRESS on a MemoryReactorClock: nothing
+    connects until the test says how the connection attempt goes, and time passes only when
+    the test advances the clock."""
+
+    def __init__(self, **options: Any) -> None:
+        self.reactor = MemoryReactorClock()
+        self.results: list[HostResult] = []
+        client = OrderClient(self.reactor, ClientOptions(**options))
+        client.send(ADDRESS, Order("status", "web")).addCallback(self.results.append)
+        self.host, self.port, self.factory, self.timeout, _ = self.reactor.tcpClients[0]
+        self.connector = self.reactor.connectors[0]
+        self.protocol: Protocol | None = None
 
     @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+    def result(self) -> HostResult | None:
+        return self.results[0] if self.results else None
 
-    def close(self) -> None:
-        for s in self.fillers:
-            s.close()
-        self.server.close()
+    def connect(self) -> StringTransport:
+        """The agent accepts: the client's protocol runs on a StringTransport."""
+        self.protocol = self.factory.buildProtocol(IPv4Address("TCP", self.host, self.port))
+        transport = StringTransport()
+        self.protocol.makeConnection(transport)
+        return transport
+
+    def refuse(self) -> None:
+        """Nothing listens: the attempt fails at once, as the kernel refuses it."""
+        self.factory.clientConnectionFailed(self.connector, Failure(error.ConnectionRefusedError()))
+
+    def never_accept(self) -> None:
+        """The host never answers the SYN: as the real reactor's connector does, the attempt
+        fails with TimeoutError once the timeout given to connectTCP has passed (unless the
+        client stopped it first)."""
+
+        def timed_out() -> None:
+            if not self.connector.stoppedConnecting:
+                self.factory.clientConnectionFailed(self.connector, Failure(error.TimeoutError()))
+
+        self.reactor.callLater(self.timeout, timed_out)
 
 
 def refused_address() -> str:
@@ -419,78 +419,64 @@ async def test_hang_up_without_answer() -> None:
     )
 
 
-@pytest_twisted.ensureDeferred
-async def test_slow_agent_is_process_timeout_and_connection_dropped() -> None:
+def test_slow_agent_is_process_timeout_and_connection_dropped() -> None:
     """No answer within thread_timeout: `Process Timeout(N)!`, and the connection is closed."""
-    agent = FakeAgent(hang)
-    try:
-        client = OrderClient(reactor, ClientOptions(thread_timeout=0.5))
-        started = time.monotonic()
-        result = await client.send(agent.address, Order("status", "web"))
-        elapsed = time.monotonic() - started
-        assert result.server_status == 0
-        assert result.content == "Process Timeout(0.5)!"
-        assert 0.45 <= elapsed < 3
-        assert len(agent.requests) == 1
-        await agent.connection_lost()
-    finally:
-        await agent.stop()
+    send = ClockedSend(thread_timeout=0.5)
+    transport = send.connect()
+    start, _, _ = split_request(transport.value())
+    assert start == "POST /agent/status HTTP/1.1"
+    send.reactor.advance(0.49)
+    assert send.result is None
+    send.reactor.advance(0.01)
+    assert send.result is not None
+    assert send.result.server_status == 0
+    assert send.result.content == "Process Timeout(0.5)!"
+    assert transport.disconnecting
+    assert not send.reactor.getDelayedCalls()
 
 
-@pytest_twisted.ensureDeferred
-async def test_refused_is_cant_connect_at_once() -> None:
+def test_refused_is_cant_connect_at_once() -> None:
     """A port where nothing listens: `can't connect to HOST:PORT`, without waiting."""
-    address = refused_address()
-    client = OrderClient(reactor, ClientOptions(thread_timeout=10, socket_timeout=5))
-    started = time.monotonic()
-    result = await client.send(address, Order("status", "web"))
-    assert result.content == f"can't connect to {address}"
+    send = ClockedSend(thread_timeout=10, socket_timeout=5)
+    send.refuse()
+    result = send.result  # with the clock not advanced at all
+    assert result is not None
+    assert result.content == f"can't connect to {ADDRESS}"
     assert result.server_status == 0 and result.unreachable
     assert result.to_json()["returnCode"] == ""
-    assert time.monotonic() - started < 2
+    assert not send.reactor.getDelayedCalls()
 
 
-@pytest_twisted.ensureDeferred
-async def test_unreachable_gives_up_after_socket_timeout() -> None:
+def test_unreachable_gives_up_after_socket_timeout() -> None:
     """A host that never completes the connection is `can't connect` after socket_timeout."""
-    down = FullBacklog()
-    try:
-        client = OrderClient(reactor, ClientOptions(thread_timeout=20, socket_timeout=0.5))
-        started = time.monotonic()
-        result = await client.send(down.address, Order("status", "web"))
-        elapsed = time.monotonic() - started
-    finally:
-        down.close()
-    assert result.content == f"can't connect to {down.address}"
-    assert 0.45 <= elapsed < 5
+    send = ClockedSend(thread_timeout=20, socket_timeout=0.5)
+    send.never_accept()
+    send.reactor.advance(0.49)
+    assert send.result is None
+    send.reactor.advance(0.01)
+    assert send.result is not None
+    assert send.result.content == f"can't connect to {ADDRESS}"
+    assert not send.reactor.getDelayedCalls()
 
 
-@pytest_twisted.ensureDeferred
-async def test_connect_slower_than_thread_timeout_is_process_timeout() -> None:
+def test_connect_slower_than_thread_timeout_is_process_timeout() -> None:
     """When thread_timeout ends before socket_timeout, the host is a `Process Timeout`."""
-    down = FullBacklog()
-    try:
-        client = OrderClient(reactor, ClientOptions(thread_timeout=0.5, socket_timeout=20))
-        started = time.monotonic()
-        result = await client.send(down.address, Order("status", "web"))
-        elapsed = time.monotonic() - started
-    finally:
-        down.close()
-    assert result.content == "Process Timeout(0.5)!"
-    assert elapsed < 5
+    send = ClockedSend(thread_timeout=0.5, socket_timeout=20)
+    send.never_accept()
+    send.reactor.advance(0.5)
+    assert send.result is not None
+    assert send.result.content == "Process Timeout(0.5)!"
+    assert send.connector.stoppedConnecting
 
 
-@pytest_twisted.ensureDeferred
-async def test_no_timer_left_after_an_answer() -> None:
+def test_no_timer_left_after_an_answer() -> None:
     """A host that answered leaves no pending timeout in the reactor."""
-    before = {id(c) for c in reactor.getDelayedCalls()}
-    await send_to(answer(json_response({"return": "true"})), thread_timeout=30)
-    left = [
-        c
-        for c in reactor.getDelayedCalls()
-        if id(c) not in before and c.getTime() > time.time() + 5
-    ]
-    assert not left
+    send = ClockedSend(thread_timeout=30)
+    send.connect()
+    assert send.protocol is not None
+    send.protocol.dataReceived(json_response({"return": "true"}))
+    assert send.result is not None and send.result.succeeded
+    assert not send.reactor.getDelayedCalls()
 
 
 @pytest_twisted.ensureDeferred

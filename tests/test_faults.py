@@ -7,7 +7,6 @@ and test_jobs_integration.py: see docs/robustness.md.)"""
 from __future__ import annotations
 
 import base64
-import json
 import os
 import resource
 import selectors
@@ -29,9 +28,9 @@ from tests.conftest import JOBS, Daemons
 from tests.harness import (
     AgentProcess,
     RsyncDaemon,
+    ask,
     make_tree,
     parse_response,
-    raw_request,
     run_client,
     wait_until,
 )
@@ -55,13 +54,7 @@ class Env:
 
     def ask(self, order: str, options: str, timeout: float = 15.0) -> tuple[int, Any]:
         """One signed order, as deploy-client sends it: (status, JSON answer or text)."""
-        request = build_request(
-            Order(order, options), ClientOptions(), self.agent.host, time.time()
-        )
-        raw = raw_request(self.agent.host, self.agent.port, request, timeout=timeout)
-        status, _, body = parse_response(raw)
-        text = body.decode()
-        return status, json.loads(text) if text.startswith("{") else text
+        return ask(self.agent, order, options, timeout)
 
 
 def raise_fd_limit(needed: int) -> tuple[int, int]:
@@ -76,10 +69,10 @@ def raise_fd_limit(needed: int) -> tuple[int, int]:
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
-    work = tmp_path_factory.mktemp("faults")
+def env(module_daemons: Daemons) -> Iterator[Env]:
+    daemons = module_daemons
+    work = daemons.workdir
     old_limits = resource.getrlimit(resource.RLIMIT_NOFILE)
-    daemons = Daemons(work)
     try:
         tree = make_tree(work / "tree", files=5, size=100)
         targets = work / "targets"
@@ -89,24 +82,18 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         rsyncd = daemons.rsyncd({"DEST": tree})
         big = make_tree(work / "big", files=BIG_FILES, size=BIG_SIZE)
         doomed = daemons.rsyncd({"BIG": big})  # killed mid-transfer by its test
-        base = [f"--port={rsyncd.port}", "--archive", "--delete"]
+        base = ["--archive", "--delete"]
         # twistd inherits this process's limit: start it under a soft limit that 1000
         # connections exceed (systemd's default, 1024, barely fits them), which the agent must
         # raise itself to hold the idle clients and still serve.
         resource.setrlimit(resource.RLIMIT_NOFILE, (LOW_SOFT_LIMIT, old_limits[1]))
         agent = daemons.agent(
             groups={
-                "web": {"dest": rsyncd.url("DEST"), "src": targets / "web", "option": base},
-                "midway": {
-                    "dest": doomed.url("BIG"),
-                    "src": targets / "midway",
-                    "option": [f"--port={doomed.port}", "--archive", f"--bwlimit={BWLIMIT}"],
-                },
-                "readonly": {
-                    "dest": rsyncd.url("DEST"),
-                    "src": targets / "readonly",
-                    "option": base,
-                },
+                "web": rsyncd.group(targets / "web", *base),
+                "midway": doomed.group(
+                    targets / "midway", "--archive", f"--bwlimit={BWLIMIT}", module="BIG"
+                ),
+                "readonly": rsyncd.group(targets / "readonly", *base),
             },
             jobs=jobs,
             state=work / "state",
@@ -118,7 +105,6 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         raise_fd_limit(NEEDED_FDS)  # for this process's own end of the idle connections
         yield Env(work, targets, rsyncd, doomed, agent)
     finally:
-        daemons.stop_all()
         resource.setrlimit(resource.RLIMIT_NOFILE, old_limits)
 
 

@@ -8,7 +8,6 @@ header counts...) are listed in docs/robustness.md with the test that proves the
 from __future__ import annotations
 
 import hashlib
-import json
 import shutil
 import socket
 import time
@@ -28,8 +27,10 @@ from tests.conftest import JOBS, Daemons
 from tests.harness import (
     AgentProcess,
     RsyncDaemon,
+    jail,
     make_tree,
     parse_response,
+    parsed_answer,
     raw_request,
     wait_until,
 )
@@ -51,9 +52,7 @@ class Env:
 
     def send(self, data: bytes) -> tuple[int, Any]:
         """Raw bytes to the agent: (status, JSON answer or text)."""
-        status, _, body = parse_response(raw_request(self.agent.host, self.agent.port, data))
-        text = body.decode("utf-8", "replace")
-        return status, json.loads(text) if text.startswith("{") else text
+        return parsed_answer(raw_request(self.agent.host, self.agent.port, data))
 
     def order(self, order: str, options: str, **kw: Any) -> tuple[int, Any]:
         """One signed order whose options are form-encoded as deploy-client encodes them."""
@@ -82,42 +81,29 @@ def signed(
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
-    work = tmp_path_factory.mktemp("hostile")
-    daemons = Daemons(work)
-    try:
-        tree = make_tree(work / "tree", files=6, size=100)
-        targets = work / "targets"
-        targets.mkdir()
-        outside = work / "outside"
-        outside.mkdir()
-        (targets / "link").symlink_to(outside)
-        markers = work / "markers"
-        markers.mkdir()
-        jobs = work / "jobs.ini"
-        jobs.write_text(
-            JOBS
-            + f"service:touch           =   {TOUCH} %s\n"
-            # A template carried over from the original, where templates ran in a shell.
-            + "service:shell           =   /bin/sh -c 'echo %s'\n"
-        )
-        rsyncd = daemons.rsyncd({"DEST": tree})
-        agent = daemons.agent(
-            groups={
-                "web": {
-                    "dest": rsyncd.url("DEST"),
-                    "src": targets / "web",
-                    "option": [f"--port={rsyncd.port}", "--archive"],
-                }
-            },
-            jobs=jobs,
-            state=work / "state",
-            allow_paths=[targets],
-            server={"socket_timeout": SOCKET_TIMEOUT},
-        )
-        yield Env(work, tree, targets, outside, markers, rsyncd, agent)
-    finally:
-        daemons.stop_all()
+def env(module_daemons: Daemons) -> Env:
+    daemons = module_daemons
+    work = daemons.workdir
+    tree = make_tree(work / "tree", files=6, size=100)
+    targets, outside = jail(work)
+    markers = work / "markers"
+    markers.mkdir()
+    jobs = work / "jobs.ini"
+    jobs.write_text(
+        JOBS
+        + f"service:touch           =   {TOUCH} %s\n"
+        # A template carried over from the original, where templates ran in a shell.
+        + "service:shell           =   /bin/sh -c 'echo %s'\n"
+    )
+    rsyncd = daemons.rsyncd({"DEST": tree})
+    agent = daemons.agent(
+        groups={"web": rsyncd.group(targets / "web", "--archive")},
+        jobs=jobs,
+        state=work / "state",
+        allow_paths=[targets],
+        server={"socket_timeout": SOCKET_TIMEOUT},
+    )
+    return Env(work, tree, targets, outside, markers, rsyncd, agent)
 
 
 @pytest.fixture(autouse=True)

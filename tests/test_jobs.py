@@ -152,10 +152,18 @@ def registry(reactor, procs, tmp_path) -> JobRegistry:
     )
 
 
+def rewrite_record(job, **fields) -> dict:
+    """Change `fields` of the job's state record, as its supervisor does; the new record."""
+    state = read_state(job.state_file)
+    state.update(fields)
+    write_state(job.state_file, state)
+    return state
+
+
 def supervisor_runs(registry, job, procs, *, sup_pid=7000, rsync_pid=7100, **extra):
     """Do what a supervisor does once it runs: take the record up, start rsync."""
-    state = read_state(job.state_file)
-    state.update(
+    rewrite_record(
+        job,
         state="running",
         supervisorPid=sup_pid,
         supervisorStart=11,
@@ -164,14 +172,13 @@ def supervisor_runs(registry, job, procs, *, sup_pid=7000, rsync_pid=7100, **ext
         started=1_700_000_001.0,
         **extra,
     )
-    write_state(job.state_file, state)
     procs.alive.update({sup_pid: 11, rsync_pid: 22, rsync_pid + 1: 23})
     procs.groups[rsync_pid] = [rsync_pid, rsync_pid + 1]
 
 
 def supervisor_records_end(job, procs, *, outcome="ok", exit_code=0, message=""):
-    state = read_state(job.state_file)
-    state.update(
+    state = rewrite_record(
+        job,
         state="ended",
         outcome=outcome,
         exitCode=exit_code,
@@ -180,7 +187,6 @@ def supervisor_records_end(job, procs, *, outcome="ok", exit_code=0, message="")
         transferFilesCount=40,
         transferFilesSize=80000,
     )
-    write_state(job.state_file, state)
     for pid in (state.get("rsyncPid"), state.get("supervisorPid")):
         procs.alive.pop(pid, None)
     procs.alive.pop((state.get("rsyncPid") or 0) + 1, None)
@@ -449,10 +455,9 @@ def test_progress_comes_from_the_record(registry, reactor, procs):
         progress={"bytes": 10, "percent": 1, "rate": "1kB/s", "eta": "0:01:00"},
     )
     assert registry.progress(job)["bytes"] == 10
-    state = read_state(job.state_file)
-    state["progress"] = {"bytes": 2000, "percent": 50, "rate": "2kB/s", "eta": "0:00:30"}
-    write_state(job.state_file, state)
-    assert registry.progress(job) == state["progress"]
+    progress = {"bytes": 2000, "percent": 50, "rate": "2kB/s", "eta": "0:00:30"}
+    rewrite_record(job, progress=progress)
+    assert registry.progress(job) == progress
 
 
 # --------------------------------------------------------------------------- rkill
@@ -536,6 +541,17 @@ def test_recover_stops_rsync_orphaned_by_its_supervisor(registry, reactor, procs
 # --------------------------------------------------------------------------- restart
 
 
+# The record of a sync a previous agent left running: supervisor 100 (started at 5) and its
+# rsync 101 (started at 6).
+LEFT_RUNNING = {
+    "state": "running",
+    "supervisorPid": 100,
+    "supervisorStart": 5,
+    "rsyncPid": 101,
+    "rsyncStart": 6,
+}
+
+
 def record(directory: Path, checksum: str, **state) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{checksum}.json"
@@ -549,15 +565,7 @@ def test_recover_adopts_live_syncs_and_marks_dead_ones_lost(registry, reactor, p
     record is given time; ended records are left alone; group dirs are scanned too."""
     state, queue = tmp_path / "state", tmp_path / "queue"
     now = reactor.seconds()
-    record(
-        state,
-        "a" * 32,
-        state="running",
-        supervisorPid=100,
-        supervisorStart=5,
-        rsyncPid=101,
-        rsyncStart=6,
-    )
+    record(state, "a" * 32, **LEFT_RUNNING)
     record(state, "b" * 32, state="running", supervisorPid=200, supervisorStart=5)
     record(state, "c" * 32, state="starting", created=now - 1)
     record(state, "d" * 32, state="starting", created=now - STARTING_GRACE - 1)
@@ -599,16 +607,8 @@ def test_recovered_starting_record_runs_once_taken_up_or_is_lost(
 def test_adopted_sync_reports_its_real_outcome(registry, reactor, procs, tmp_path):
     """An adopted sync is running while its supervisor lives; once that one records its end
     and exits, lastRsync carries the real outcome and exit code, not `lost`."""
-    record(
-        tmp_path / "state",
-        TARGET.checksum,
-        state="running",
-        supervisorPid=100,
-        supervisorStart=5,
-        rsyncPid=101,
-        rsyncStart=6,
-        progress={"bytes": 5, "percent": 1, "rate": "1kB/s", "eta": "0:09:00"},
-    )
+    progress = {"bytes": 5, "percent": 1, "rate": "1kB/s", "eta": "0:09:00"}
+    record(tmp_path / "state", TARGET.checksum, **LEFT_RUNNING, progress=progress)
     procs.alive.update({100: 5, 101: 6})
     (job,) = registry.recover()
     assert registry.progress(job)["bytes"] == 5
@@ -638,15 +638,7 @@ def test_adopted_sync_whose_supervisor_vanishes_is_lost(registry, reactor, procs
 def test_kill_of_adopted_sync_terms_recorded_supervisor(registry, reactor, procs, tmp_path):
     """rkill after a restart TERMs the recorded supervisor (verified by start time); a
     supervisor that then dies without an outcome is recorded `killed`."""
-    record(
-        tmp_path / "state",
-        TARGET.checksum,
-        state="running",
-        supervisorPid=100,
-        supervisorStart=5,
-        rsyncPid=101,
-        rsyncStart=6,
-    )
+    record(tmp_path / "state", TARGET.checksum, **LEFT_RUNNING)
     procs.alive.update({100: 5, 101: 6})
     registry.recover()
     assert registry.kill(TARGET.checksum) == [101]

@@ -16,16 +16,14 @@ from typing import Any
 
 import pytest
 
-from deploy.client import ClientOptions, Order, build_request
 from deploy.jobstate import read_state
 from deploy.process import read_stat
 from deploy.rsync import RsyncTarget
 from tests.harness import (
     AgentProcess,
     RsyncDaemon,
+    ask,
     make_tree,
-    parse_response,
-    raw_request,
     wait_until,
 )
 
@@ -46,14 +44,6 @@ sys.stdout.flush()
 while True:
     time.sleep(1)
 """
-
-
-def ask(agent: AgentProcess, order: str, options: str) -> tuple[int, Any]:
-    """One signed order straight to the agent: (HTTP status, JSON body or text)."""
-    request = build_request(Order(order, options), ClientOptions(), agent.host, time.time())
-    status, _, body = parse_response(raw_request(agent.host, agent.port, request))
-    text = body.decode()
-    return status, json.loads(text) if text.startswith("{") else text
 
 
 def status(agent: AgentProcess, group: str) -> dict[str, Any]:

@@ -21,9 +21,9 @@ from deploy import auth
 from tests.conftest import JOBS, Daemons
 from tests.harness import (
     DATA,
+    PROXY_REFUSALS,
     AgentProcess,
     ProxyProcess,
-    RsyncDaemon,
     ScriptedServer,
     free_port,
     legacy_request,
@@ -125,30 +125,24 @@ class NewFleet:
 
 
 @pytest.fixture(scope="module")
-def fleet(tmp_path_factory: pytest.TempPathFactory):
+def fleet(module_daemons: Daemons):
     """Our agent (legacy_auth = true) on 127.0.0.2 with the captures' groups; a scripted old
     agent on 127.0.0.3; our proxy (legacy auth in front and towards the agents) reaching both."""
-    workdir = tmp_path_factory.mktemp("migration")
-    daemons = Daemons(workdir)
+    daemons = module_daemons
+    workdir = daemons.workdir
     old_agent = None
     try:
         tree = make_tree(workdir / "tree", files=20, size=1000)
-        rsyncd = RsyncDaemon(workdir, {"DEST": tree})
-        daemons.started.append(rsyncd)
+        rsyncd = daemons.rsyncd({"DEST": tree})
         targets = workdir / "targets"
         targets.mkdir()
         jobs = workdir / "jobs.ini"
         jobs.write_text(JOBS)
-        rport = f"--port={rsyncd.port}"
-        base = [rport, "--archive", "--delete", "--force"]
+        base = ["--archive", "--delete", "--force"]
         groups = {
-            "web": {"dest": rsyncd.url("DEST"), "src": targets / "web", "option": base},
+            "web": rsyncd.group(targets / "web", *base),
             # 1 KiB/s: the 20 kB sync runs long enough to be seen running and killed
-            "webslow": {
-                "dest": rsyncd.url("DEST"),
-                "src": targets / "webslow",
-                "option": [*base, "--bwlimit=1"],
-            },
+            "webslow": rsyncd.group(targets / "webslow", *base, "--bwlimit=1"),
             "badpath": {"dest": rsyncd.url("DEST"), "src": "/srv/peer-notallowed/web"},
         }
         port = shared_free_port([NEW_AGENT, OLD_AGENT])
@@ -184,7 +178,6 @@ def fleet(tmp_path_factory: pytest.TempPathFactory):
         )
         yield NewFleet(workdir, targets, agent, proxy, old_agent, free_port())
     finally:
-        daemons.stop_all()
         if old_agent is not None:
             old_agent.close()
 
@@ -279,16 +272,7 @@ def test_old_client_drives_a_whole_sync_on_our_agent(fleet):
 # --------------------------------------------------------------------------- old client → new proxy
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        "proxy-error-unknown-api-key",
-        "proxy-error-group-not-granted",
-        "proxy-error-host-not-granted",
-        "proxy-error-args-syntax",
-        "proxy-exec-unknown-command",
-    ],
-)
+@pytest.mark.parametrize("name", [*PROXY_REFUSALS, "proxy-exec-unknown-command"])
 def test_old_client_request_gets_the_original_answer_from_our_proxy(fleet, name):
     """Captured client → proxy requests (fresh auth_key, checked: legacy_auth = true) get the
     original's status line, Content-Type and text, or per-host JSON of the same shape."""

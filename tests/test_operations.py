@@ -6,6 +6,7 @@ and the logrotate file."""
 
 from __future__ import annotations
 
+import base64
 import fnmatch
 import json
 import os
@@ -29,14 +30,16 @@ from twisted.logger import capturedLogs
 from twisted.python import usage
 
 from deploy import daemon, logs, privileges
+from deploy.client import ClientOptions, Order, build_request
 from deploy.config import ServerSettings
 from tests.conftest import JOBS
 from tests.harness import (
-    Daemon,
+    ChildProcess,
     agent_ini,
     can_connect,
     free_port,
     make_tree,
+    parse_response,
     run_client,
     tool,
     wait_until,
@@ -107,13 +110,7 @@ def test_agent_started_as_root_drops_to_nobody_and_keeps_working(daemons, open_d
     logdir = open_dir / "logs"
     agent = daemons.agent(
         port=free_privileged_port(),
-        groups={
-            "web": {
-                "dest": rsyncd.url("DEST"),
-                "src": targets / "web",
-                "option": [f"--port={rsyncd.port}", "--archive"],
-            }
-        },
+        groups={"web": rsyncd.group(targets / "web", "--archive")},
         jobs=jobs,
         state=state,
         allow_paths=[targets],
@@ -125,10 +122,16 @@ def test_agent_started_as_root_drops_to_nobody_and_keeps_working(daemons, open_d
             "log_error_path": f"{logdir}/error.log",
         },
     )
+    # The port takes connections (into its backlog) as soon as it is bound, before the drop:
+    # listening says nothing about the ids yet. The agent logs the drop once it is done.
+    wait_until(
+        lambda: "running as nobody:nogroup (uid 65534, gid 65534)" in agent.log_text(),
+        20,
+        what="the agent to log that it dropped to nobody",
+    )
     ids = proc_ids(agent.pid)
     assert ids["Uid"] == [NOBODY] * 4 and ids["Gid"] == [NOBODY] * 4
     assert 0 not in ids["Groups"]
-    assert "running as nobody:nogroup (uid 65534, gid 65534)" in agent.log_text()
     r = run_client(f"--hosts={agent.address}", "--order=status", "--options=web")
     assert r.rc == 0, r.stdout + r.stderr
     assert r.content(agent.address, "status")["transferFilesCount"] == "5"
@@ -138,12 +141,43 @@ def test_agent_started_as_root_drops_to_nobody_and_keeps_working(daemons, open_d
     # reach on a test machine): what matters is that the agent, as nobody, records it.
     r = run_client(f"--hosts={agent.address}", "--order=rsync", "--options=web")
     assert r.json[agent.address]["rsync"]["serverStatus"] == 1
-    (record,) = set(state.glob("*.json")) - {stale}
+    # Not write_state's temporary files (.tmp-*.json), which come and go while the sync runs.
+    (record,) = set(state.glob("[!.]*.json")) - {stale}
     assert json.loads(record.read_text())["src"] == str(targets / "web")
     assert json.loads(stale.read_text())["outcome"] == "lost"
     for path in (state, record, stale, logdir, logdir / "access.log", logdir / "error.log"):
         assert (path.stat().st_uid, path.stat().st_gid) == (NOBODY, NOBODY), path
     assert "/agent/rsync HTTP/1.1" in (logdir / "access.log").read_text()
+
+
+def test_a_request_waiting_when_the_port_opens_is_answered_as_nobody(daemons, open_dir):
+    """A request sent the moment the port listens (the agent, still root, has not dropped yet)
+    is answered once the agent runs as nobody: nothing is served before the drop."""
+    jobs = open_dir / "jobs.ini"
+    jobs.write_text("[service]\nservice:uid = /usr/bin/id -u %s\n")
+    agent = daemons.agent(
+        port=free_privileged_port(),
+        wait=False,
+        jobs=jobs,
+        state=open_dir / "state",
+        allow_paths=[open_dir],
+        server={"user": "nobody", "group": "nogroup"},
+    )
+    request = build_request(Order("exec", "service:uid"), ClientOptions(), agent.host, time.time())
+
+    def connected() -> socket.socket | None:
+        assert agent.proc.poll() is None, agent.log_text()
+        try:
+            return socket.create_connection((agent.host, agent.port), timeout=30)
+        except OSError:
+            return None
+
+    with wait_until(connected, 30, 0.001, "the agent's port to listen") as sock:
+        sock.sendall(request)
+        raw = b"".join(iter(lambda: sock.recv(65536), b""))
+    status, _, body = parse_response(raw)
+    assert status == 200, raw
+    assert base64.b64decode(json.loads(body)["content"]) == f"{NOBODY}\n".encode()
 
 
 def test_agent_that_could_not_write_its_logs_as_the_user_stops_at_start(daemons, open_dir):
@@ -420,9 +454,8 @@ def test_unit_exec_start_lines_start_both_daemons(daemons, tmp_path):
         argv = exec_start(name)
         assert argv[-1].startswith("--path=/etc/deploy/")
         argv = [tool("twistd"), *argv[1:-1], f"--path={conf}"]
-        d = Daemon(argv, tmp_path / f"{name}.out", cwd=tmp_path)
+        d = ChildProcess(argv, tmp_path / f"{name}.out", cwd=tmp_path, name=name)
         daemons.started.append(d)
-        d.name = name
         started.append((d, port))
     for d, port in started:
         d.wait_listening("127.0.0.1", port)

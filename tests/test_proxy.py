@@ -24,6 +24,7 @@ from deploy.wire import encode_form
 from tests.conftest import JOBS, Daemons
 from tests.harness import (
     DATA,
+    PROXY_REFUSALS,
     ProxyProcess,
     ScriptedServer,
     captured_response,
@@ -125,9 +126,9 @@ class Fleet:
 
 
 @pytest.fixture(scope="module")
-def fleet(tmp_path_factory: pytest.TempPathFactory):
-    workdir = tmp_path_factory.mktemp("fleet")
-    daemons = Daemons(workdir)
+def fleet(module_daemons: Daemons):
+    daemons = module_daemons
+    workdir = daemons.workdir
     port = shared_free_port([*AGENTS, DEAD, SILENT, RECORDER])
     jobs = workdir / "jobs.ini"
     jobs.write_text(JOBS)
@@ -150,7 +151,6 @@ def fleet(tmp_path_factory: pytest.TempPathFactory):
             agent.wait_listening(agent.host, port)
         yield Fleet(daemons, workdir, port, api, proxy, recorder, silent)
     finally:
-        daemons.stop_all()
         for s in scripted:
             s.close()
 
@@ -198,15 +198,7 @@ def test_replay_agent_error_seen_through_the_proxy(fleet):
     assert answer_of(body) == answer_of(want_body)
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        "proxy-error-unknown-api-key",
-        "proxy-error-group-not-granted",
-        "proxy-error-host-not-granted",
-        "proxy-error-args-syntax",
-    ],
-)
+@pytest.mark.parametrize("name", PROXY_REFUSALS)
 def test_replay_refusals_match_the_original_bytes(fleet, name):
     """The old 403s: same status line, Content-Type and text, byte for byte."""
     raw = raw_request(fleet.proxy.host, fleet.proxy.port, legacy_request(name))

@@ -5,8 +5,6 @@ from __future__ import annotations
 import datetime
 import hashlib
 import ipaddress
-import shutil
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,42 +39,13 @@ from deploy.tls import (
 )
 from deploy.tls_failures import describe_tls_failure
 from deploy.tls_keys import load_private_key, self_signed_certificate
+from tests.pki import CA_KEY_USAGE, rsa_pair
 
 DEADLINE = 5.0
 LINE = b"hello over tls\n"
-OPENSSL = shutil.which("openssl")
 
 
 # ---------------------------------------------------------------- keys and certificates
-
-
-def _write_rsa_pair(directory: Path, stem: str) -> tuple[Path, Path]:
-    """As operators do: openssl genrsa 2048 > private.pem; openssl rsa -pubout > public.pem."""
-    private, public = directory / f"{stem}-private.pem", directory / f"{stem}-public.pem"
-    if OPENSSL:
-        private.write_bytes(
-            subprocess.run([OPENSSL, "genrsa", "2048"], check=True, capture_output=True).stdout
-        )
-        public.write_bytes(
-            subprocess.run(
-                [OPENSSL, "rsa", "-in", str(private), "-pubout"], check=True, capture_output=True
-            ).stdout
-        )
-    else:
-        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        private.write_bytes(
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.TraditionalOpenSSL,
-                serialization.NoEncryption(),
-            )
-        )
-        public.write_bytes(
-            key.public_key().public_bytes(
-                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-            )
-        )
-    return private, public
 
 
 def _pem_key(key: object) -> bytes:
@@ -112,20 +81,7 @@ def _certificate(
         .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
     )
     if ca:
-        builder = builder.add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
+        builder = builder.add_extension(CA_KEY_USAGE, critical=True)
     if sans is not None:
         builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
     return builder.sign(issuer_key, hashes.SHA256())  # type: ignore[arg-type]
@@ -158,8 +114,8 @@ class PKI:
 def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
     """RSA keys made the operator's way, and a small CA world made with cryptography."""
     d = tmp_path_factory.mktemp("pki")
-    rsa_private, rsa_public = _write_rsa_pair(d, "server")
-    other_private, other_public = _write_rsa_pair(d, "other")
+    rsa_private, rsa_public = rsa_pair(d, "server")
+    other_private, other_public = rsa_pair(d, "other")
 
     def ec_key() -> ec.EllipticCurvePrivateKey:
         return ec.generate_private_key(ec.SECP256R1())
@@ -523,11 +479,21 @@ async def test_tls_1_1_client_is_refused(pki: PKI) -> None:
 # ---------------------------------------------------------------- mutual TLS
 
 
+async def _to_mutual_server(pki: PKI, client: object) -> Outcome:
+    """An exchange with a server that wants a client certificate signed by pki.ca."""
+    return await _exchange(_server(pki, pki.server_cert, client_ca=pki.ca), client)
+
+
+def _showing(pki: PKI, host: str, cert: Path, **trust: str) -> object:
+    """A client for `host` that shows `cert` (with the client key) and trusts as `trust` says."""
+    return client_context_factory(host, cert_path=str(cert), key_path=str(pki.client_key), **trust)
+
+
 @pytest_twisted.ensureDeferred
 async def test_mutual_tls_without_client_certificate_fails_clearly(pki: PKI) -> None:
     """A server with a client CA refuses a client that has no certificate."""
     client = client_context_factory("localhost", ca_path=str(pki.ca))
-    outcome = await _exchange(_server(pki, pki.server_cert, client_ca=pki.ca), client)
+    outcome = await _to_mutual_server(pki, client)
     assert outcome.message == "server requires a client certificate (--ssl-cert/--ssl-key)"
     assert outcome.server_received == []
 
@@ -535,26 +501,18 @@ async def test_mutual_tls_without_client_certificate_fails_clearly(pki: PKI) -> 
 @pytest_twisted.ensureDeferred
 async def test_mutual_tls_with_client_certificate_connects(pki: PKI) -> None:
     """A client certificate signed by the server's client CA is accepted."""
-    client = client_context_factory(
-        "localhost",
-        ca_path=str(pki.ca),
-        cert_path=str(pki.client_cert),
-        key_path=str(pki.client_key),
-    )
-    outcome = await _exchange(_server(pki, pki.server_cert, client_ca=pki.ca), client)
+    client = _showing(pki, "localhost", pki.client_cert, ca_path=str(pki.ca))
+    outcome = await _to_mutual_server(pki, client)
     assert outcome.echoed == LINE
 
 
 @pytest_twisted.ensureDeferred
 async def test_mutual_tls_with_client_certificate_from_another_ca_fails(pki: PKI) -> None:
     """A client certificate the server's client CA did not sign is refused, and said so."""
-    client = client_context_factory(
-        "127.0.0.1",
-        public_key_path=str(pki.server_cert),
-        cert_path=str(pki.foreign_client_cert),
-        key_path=str(pki.client_key),
+    client = _showing(
+        pki, "127.0.0.1", pki.foreign_client_cert, public_key_path=str(pki.server_cert)
     )
-    outcome = await _exchange(_server(pki, pki.server_cert, client_ca=pki.ca), client)
+    outcome = await _to_mutual_server(pki, client)
     assert outcome.message.startswith("server refused our client certificate")
     assert outcome.server_received == []
 

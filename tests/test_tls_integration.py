@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import shutil
 import socket
 import ssl
 import subprocess
@@ -36,8 +35,8 @@ from tests.harness import (
     run_client,
     wait_until,
 )
+from tests.pki import CA_KEY_USAGE, OPENSSL, rsa_pair
 
-OPENSSL = shutil.which("openssl")
 ECHO = ("--order=exec", "--options=service:echo,over-tls")
 # Every failure below must come back well inside the client's own timeouts.
 CLIENT_TIMEOUTS = ("--socket-timeout=10", "--thread-timeout=20")
@@ -69,21 +68,6 @@ def openssl_fingerprint(public_pem: Path) -> str:
     return digest.split()[0].decode()
 
 
-def _openssl_pair(directory: Path, stem: str) -> tuple[Path, Path]:
-    """The operator's workflow: openssl genrsa 2048 > private.pem; openssl rsa -pubout."""
-    assert OPENSSL, "the openssl command is needed to make keys the operator's way"
-    private, public = directory / f"{stem}-private.pem", directory / f"{stem}-public.pem"
-    private.write_bytes(
-        subprocess.run([OPENSSL, "genrsa", "2048"], check=True, capture_output=True).stdout
-    )
-    public.write_bytes(
-        subprocess.run(
-            [OPENSSL, "rsa", "-in", str(private), "-pubout"], check=True, capture_output=True
-        ).stdout
-    )
-    return private, public
-
-
 @dataclass
 class CA:
     """A small certificate authority: an EC key and its self-signed certificate in `path`."""
@@ -107,20 +91,7 @@ class CA:
             .not_valid_before(now - datetime.timedelta(hours=1))
             .not_valid_after(now + datetime.timedelta(days=30))
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=True,
-                    crl_sign=True,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
+            .add_extension(CA_KEY_USAGE, critical=True)
             .add_extension(
                 x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
             )
@@ -183,10 +154,11 @@ class Keys:
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
     directory = tmp_path_factory.mktemp("tls-keys")
-    agent_private, agent_public = _openssl_pair(directory, "agent")
-    other_private, other_public = _openssl_pair(directory, "other")
-    proxy_private, proxy_public = _openssl_pair(directory, "proxy")
-    client_private, client_public = _openssl_pair(directory, "client")
+    assert OPENSSL, "the openssl command is needed to make keys the operator's way"
+    agent_private, agent_public = rsa_pair(directory, "agent")
+    other_private, other_public = rsa_pair(directory, "other")
+    proxy_private, proxy_public = rsa_pair(directory, "proxy")
+    client_private, client_public = rsa_pair(directory, "client")
     ca = CA.create(directory, "deploy-ca")
     rogue = CA.create(directory, "rogue-ca")
     return Keys(
@@ -345,6 +317,17 @@ def tls_agent(daemons: Daemons, jobs: Path, **server: Any) -> AgentProcess:
     if server:
         server = {"ssl": "true", **server}
     return daemons.agent(jobs=jobs, server={"socket_timeout": 2, **server})
+
+
+def mutual_tls_agent(daemons: Daemons, jobs: Path, keys: Keys) -> AgentProcess:
+    """An agent with its certificate from keys.ca that wants client certificates from it too."""
+    return tls_agent(
+        daemons,
+        jobs,
+        ssl_private_key=keys.agent_private,
+        ssl_certificate=keys.agent_cert,
+        ssl_client_ca=keys.ca,
+    )
 
 
 def client(host: str, *args: str) -> tuple[ClientRun, float]:
@@ -512,13 +495,7 @@ def test_ca_signed_agent_is_verified_by_chain_and_host_name(daemons, jobs, keys,
 def test_mutual_tls_requires_a_client_certificate_from_the_agents_ca(daemons, jobs, keys):
     """ssl_client_ca: only a client certificate from that CA gets an order through."""
     # No certificate, or one from another CA: one clear line and no order runs; the agent goes on.
-    agent = tls_agent(
-        daemons,
-        jobs,
-        ssl_private_key=keys.agent_private,
-        ssl_certificate=keys.agent_cert,
-        ssl_client_ca=keys.ca,
-    )
+    agent = mutual_tls_agent(daemons, jobs, keys)
     run, took = client(agent.address, *ECHO, f"--ssl-ca={keys.ca}")
     assert refusal(run, agent.address) == (
         f"127.0.0.1:{agent.port}: server requires a client certificate (--ssl-cert/--ssl-key)"
@@ -753,13 +730,7 @@ def test_proxy_pins_agents_and_reports_a_mismatch_for_that_host_only(daemons, jo
 
 def test_proxy_verifies_agents_with_a_ca(daemons, jobs, keys, tmp_path):
     """Proxy → agents with [client] ssl_ca + client certificate; a self-signed agent fails alone."""
-    signed = tls_agent(
-        daemons,
-        jobs,
-        ssl_private_key=keys.agent_private,
-        ssl_certificate=keys.agent_cert,
-        ssl_client_ca=keys.ca,
-    )
+    signed = mutual_tls_agent(daemons, jobs, keys)
     self_signed = tls_agent(daemons, jobs, ssl_private_key=keys.agent_private)
     port = free_port()
     proxy = daemons.proxy(
