@@ -27,9 +27,11 @@ check:fail = /bin/false
 class Rel:
     """An rsync daemon serving `tree`, an agent whose group `web` is in release mode."""
 
-    def __init__(self, daemons: Daemons, work: Path, **group: Any) -> None:
+    def __init__(
+        self, daemons: Daemons, work: Path, *options: str, files: int = 30, **group: Any
+    ) -> None:
         self.work = work
-        self.tree = make_tree(work / "tree", files=30, size=500)
+        self.tree = make_tree(work / "tree", files=files, size=500)
         (self.tree / "VERSION").write_text("v1\n")
         self.targets = work / "targets"
         self.targets.mkdir(exist_ok=True)
@@ -38,7 +40,7 @@ class Rel:
         self.rsyncd = daemons.rsyncd({"DEST": self.tree})
         jobs = work / "jobs.ini"
         jobs.write_text(JOBS)
-        keys = self.rsyncd.group(self.src, "--archive", "--delete")
+        keys = self.rsyncd.group(self.src, "--archive", "--delete", *options)
         keys.update(releases=3, **group)
         self.agent = daemons.agent(
             groups={"web": keys}, jobs=jobs, state=self.state, allow_paths=[self.targets]
@@ -194,3 +196,113 @@ def test_client_orders_and_table(rel: Rel, home: Path) -> None:
     )
     out = run_client(host, "--order=status", "--options=web", "--format=table", env=env)
     assert "RELEASE" in out.stdout and "abc123" in out.stdout, out.stdout
+
+
+READER = """
+import os, sys, time
+src, out, stop = sys.argv[1], sys.argv[2], sys.argv[3]
+reads = errors = 0
+while not os.path.exists(stop):
+    try:
+        with open(os.path.join(src, "VERSION")) as f:
+            f.read()
+        root = os.path.realpath(src)
+        with open(os.path.join(root, "VERSION")) as f, open(os.path.join(root, "MARK")) as g:
+            if f.read() != g.read():
+                errors += 1  # a mix of two releases' files
+        reads += 1
+    except OSError as e:
+        errors += 1
+        print("error", e, flush=True)
+open(out, "w").write(f"{reads} {errors}")
+"""
+
+
+def test_readers_see_no_gap_and_no_mix_during_many_switches(rel: Rel, tmp_path: Path) -> None:
+    """While `src` is switched RELEASE_SWITCHES (1,000) times between two releases by
+    `activate`, a reader opening src/VERSION in a loop never gets ENOENT, and the files of the
+    release it resolved always belong together."""
+    import subprocess
+    import sys
+
+    ids = []
+    for version in ("A", "B"):
+        set_version(rel.tree, version)
+        (rel.tree / "MARK").write_text(version + "\n")
+        os.utime(rel.tree / "MARK", (_stamp[0], _stamp[0]))
+        ids.append(rel.sync(version)["release"])
+    out, stop = tmp_path / "reader.out", tmp_path / "reader.stop"
+    reader = subprocess.Popen([sys.executable, "-c", READER, str(rel.src), str(out), str(stop)])
+    try:
+        for n in range(int(os.environ.get("RELEASE_SWITCHES", "1000"))):
+            status, answer = ask(rel.agent, "activate", f"web,{ids[n % 2]}")
+            assert status == 200, answer
+    finally:
+        stop.touch()
+        reader.wait(30)
+    reads, errors = map(int, out.read_text().split())
+    assert reads > 0 and errors == 0
+    assert [r["state"] for r in rel.releases()].count("live") == 1
+
+
+def _history_says_live(rel: Rel) -> None:
+    """The raw history names the live release (activated), or a switch to it under way."""
+    history = read_state(str(rel.state / f"releases-{rel.checksum()}.json")) or {}
+    live = os.path.basename(os.readlink(rel.src))
+    record = next((r for r in history.get("releases", []) if r["id"] == live), None)
+    pending = history.get("pending") or {}
+    assert (record is not None and record.get("activated")) or pending.get("to") == live, history
+
+
+def test_random_kills_never_leave_src_dangling_partial_or_unrecorded(
+    daemons: Daemons, tmp_path: Path
+) -> None:
+    """kill -9 of the agent, the supervisor or rsync at random moments of release syncs
+    (RELEASE_KILLS rounds, 6 by default): `src` always resolves to a complete release, the
+    history says which, and the next sync recovers (reusing or removing the partial)."""
+    import random
+    import signal
+    import time
+
+    from deploy.process import is_same_process
+
+    rel = Rel(daemons, tmp_path, "--bwlimit=300", files=300)
+    rounds = int(os.environ.get("RELEASE_KILLS", "6"))
+    rng = random.Random(os.environ.get("RELEASE_KILL_SEED", "17"))
+    ini = rel.agent.ini.read_text()
+    record_path = rel.state / f"{rel.checksum()}.json"
+    rel.sync("base")
+    for n in range(rounds):
+        set_version(rel.tree, f"round{n}")
+        status, body = ask_with(rel.agent, "rsync", "web", release=f"r{n}")
+        assert status == 200, body
+        victim = ("agent", "supervisor", "rsync")[n % 3]
+        at = time.monotonic() + rng.uniform(0, 0.8)
+        wait_until(lambda at=at: time.monotonic() >= at, what="the chosen moment")
+        record = read_state(str(record_path)) or {}
+        if victim == "agent":
+            rel.agent.kill()
+        else:
+            pid, start = record.get(f"{victim}Pid"), record.get(f"{victim}Start")
+            if pid and is_same_process(pid, start):  # ours: recorded by our agent
+                os.kill(pid, signal.SIGKILL)
+
+        def settled(run: str = body["runId"]) -> bool:
+            now = read_state(str(record_path)) or {}
+            if now.get("runId") != run or now.get("state") == "ended":
+                return True
+            return not is_same_process(now.get("supervisorPid"), now.get("supervisorStart"))
+
+        wait_until(settled, 60, what="the supervisor to be gone")
+        assert os.path.exists(rel.src / "VERSION"), "src does not resolve"
+        target = os.readlink(rel.src)
+        assert "/.partial-" not in target and os.path.dirname(target) == str(rel.src) + ".releases"
+        _history_says_live(rel)
+        if victim == "agent":
+            rel.agent = daemons.agent_from_text(ini, rel.agent.host, rel.agent.port)
+        wait_until(lambda: ask(rel.agent, "status", "web")[1].get("alreadyRsync") != "true", 60)
+    rel.sync("after")  # a leftover partial is reused or removed
+    assert rel.live_version() == f"round{rounds - 1}"
+    listing = rel.releases()
+    assert [r["state"] for r in listing].count("live") == 1
+    assert not [r for r in listing if r["state"] == "partial"]
