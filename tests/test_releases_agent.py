@@ -306,3 +306,38 @@ def test_random_kills_never_leave_src_dangling_partial_or_unrecorded(
     listing = rel.releases()
     assert [r["state"] for r in listing].count("live") == 1
     assert not [r for r in listing if r["state"] == "partial"]
+
+
+def test_release_orders_through_a_real_proxy(daemons: Daemons, tmp_path: Path, home: Path) -> None:
+    """deploy-client through a real deploy-proxy: rsync --release=LABEL, releases, rollback
+    and status.release reach the agent with the proxy's grants."""
+    from tests.harness import free_port
+
+    rel = Rel(daemons, tmp_path)
+    set_version(rel.tree, "v1")
+    rel.sync("first")
+    api = tmp_path / "api.ini"
+    api.write_text("[keys]\nk1 = grp\n[servers]\ngrp[] = 127.0.0.1\n")
+    pport = free_port()
+    proxy_text = (
+        f"[server]\naddr = 127.0.0.1\nport = {pport}\n[client]\nport = {rel.agent.port}\n"
+        f"[allow::hosts]\nhost[] = 127.0.0.0/8\n[api]\npath = {api}\n"
+    )
+    daemons.proxy(proxy_text, "127.0.0.1", pport)
+    env = {**os.environ, "HOME": str(home)}
+    via = [f"--hosts=127.0.0.1:{pport}", "--api-key=k1", "--args=groups:grp", "--options=web"]
+    set_version(rel.tree, "v2")
+    out = run_client(*via, "--order=rsync", "--release=proxied", env=env)
+    assert out.rc == 0, out.stdout + out.stderr
+    wait_until(lambda: rel.live_version() == "v2", 60, what="the proxied release to go live")
+    wait_until(
+        lambda: ask(rel.agent, "status", "web")[1].get("alreadyRsync") != "true", 60
+    )
+    out = run_client(*via, "--order=releases", env=env)
+    agent_entry = out.json[f"127.0.0.1:{pport}"]["releases"]["content"]["127.0.0.1"]["releases"]
+    assert agent_entry["content"]["releases"][0]["label"] == "proxied"
+    out = run_client(*via, "--order=rollback", env=env)
+    assert out.rc == 0, out.stdout
+    assert rel.live_version() == "v1"
+    out = run_client(*via, "--order=status", "--format=table", env=env)
+    assert "RELEASE" in out.stdout and "(first)" in out.stdout, out.stdout
