@@ -18,6 +18,7 @@ from deploy.config import AgentConfig, agent_key_cipher
 from deploy.errors import BadRequest, UnknownOrder
 from deploy.jobs import JobRegistry, check_state_dir
 from deploy.message import ORDERS
+from deploy.release_orders import RELEASE_ORDERS, ReleaseOrders
 from deploy.targets import TargetResolver
 from deploy.wire import Request, RequestFactory, Response, ServiceRequestReceiver
 
@@ -51,8 +52,21 @@ class AgentService:
         self.targets = TargetResolver(config.groups, AllowedPaths(config.allow_paths))
         self.state_dir = server.state_path or DEFAULT_STATE_DIR
         self.jobs = JobRegistry(reactor, self.state_dir, grace=server.rkill_grace, clock=self.clock)
+        self.release_orders = ReleaseOrders(
+            config,
+            reactor,
+            clock=self.clock,
+            jobs=self.jobs,
+            targets=self.targets,
+            state_dir=self.state_dir,
+        )
         self.orders = AgentOrders(
-            config, reactor, clock=self.clock, jobs=self.jobs, targets=self.targets
+            config,
+            reactor,
+            clock=self.clock,
+            jobs=self.jobs,
+            targets=self.targets,
+            releases=self.release_orders,
         )
 
     def startup(self) -> None:
@@ -66,6 +80,7 @@ class AgentService:
         if not self.config.allow_hosts:
             self.log.warn("[allow::hosts] is empty: every request will be refused")
         self.jobs.recover(group_dirs)
+        self.release_orders.startup()
 
 
 class AgentProtocol(ServiceRequestReceiver):
@@ -91,7 +106,10 @@ class AgentProtocol(ServiceRequestReceiver):
         self.factory.log.info(
             "{order} {options!r} from {peer}", order=order, options=options, peer=request.peer
         )
-        handler: Callable[[str], Any] = getattr(service.orders, "order_" + order)
+        if order == "rsync":
+            return service.orders.order_rsync(options, label=fields.get("release", ""))
+        owner = service.release_orders if order in RELEASE_ORDERS else service.orders
+        handler: Callable[[str], Any] = getattr(owner, "order_" + order)
         return handler(options)
 
 

@@ -19,7 +19,10 @@ class Options(usage.Options):
     synopsis = "[options]"
     longdesc = (
         "Run a deploy agent: it answers status/rlist/rsync/rkill/exec orders from "
-        "deploy-client or deploy-proxy and drives rsync against a central rsync daemon."
+        "deploy-client or deploy-proxy and drives rsync against a central rsync daemon. "
+        "Groups with releases = N are in release mode: rsync stages a release (release=LABEL), "
+        "and the orders activate (GROUP[,ID]), rollback (GROUP[,ID]) and releases (GROUP) "
+        "switch between releases and list them; status names the live release."
     )
     optFlags = [
         ["debug", None, "running debug mode (log level debug)"],

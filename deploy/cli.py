@@ -38,6 +38,14 @@ targets (--options):
   GROUP                       a [rsync::group::GROUP] of the agent's config
   HOST::MODULE/path,/local    inline: remote source, then local destination
   NAME,arg1,arg2              for --order=exec: a command of the agent's jobs file
+  GROUP[,ID]                  for --order=activate|rollback: a release-mode group (and a
+                              release id; default: the newest staged / the previous good one)
+  GROUP                       for --order=releases: the group's releases, newest first
+
+release mode (groups with releases = N): --order=rsync stages a release (and switches with
+activate = auto), --release=LABEL names it (a git SHA, a version); --order=activate switches to
+a staged or good release, --order=rollback back to the previous good one; status names the
+live release (RELEASE in --format table).
 
 through a proxy: --hosts=PROXY --port=3441 --api-key=KEY --args=groups:g1,g2 (or hosts:a,b)
 
@@ -123,6 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="json: the original shape (default); table: a row per host and a summary; "
         "ndjson: a JSON line per host as it answers, then a summary line",
+    )
+    p.add_argument(
+        "--release",
+        default=None,
+        metavar="LABEL",
+        help="with --order=rsync to a release-mode group: a label for the new release",
     )
     p.add_argument(
         "--wait",
@@ -240,6 +254,8 @@ def orders_for(
             proxy_args if via_proxy else (args.args or ""),
             args.api_key if via_proxy else "",
         )
+        if args.release:
+            order.extra["release"] = args.release
         if via_proxy and (args.batch or args.max_fail):
             # A proxy rolls out itself: pass the budget along instead of batching proxies.
             order.extra = {

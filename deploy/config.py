@@ -16,6 +16,7 @@ from deploy.converters import (  # noqa: F401  (LOG_LEVELS re-exported for calle
     Converter,
     converters_for,
     to_bool,
+    to_float,
     to_optint,
     to_optstr,
     to_str,
@@ -80,6 +81,15 @@ class RsyncGroup:
     queue_path: str | None = None
     max_delete: int | None = None
     allow_empty_source: bool = False
+    # release mode (deploy.releases); releases = None keeps the in-place sync
+    releases: int | None = None
+    releases_path: str | None = None
+    activate: str = "auto"
+    link_dest: bool = True
+    after_activate: str | None = None
+    check: str | None = None
+    check_timeout: float = 30.0
+    rollback_on_failed_check: bool = True
 
 
 @dataclass
@@ -141,6 +151,15 @@ _GROUP_SCALARS: dict[str, Converter] = {
     "queue_path": to_optstr,
     "max_delete": to_optint,
     "allow_empty_source": to_bool,
+    # release mode
+    "releases": to_optint,
+    "releases_path": to_optstr,
+    "activate": to_str,
+    "link_dest": to_bool,
+    "after_activate": to_optstr,
+    "check": to_optstr,
+    "check_timeout": to_float,
+    "rollback_on_failed_check": to_bool,
 }
 _GROUP_LISTS = {"option": "options", "exclude": "excludes", "include": "includes"}
 

@@ -8,6 +8,8 @@ from deploy.access import PathNotAllowed
 from deploy.auth import AuthError
 from deploy.commands import CommandError
 from deploy.jobs import JobError
+from deploy.release_layout import ReleaseError
+from deploy.releases import ReleaseConflict
 
 
 class RequestError(Exception):
@@ -75,6 +77,8 @@ STATUS: dict[type, int] = {
     PathNotAllowed: 403,
     UnknownOrder: 404,
     JobError: 500,
+    ReleaseConflict: 409,
+    ReleaseError: 500,
     CapacityExceeded: 503,
 }
 

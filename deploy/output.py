@@ -283,15 +283,31 @@ def _decoded(b64: str) -> str:
         return b64
 
 
+def release_of(row: Row) -> str:
+    """The release an answer names (release mode): the live one of status, releases, activate
+    and rollback, the new one of rsync; `ID (LABEL)`, or ""."""
+    content = row.entry.get("content")
+    release = content.get("release") if isinstance(content, dict) else None
+    if isinstance(release, str):
+        return release
+    if not isinstance(release, dict) or not release.get("id"):
+        return ""
+    label = release.get("label")
+    return f"{release['id']} ({label})" if label else str(release["id"])
+
+
 def render_table(rows: list[Row], stopped: bool = False) -> str:
     """One row per host (per agent through a proxy), then the summary line."""
     with_via = any(r.via is not None for r in rows)
-    head = ["HOST", *(["VIA"] if with_via else []), "ORDER", "OUTCOME", "FILES", "BYTES"]
-    head += ["EXIT", "TIME", "MESSAGE"]
+    releases = [release_of(r) for r in rows]  # release mode
+    with_release = any(releases)
+    head = ["HOST", *(["VIA"] if with_via else []), "ORDER", "OUTCOME"]
+    head += ["RELEASE"] * with_release + ["FILES", "BYTES", "EXIT", "TIME", "MESSAGE"]
     lines = [head]
-    for r in rows:
+    for r, release in zip(rows, releases, strict=True):
         f = _figures(r)
         cells = [r.host, *([r.via or "-"] if with_via else []), r.order, r.outcome]
+        cells += [release or "-"] * with_release
         cells += [
             "-" if f["files"] is None else str(f["files"]),
             human_bytes(f["bytes"]),

@@ -27,6 +27,7 @@ class ProxyRequest:
     api_key: str
     batch: str | None
     max_fail: str | None
+    release: str = ""  # release mode: the label of a new release
 
 
 class ProxyService:
@@ -92,6 +93,8 @@ class ProxyService:
             raise BadRequest(str(e)) from None
         # What the agents get: the same order, options and args; the API key stays here.
         order = Order(request.order, request.options, request.args, "")
+        if request.release:
+            order.extra["release"] = request.release
         self.log.info(
             "{order} {options!r} for {args} ({count} hosts) from {peer}",
             order=request.order,
@@ -172,6 +175,7 @@ class ProxyProtocol(ServiceRequestReceiver):
             api_key=fields.get("api_key", ""),
             batch=fields.get("batch") or None,
             max_fail=fields.get("max_fail") or None,
+            release=fields.get("release", ""),
         )
         self.audit.update(logs.proxy_audit(proxy_request, service.granted_hosts))
         return service.handle(proxy_request, request.peer)

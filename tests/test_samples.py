@@ -58,6 +58,15 @@ def test_agent_sample_documents_every_key():
         "queue_path",
         "max_delete",
         "allow_empty_source",
+        # release mode
+        "releases",
+        "releases_path",
+        "activate",
+        "link_dest",
+        "after_activate",
+        "check",
+        "check_timeout",
+        "rollback_on_failed_check",
     }
     assert (
         set(RsyncGroup.__dataclass_fields__) - {"name", "line", "options", "excludes", "includes"}
