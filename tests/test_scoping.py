@@ -188,7 +188,9 @@ def test_named_keys_only_refuse_unnamed_requests() -> None:
 def test_server_names_refuse_another_host() -> None:
     """With server_names, a signature for another host (or an unbound one) is refused."""
     v = verifier(key="k", server_names=["web1.example.com", "127.0.0.3:3440"])
-    assert v.verify(signed("k", host="WEB1.example.com:3440"), "POST", "/agent/status", BODY) is None
+    assert (
+        v.verify(signed("k", host="WEB1.example.com:3440"), "POST", "/agent/status", BODY) is None
+    )
     assert v.verify(signed("k", host="127.0.0.3:3440"), "POST", "/agent/status", BODY) is None
     with pytest.raises(AuthError, match="signed for another host"):
         v.verify(signed("k", host="127.0.0.3:3441"), "POST", "/agent/status", BODY)
