@@ -299,3 +299,17 @@ def test_pin_file_with_several_keys_and_sha256_lines(tmp_path: Path) -> None:
     path.write_bytes(b"sha256//not-base64\n")
     with pytest.raises(TLSConfigError, match="pins.pem:1"):
         load_pins(str(path))
+
+
+def test_proxy_api_sample_uncommented_loads(tmp_path: Path) -> None:
+    """etc/deploy_proxy_api.ini with every example uncommented: a hashed key and its policy."""
+    from tests.test_samples import ETC, uncommented
+
+    api = tmp_path / "api.ini"
+    api.write_text(uncommented((ETC / "deploy_proxy_api.ini").read_text()))
+    proxy = tmp_path / "proxy.ini"
+    proxy.write_text(f"[api]\npath = {api}\n")
+    config = load_proxy_config(str(proxy))
+    keys = ApiKeys(config.keys, config.policies)
+    found = keys.find("secret")
+    assert found is not None and found.key_id == "ci" and found.granted_groups() == ["group1"]
