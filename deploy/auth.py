@@ -150,16 +150,14 @@ def _parse_fields(header: object) -> tuple[int, str, str, dict[str, str]]:
 
 
 def _split_host_port(text: str) -> tuple[str, int | None]:
-    """``name``, ``name:port``, ``[v6]`` or ``[v6]:port`` → (lowercased name, port)."""
+    """``name``, ``name:port``, ``[v6]`` or ``[v6]:port`` → (lowercased name, port); a bare
+    IPv6 address (a `server_names` entry) is a name."""
     text = text.strip().lower()
-    if text.startswith("["):
-        name, _, rest = text[1:].partition("]")
-        port = rest[1:] if rest.startswith(":") else ""
-    elif text.count(":") == 1:
-        name, _, port = text.partition(":")
-    else:
-        name, port = text, ""
-    return name, int(port) if port.isdigit() else None
+    match = _HOST.fullmatch(text)
+    if match is None:
+        return text, None
+    port = match.group(2)
+    return match.group(1).strip("[]"), int(port[1:]) if port else None
 
 
 class ServerNames:

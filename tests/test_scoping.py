@@ -313,3 +313,12 @@ def test_proxy_api_sample_uncommented_loads(tmp_path: Path) -> None:
     keys = ApiKeys(config.keys, config.policies)
     found = keys.find("secret")
     assert found is not None and found.key_id == "ci" and found.granted_groups() == ["group1"]
+
+
+def test_server_names_with_ipv6_and_ports() -> None:
+    """A bare or bracketed IPv6 entry matches a bracketed signed host; a port entry pins it."""
+    v = verifier(key="k", server_names=["::1", "[fd00::1]:3440"])
+    assert v.verify(signed("k", host="[::1]:3999"), "POST", "/agent/status", BODY) is None
+    assert v.verify(signed("k", host="[fd00::1]:3440"), "POST", "/agent/status", BODY) is None
+    with pytest.raises(AuthError, match="another host"):
+        v.verify(signed("k", host="[fd00::1]:3441"), "POST", "/agent/status", BODY)
