@@ -302,11 +302,14 @@ def test_pin_file_with_several_keys_and_sha256_lines(tmp_path: Path) -> None:
 
 
 def test_proxy_api_sample_uncommented_loads(tmp_path: Path) -> None:
-    """etc/deploy_proxy_api.ini with every example uncommented: a hashed key and its policy."""
+    """etc/deploy_proxy_api.ini with every example uncommented, plus its policy example: the
+    hashed key matches its key and the policy scopes it."""
     from tests.test_samples import ETC, uncommented
 
     api = tmp_path / "api.ini"
-    api.write_text(uncommented((ETC / "deploy_proxy_api.ini").read_text()))
+    text = uncommented((ETC / "deploy_proxy_api.ini").read_text())
+    example = text.split("; - Example")[1].split("\n", 1)[1].split("\n\n")[0]
+    api.write_text(text + "\n" + example.replace(";   ", "") + "\n")
     proxy = tmp_path / "proxy.ini"
     proxy.write_text(f"[api]\npath = {api}\n")
     config = load_proxy_config(str(proxy))
