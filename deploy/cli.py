@@ -51,8 +51,9 @@ through a proxy: --hosts=PROXY --port=3441 --api-key=KEY --args=groups:g1,g2 (or
 
 defaults: command line > environment (DEPLOY_KEY_CIPHER, DEPLOY_API_KEY) > config file > built-in.
   config file: --config FILE, else ~/.config/deploy/client.ini ($XDG_CONFIG_HOME/deploy/... when
-  set), section [client]: hosts, port, args, key_cipher, api_key, legacy_auth, ssl_public_key,
-  ssl_ca, ssl_cert, ssl_key, format, thread_timeout, socket_timeout, max_parallel, wait_timeout.
+  set), section [client]: hosts, port, args, key_cipher, key_id, bind_host, api_key, legacy_auth,
+  ssl_public_key, ssl_ca, ssl_cert, ssl_key, format, thread_timeout, socket_timeout, max_parallel,
+  wait_timeout.
 
 exit codes:
 {codes}
@@ -88,6 +89,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="shared key for request signing (default: $DEPLOY_KEY_CIPHER, config, 65535)",
     )
     p.add_argument(
+        "--key-id",
+        default=None,
+        help="sign with the agent's named key ID (kid=; the signature is bound to the host)",
+    )
+    p.add_argument(
+        "--bind-host",
+        action="store_true",
+        default=None,
+        help="bind the signature to the host:port addressed (agents with server_names need it)",
+    )
+    p.add_argument(
         "--api-key", default=None, help="api key for a proxy (default: $DEPLOY_API_KEY, config)"
     )
     p.add_argument(
@@ -96,7 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="send the original one-time auth_key instead of a signature (old agents/proxies)",
     )
-    p.add_argument("--ssl-public-key", help="TLS: pin the server's public key (PEM)")
+    p.add_argument(
+        "--ssl-public-key",
+        action="append",
+        default=None,
+        help="TLS: pin the server's public key (PEM, or a file of several keys or sha256// "
+        "pins); repeat it to pin a backup key: a server matching any pin passes",
+    )
     p.add_argument("--ssl-ca", help="TLS: verify the server's certificate chain and host name")
     p.add_argument("--ssl-cert", help="TLS: client certificate (PEM) for mutual TLS")
     p.add_argument("--ssl-key", help="TLS: client private key (PEM) for mutual TLS")

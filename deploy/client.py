@@ -118,7 +118,7 @@ class OrderClient:
         except ValueError as e:
             return defer.succeed(unanswered(host_spec, order, str(e)))
         finished: defer.Deferred[Answer] = defer.Deferred()
-        request = build_request(order, opts, host, self.reactor.seconds())
+        request = build_request(order, opts, host, self.reactor.seconds(), port)
         endpoint = client_endpoint(self.reactor, host, port, opts.socket_timeout)
         if opts.tls is not None:
             try:

@@ -30,6 +30,8 @@ from deploy.ini import (  # noqa: F401  (ConfigError and parse_ini re-exported f
     parse_ini,
     shown,
 )
+from deploy.keyring import AgentAccess, check_api_keys, split_agent_access
+from deploy.policy import Policy, split_policies
 
 _GROUP_PREFIX = "rsync::group::"
 
@@ -101,6 +103,8 @@ class AgentConfig:
     groups: dict[str, RsyncGroup]
     jobs_path: str | None
     jobs: dict[str, str]
+    # [keys], [policy::*] and server_names (deploy.keyring)
+    access: AgentAccess = field(default_factory=AgentAccess)
 
 
 @dataclass
@@ -109,6 +113,8 @@ class ClientSettings:
     thread_timeout: float = 10.0
     socket_timeout: float = 5.0
     key_cipher: str | None = None
+    key_id: str | None = None
+    bind_host: bool = False
     legacy_auth: bool = False
     ssl: bool = False
     ssl_public_key: str | None = None
@@ -134,6 +140,7 @@ class ProxyConfig:
     api_path: str | None
     keys: dict[str, list[str]]
     servers: dict[str, list[str]]
+    policies: dict[str, Policy] = field(default_factory=dict)
 
 
 def agent_key_cipher(server: ServerSettings) -> str:
@@ -309,6 +316,9 @@ def load_agent_config(
     groups: dict[str, RsyncGroup] = {}
     jobs_path: str | None = None
     jobs_line: int | None = None
+    access = AgentAccess()
+    if path is not None:
+        sections, access = split_agent_access(sections, path)
     for name, section in sections.items():
         assert path is not None
         if name == "server":
@@ -342,6 +352,7 @@ def load_agent_config(
         groups=groups,
         jobs_path=jobs_path,
         jobs=jobs,
+        access=access,
     )
 
 
@@ -405,10 +416,13 @@ def load_proxy_config(
     _apply_overrides(overrides, server, client)
     keys: dict[str, list[str]] = {}
     servers: dict[str, list[str]] = {}
+    policies: dict[str, Policy] = {}
     if api_path is not None:
         assert path is not None and api_line is not None
         api = load_ini(api_path, "api file", (path, api_line))
+        api, policies = split_policies(api, api_path, with_key=True)
         keys, servers = _api(api, api_path)
+        check_api_keys(keys, policies, api_path)
     return ProxyConfig(
         path=path,
         server=_server_settings(ServerSettings(port=3441), *server, path),
@@ -417,6 +431,7 @@ def load_proxy_config(
         api_path=api_path,
         keys=keys,
         servers=servers,
+        policies=policies,
     )
 
 

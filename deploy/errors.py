@@ -58,6 +58,14 @@ class NotGranted(Exception):
         self.name = name
 
 
+class NotPermitted(Exception):
+    """The key's policy refuses this order, group or job; the message names what was refused."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"not permitted: {reason}")
+        self.reason = reason
+
+
 class CapacityExceeded(Exception):
     """`max_prefork` child processes already run; the caller may try again later."""
 
@@ -74,6 +82,7 @@ STATUS: dict[type, int] = {
     AuthError: 401,
     BadHostSelection: 403,
     NotGranted: 403,
+    NotPermitted: 403,
     PathNotAllowed: 403,
     UnknownOrder: 404,
     JobError: 500,

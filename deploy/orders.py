@@ -39,6 +39,8 @@ class Order:
 class ClientOptions:
     port: int = 3440
     key_cipher: str = auth.DEFAULT_KEY_CIPHER
+    key_id: str | None = None  # sign with this named key (kid=); implies bind_host
+    bind_host: bool = False  # bind the signature to the host:port addressed (host=)
     legacy_auth: bool = False
     socket_timeout: float = 5.0
     thread_timeout: float = 10.0
@@ -200,8 +202,11 @@ def hung_up(host: str, port: int) -> str:
     )
 
 
-def build_request(order: Order, options: ClientOptions, host: str, now: float) -> bytes:
-    """The original client's request bytes, signed (or with the legacy auth_key)."""
+def build_request(
+    order: Order, options: ClientOptions, host: str, now: float, port: int | None = None
+) -> bytes:
+    """The original client's request bytes, signed (or with the legacy auth_key); with a key
+    id or `bind_host`, signed in the named/bound form for `host:port`."""
     fields = {
         "auth_key": auth.legacy_auth_key(options.key_cipher, now) if options.legacy_auth else "",
         "options": order.options,
@@ -210,9 +215,13 @@ def build_request(order: Order, options: ClientOptions, host: str, now: float) -
         **order.extra,
     }
     body = encode_form(fields)
+    addressed = f"[{host}]" if ":" in host else host  # an IPv6 literal is bracketed
+    bound = options.bind_host or options.key_id is not None
+    if bound:
+        addressed += f":{port or options.port}"
     lines = [
         f"POST {order.path} HTTP/1.1",
-        f"Host: [{host}]" if ":" in host else f"Host: {host}",  # an IPv6 literal is bracketed
+        f"Host: {addressed}",
         "Connection: close",
         "Content-Type: application/x-www-form-urlencoded",
         f"Content-Length: {len(body)}",
@@ -220,7 +229,15 @@ def build_request(order: Order, options: ClientOptions, host: str, now: float) -
     if not options.legacy_auth:
         lines.append(
             "Authorization: "
-            + auth.sign_request(options.key_cipher, "POST", order.path, body, now=now)
+            + auth.sign_request(
+                options.key_cipher,
+                "POST",
+                order.path,
+                body,
+                now=now,
+                key_id=options.key_id,
+                host=addressed if bound else None,
+            )
         )
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 

@@ -56,7 +56,7 @@ class Exchange:
         self.connect_deadline = _NO_DEADLINE
         self.sock: socket.socket | None = None
         self.connected = False
-        self.outgoing = build_request(order, options, host, time.time())
+        self.outgoing = build_request(order, options, host, time.time(), port)
         self.reader = AnswerReader()
 
     def connect_next(self, now: float) -> bool:

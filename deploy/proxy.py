@@ -14,7 +14,8 @@ from deploy import auth, logs
 from deploy.access import AllowedHosts
 from deploy.client import ClientOptions, Order, OrderClient, fan_out, parse_budget, result_map
 from deploy.config import DEFAULT_KEY_CIPHER, ClientSettings, ProxyConfig
-from deploy.errors import BadHostSelection, BadRequest, NotGranted, UnknownOrder
+from deploy.errors import BadHostSelection, BadRequest, NotGranted, NotPermitted, UnknownOrder
+from deploy.keyring import ApiKeys
 from deploy.message import ORDERS
 from deploy.wire import TEXT_TYPE, Request, RequestFactory, Response, ServiceRequestReceiver
 
@@ -52,6 +53,7 @@ class ProxyService:
             else None
         )
         self.allowed_hosts = AllowedHosts(config.allow_hosts)
+        self.api_keys = ApiKeys(config.keys, config.policies)
         self.client = OrderClient(reactor, client_options(config.client))
 
     # -- checks
@@ -65,7 +67,8 @@ class ProxyService:
         names = [n.strip() for n in names_text.split(",") if n.strip()]
         if not names:
             raise BadHostSelection(args)
-        groups = self.config.keys.get(api_key) if api_key else None
+        found = self.api_keys.find(api_key)
+        groups = found.granted_groups() if found is not None else None
         if groups is None:
             raise NotGranted(names_text)
         servers = self.config.servers
@@ -143,6 +146,8 @@ def client_options(settings: ClientSettings) -> ClientOptions:
     return ClientOptions(
         port=settings.port,
         key_cipher=settings.key_cipher or DEFAULT_KEY_CIPHER,
+        key_id=settings.key_id,
+        bind_host=settings.bind_host,
         legacy_auth=settings.legacy_auth,
         socket_timeout=settings.socket_timeout,
         thread_timeout=settings.thread_timeout,
@@ -178,6 +183,12 @@ class ProxyProtocol(ServiceRequestReceiver):
             release=fields.get("release", ""),
         )
         self.audit.update(logs.proxy_audit(proxy_request, service.granted_hosts))
+        key_id, decision = service.api_keys.decide(
+            proxy_request.api_key, proxy_request.order, proxy_request.options
+        )
+        self.audit.update(keyId=key_id, decision=decision.verdict)
+        if not decision.allowed:
+            raise NotPermitted(decision.reason)
         return service.handle(proxy_request, request.peer)
 
 

@@ -6,7 +6,8 @@ certificates. The files are read by `deploy.tls_keys`; the daemons' endpoint is
 from __future__ import annotations
 
 import datetime
-from collections.abc import Callable
+import hashlib
+from collections.abc import Callable, Collection, Sequence
 from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
@@ -40,7 +41,7 @@ from deploy.tls_keys import (
     PrivateKeyTypes,
     fingerprint,
     load_certificates,
-    load_pinned_key,
+    load_pins,
     load_private_key,
     self_signed_certificate,
     spki_der,
@@ -151,13 +152,15 @@ def server_context_from_settings(server: ServerSettings) -> IOpenSSLServerConnec
 _Check = Callable[[X509, int, int, bool], str | None]
 
 
-def _pin_check(pinned_der: bytes, path: str) -> _Check:
+def _pin_check(pins: Collection[bytes], path: str) -> _Check:
+    """Passes a leaf whose key's sha256 is one of `pins` (several: a key and its backup)."""
+
     def check(certificate: X509, errno: int, depth: int, ok: bool) -> str | None:
         # The pin is the identity: the chain and the host name do not matter, only the leaf's key.
         if depth != 0:
             return None
         server_der = spki_der(certificate.to_cryptography().public_key())
-        if server_der == pinned_der:
+        if hashlib.sha256(server_der).digest() in pins:
             return None
         return (
             f"server key does not match pinned public key {path} "
@@ -267,13 +270,19 @@ class VerifyingClientCreator:
 
 def client_context_factories(
     *,
-    public_key_path: str | None = None,
+    public_key_path: str | Sequence[str] | None = None,
     ca_path: str | None = None,
     cert_path: str | None = None,
     key_path: str | None = None,
 ) -> Callable[[str], IOpenSSLClientConnectionCreator]:
     """Load the files once and return ``hostname -> creator``; what a fan-out over many hosts
-    wants (the proxy, the client). Arguments and checks as for :func:`client_context_factory`."""
+    wants (the proxy, the client). Arguments and checks as for :func:`client_context_factory`;
+    ``public_key_path`` may name several pin files (a server matching any pin passes)."""
+    pin_paths = (
+        [public_key_path] if isinstance(public_key_path, str) else [*(public_key_path or ())]
+    )
+    # From here on, the pin files as messages name them.
+    public_key_path = ", ".join(pin_paths) or None
     if public_key_path is None and ca_path is None:
         raise TLSConfigError(NEEDS_VERIFICATION_MESSAGE)
     if (cert_path is None) != (key_path is None):
@@ -287,8 +296,8 @@ def client_context_factories(
             [Certificate(_openssl_certificate(c)) for c in cas]
         )
     pin = None
-    if public_key_path is not None:
-        pin = _pin_check(load_pinned_key(public_key_path), public_key_path)
+    if pin_paths:
+        pin = _pin_check({d for p in pin_paths for d in load_pins(p)}, public_key_path or "")
     options = CertificateOptions(raiseMinimumTo=MINIMUM_TLS_VERSION, **kwargs)
     files = ", ".join(p for p in (public_key_path, ca_path, cert_path, key_path) if p)
     # One context for every host: what differs per host (SNI, host name check) is set per
