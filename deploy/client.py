@@ -289,7 +289,8 @@ def fan_out(
         started.add(host)
         if end is not None:
             left = end - clock.seconds()
-            rounds = rounds_to_order(position[host], total, batch_size, limit)
+            in_flight = sum(1 for h in started if h not in results)  # this host's included
+            rounds = rounds_to_order(position[host], total, batch_size, limit, in_flight - 1)
             share = host_share(left, rounds, client.options.thread_timeout)
             if share is not None and share < left:  # else the deadline itself ends it
                 message = process_timeout(round(share, 1))

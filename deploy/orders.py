@@ -217,15 +217,15 @@ def split_host(spec: str, default_port: int) -> tuple[str, int]:
 MIN_HOST_SECONDS = 1.0
 
 
-def rounds_to_order(position: int, total: int, batch_size: int, limit: int) -> int:
-    """Rounds of `limit` hosts at once (0: no limit) still needed to order the hosts from
-    `position` on, each batch starting once the one before has answered."""
+def rounds_to_order(position: int, total: int, batch_size: int, limit: int, in_flight: int) -> int:
+    """Rounds of `limit` hosts at once (0: no limit) still needed for the `in_flight` hosts and
+    those from `position` on, each batch starting once the one before has answered."""
     limit = limit if limit > 0 else max(1, total)
     batch_end = min(total, (position // batch_size + 1) * batch_size)
     later = total - batch_end
     full, rest = divmod(later, batch_size)
     return (
-        math.ceil((batch_end - position) / limit)
+        math.ceil((in_flight + batch_end - position) / limit)
         + full * math.ceil(batch_size / limit)
         + math.ceil(rest / limit)
     )
