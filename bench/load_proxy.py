@@ -25,6 +25,7 @@ from typing import Any
 from twisted.internet import defer, protocol
 from twisted.internet.utils import getProcessOutputAndValue
 
+from bench.lib import hwm_mb
 from deploy.testing import AgentProcess, ProxyProcess, agent_ini, free_port, tool
 
 SECTION = "proxy-dead-hosts"
@@ -92,12 +93,9 @@ class Run:
 
 def peak_rss_mib(pid: int) -> float | None:
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
+        return hwm_mb(pid)
+    except (OSError, KeyError):
+        return None
 
 
 def proxy_ini(port: int, agent_port: int, api: Path, deadline: float | None) -> str:

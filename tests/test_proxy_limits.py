@@ -189,32 +189,34 @@ def test_agents_still_waiting_for_a_slot_at_the_deadline_are_reported_not_ordere
 # -------------------------------------------------------------------------------- point 9
 
 
+def bad_agents_answer(proxies: Proxies, group: str, bad: ScriptedServer) -> str:
+    """deploy-client's status of `group`, `bad` and the good agent, through the proxy: exit 2
+    (failed), `bad` without an answer (serverStatus 0), the good agent's status there; what
+    `bad` got instead."""
+    agents, proxy = proxies.agents, proxies.shares
+    run, _ = order(proxy, group)
+    assert run.rc == 2, run.stdout + run.stderr
+    got = agents_of(run, proxy)
+    assert got[agents.address(agents.good)]["content"]["return"] == "true"
+    assert got[agents.address(bad)]["serverStatus"] == 0
+    return got[agents.address(bad)]["content"]
+
+
 def test_an_agents_answer_over_its_orders_limit_is_its_error_and_the_others_arrive(proxies):
     """A status answer of 1.5 MiB (the proxy keeps at most 1 MiB of one): that agent's
     `bad answer`, the good agent's status arrives; deploy-client says failed (exit 2)."""
-    agents, proxy = proxies.agents, proxies.shares
-    run, _ = order(proxy, "big")
-    assert run.rc == 2, run.stdout + run.stderr
-    got = agents_of(run, proxy)
-    big = got[agents.address(agents.big)]
-    assert big["serverStatus"] == 0
-    assert big["content"] == (
-        f"bad answer from {agents.address(agents.big)}: a status answer larger than 1048576 bytes"
+    big = proxies.agents.big
+    assert bad_agents_answer(proxies, "big", big) == (
+        f"bad answer from {big.host}:{big.port}: a status answer larger than 1048576 bytes"
     )
-    assert got[agents.address(agents.good)]["content"]["return"] == "true"
 
 
 def test_two_hundred_thousand_nested_brackets_are_that_agents_error_through_the_proxy(proxies):
     """200,000 nested `[` from one agent: its error in the proxy's answer; the other agent's
     status arrives; the table names it failed, without a traceback."""
-    agents, proxy = proxies.agents, proxies.shares
-    run, _ = order(proxy, "nested")
-    assert run.rc == 2, run.stdout + run.stderr
-    got = agents_of(run, proxy)
-    nested = got[agents.address(agents.nested)]
-    assert nested["serverStatus"] == 0
-    assert nested["content"].endswith("JSON nested more than 64 levels deep")
-    assert got[agents.address(agents.good)]["content"]["return"] == "true"
+    content = bad_agents_answer(proxies, "nested", proxies.agents.nested)
+    assert content.endswith("JSON nested more than 64 levels deep")
+    proxy = proxies.shares
     table, _ = order(proxy, "nested", "--format=table")
     assert table.rc == 2 and "Traceback" not in table.stderr, table.stderr
     row = next(line for line in table.stdout.splitlines() if line.startswith(NESTED))
