@@ -58,7 +58,7 @@ class Exchange:
         self.sock: socket.socket | None = None
         self.connected = False
         self.outgoing = build_request(order, options, host, time.time())
-        self.reader = AnswerReader()
+        self.reader = AnswerReader(options.answer_limit(order.order), order=order.order)
 
     def connect_next(self, now: float) -> bool:
         """Start connecting to the next address; False once none is left."""

@@ -126,6 +126,25 @@ async def test_plain_client_reads_answers_as_the_twisted_client_does(name: str) 
 
 
 @pytest_twisted.ensureDeferred
+async def test_both_clients_keep_an_answer_within_its_orders_limit() -> None:
+    """With per-order limits (the proxy's), an answer over its order's limit is the same
+    `bad answer` from both clients."""
+    agent = FakeAgent(answer(json_response({"return": "true", "content": "x" * 2000})))
+    options = ClientOptions(answer_limits={"status": 1000})
+    order = Order("status", "web")
+    try:
+        twisted = await OrderClient(reactor, options).send(agent.address, order)
+        fan = await plain([agent.address], order, options)
+    finally:
+        await agent.stop()
+    assert fan.results[agent.address] == twisted
+    assert (
+        twisted.content
+        == f"bad answer from {agent.address}: a status answer larger than 1000 bytes"
+    )
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_bug_reading_one_answer_is_that_hosts_error_in_both_clients(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
