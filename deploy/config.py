@@ -110,8 +110,12 @@ class AgentConfig:
 @dataclass
 class ClientSettings:
     port: int = 3440
+    # The proxy's deadlines towards its agents, kept together: connect (socket_timeout), one
+    # agent's answer (thread_timeout), and the whole order (deadline: below deploy-client's
+    # 60 s wait for a proxy, so that it answers, with what it has, before its client gives up).
     thread_timeout: float = 10.0
     socket_timeout: float = 5.0
+    deadline: float = 50.0
     key_cipher: str | None = None
     key_id: str | None = None
     bind_host: bool = False

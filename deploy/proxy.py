@@ -4,7 +4,8 @@ an order to the granted agents through `deploy.client` (bounded, per-host timeou
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from typing import Any
 
 from twisted.internet import defer
@@ -12,6 +13,7 @@ from twisted.logger import Logger
 
 from deploy import auth, logs
 from deploy.access import AllowedHosts
+from deploy.answers import PROXY_ANSWER_LIMITS, PROXY_ANSWERS_TOTAL, AnswerAccount, AnswerBudget
 from deploy.client import ClientOptions, Order, OrderClient, fan_out, parse_budget, result_map
 from deploy.config import DEFAULT_KEY_CIPHER, ClientSettings, ProxyConfig
 from deploy.errors import BadHostSelection, BadRequest, NotGranted, NotPermitted, UnknownOrder
@@ -32,11 +34,19 @@ class ProxyRequest:
 
 
 class ProxyService:
-    """What every proxy connection shares: the API grants, auth state and the agent client."""
+    """What every proxy connection shares: the API grants, auth state, the agent client and
+    the budget of the agents' answers held at once (`answers_total` bytes, each host's answer
+    at most `answer_limits[order]`)."""
 
     log = Logger()
 
-    def __init__(self, config: ProxyConfig, reactor: Any) -> None:
+    def __init__(
+        self,
+        config: ProxyConfig,
+        reactor: Any,
+        answer_limits: Mapping[str, int] = PROXY_ANSWER_LIMITS,
+        answers_total: int = PROXY_ANSWERS_TOTAL,
+    ) -> None:
         self.config = config
         self.reactor = reactor
         self.clock = reactor  # what the request deadline runs on
@@ -54,7 +64,8 @@ class ProxyService:
         )
         self.allowed_hosts = AllowedHosts(config.allow_hosts)
         self.api_keys = ApiKeys(config.keys, config.policies)
-        self.client = OrderClient(reactor, client_options(config.client))
+        self.options = replace(client_options(config.client), answer_limits=answer_limits)
+        self.answers = AnswerBudget(answers_total)
 
     # -- checks
 
@@ -106,13 +117,18 @@ class ProxyService:
             count=len(hosts),
             peer=peer,
         )
+        # The agents' answers are held until the order is answered: in this order's account.
+        account = AnswerAccount(self.answers)
+        settings = self.config.client
         d = fan_out(
-            self.client,
+            OrderClient(self.reactor, self.options, account),
             hosts,
             order,
-            max_parallel=self.config.client.max_parallel,
+            max_parallel=settings.max_parallel,
             batch=request.batch,
             max_fail=request.max_fail,
+            deadline=settings.deadline or None,
+            clock=self.reactor,
         )
 
         def answer(result: Any) -> Response:
@@ -125,7 +141,11 @@ class ProxyService:
                 self.log.warn("rollout of {order} stopped at its failure budget", order=order.order)
             return Response(200, body.encode("utf-8") + b"\n", TEXT_TYPE)
 
-        return d.addCallback(answer)
+        def release(result: Any) -> Any:
+            account.close()
+            return result
+
+        return d.addCallback(answer).addBoth(release)
 
 
 def client_options(settings: ClientSettings) -> ClientOptions:
