@@ -310,10 +310,15 @@ def test_agent_title_backlog_and_ignored_options_under_twistd(daemons, tmp_path)
         return Path(f"/proc/{agent.pid}/cmdline").read_bytes().rstrip(b"\0").decode()
 
     assert wait_until(lambda: title() == "deploy::agent: master process" or None, 10)
-    listening = subprocess.run(
-        ["ss", "-Hltn", f"sport = :{agent.port}"], capture_output=True, text=True, check=True
-    ).stdout.split()
-    assert listening[:3] == ["LISTEN", "0", "17"], listening
+    def listening() -> list[str]:
+        return subprocess.run(
+            ["ss", "-Hltn", f"sport = :{agent.port}"], capture_output=True, text=True, check=True
+        ).stdout.split()
+
+    # The title is set before the reactor's first turn: the connection that saw the port
+    # listen may still wait in the accept queue (Recv-Q 1) for a moment.
+    wait_until(lambda: listening()[:2] == ["LISTEN", "0"], 10, what="an empty accept queue")
+    assert listening()[:3] == ["LISTEN", "0", "17"], listening()
     text = agent.log_text()
     for name, value in (
         ("max_requests_per_child", "10"),
