@@ -56,11 +56,12 @@ def build_service(options: Options, reactor: Any) -> service.MultiService:
     from deploy.agent import AgentFactory, AgentService
 
     config = options.config
+    warnings = options.refuse_problems(config)
     agent = AgentService(config, reactor)
     factory = AgentFactory(agent)
     # From here on the error log keeps what is logged, for its file once the daemon starts.
     logs = daemon.setup_logging(config.server, factory, daemon="agent")
-    daemon.log_warnings(options.warnings)
+    daemon.log_warnings(warnings)
     # Still root: directories the agent writes are made (or handed over) for --user first.
     queue_dirs = [g.queue_path for g in config.groups.values() if g.queue_path]
     drop = daemon.run_as(config.server, logs, own=[agent.state_dir], create=queue_dirs)

@@ -19,7 +19,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from deploy import checkconfig, logs, privileges, sdnotify, version_text
-from deploy.config import ServerSettings
+from deploy.config import ConfigError, ServerSettings
 from deploy.listening import (  # noqa: F401  (re-exported: what the daemons and tests use)
     MAX_OPEN_FILES,
     ListeningService,
@@ -86,16 +86,25 @@ def collect_overrides(options: usage.Options, extra: tuple[str, ...] = ()) -> di
     return overrides
 
 
+class ConfigProblems(usage.UsageError):
+    """A config that loaded but has problems that stop the daemon: said as --check-config says
+    them, one `FILE:LINE: problem` line each, and nothing else."""
+
+    def __init__(self, problems: list[checkconfig.Problem]) -> None:
+        super().__init__("\n".join(str(p) for p in problems))
+        self.problems = problems
+
+
 class DaemonOptions(usage.Options):
     """What both daemons' options share: `--check-config` and `--version`. A config that does
-    not load or check stops the daemon with its `FILE:LINE: problem` lines alone (no usage
-    text); `warnings` are the problems that are only logged (the original accepted them)."""
+    not load stops the daemon with its `FILE:LINE: problem` line alone (no usage text); the
+    checks beyond single values run when the service is made (`refuse_problems`)."""
 
     program = "deploy"
 
     def __init__(self) -> None:
         super().__init__()
-        self.warnings: list[checkconfig.Problem] = []
+        self.check: Callable[[Any], list[checkconfig.Problem]] = lambda config: []
         self.load_again: Callable[[], tuple[Any, list[checkconfig.Problem]]] = lambda: (None, [])
 
     def opt_version(self) -> None:
@@ -110,21 +119,31 @@ class DaemonOptions(usage.Options):
         overrides: dict[str, Any],
         uses_tls: Callable[[Config], bool],
     ) -> Config:
-        """The config of `--path` with `overrides`, checked. When `uses_tls(config)` is false,
-        pyOpenSSL is kept from loading: ~12 MB of RSS in every daemon."""
+        """The config of `--path` with `overrides` (with --check-config: checked, and exit).
+        When `uses_tls(config)` is false, pyOpenSSL is kept from loading: ~12 MB of RSS in every
+        daemon."""
+        self.check = check
         self.load_again = functools.partial(
             checkconfig.load_checked, load, check, self["path"], overrides
         )
-        config, problems = self.load_again()
         if self["check-config"]:
-            report_check(self["path"], problems)
-        fatal = [p for p in problems if p.fatal]
-        if config is None or fatal:
-            raise SystemExit("\n".join(str(p) for p in fatal or problems))
-        self.warnings = problems
+            report_check(self["path"], self.load_again()[1])
+        try:
+            config = load(self["path"], overrides)
+        except ConfigError as e:
+            raise SystemExit(str(e)) from None
         if not uses_tls(config):
             skip_pyopenssl()
         return config
+
+    def refuse_problems(self, config: Any) -> list[checkconfig.Problem]:
+        """Stop (ConfigProblems) on what --check-config calls fatal; answer the rest, for the
+        daemon to log (`log_warnings`) once its error log holds events."""
+        problems = self.check(config)
+        fatal = [p for p in problems if p.fatal]
+        if fatal:
+            raise ConfigProblems(fatal)
+        return problems
 
 
 CHECK_FLAG = ["check-config", None, "check the config (and the files it names), then exit"]
@@ -168,6 +187,8 @@ def service_maker(name: str, build: Callable[[Any, Any], service.MultiService]) 
             reactor = default_reactor
         try:
             return build(options, reactor)
+        except ConfigProblems as e:
+            raise SystemExit(str(e)) from None
         except usage.UsageError as e:
             raise SystemExit(f"twistd {name}: {e}") from None
 

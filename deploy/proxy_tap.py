@@ -88,6 +88,7 @@ def build_service(options: Options, reactor: Any) -> service.MultiService:
     from deploy.proxy import ProxyFactory, ProxyService
 
     config = options.config
+    warnings = options.refuse_problems(config)
     try:
         proxy = ProxyService(config, reactor)
     except TLSConfigError as e:
@@ -101,7 +102,7 @@ def build_service(options: Options, reactor: Any) -> service.MultiService:
     factory = ProxyFactory(proxy)
     # From here on the error log keeps what is logged, for its file once the daemon starts.
     logs = daemon.setup_logging(config.server, factory, daemon="proxy")
-    daemon.log_warnings(options.warnings)
+    daemon.log_warnings(warnings)
     drop = daemon.run_as(config.server, logs)
     metrics = None
     if config.server.metrics_port:

@@ -377,13 +377,16 @@ def test_unit_passes_systemd_analyze_verify(name, tmp_path):
 
 @pytest.mark.parametrize("name", ["deploy-agent.service", "deploy-proxy.service"])
 def test_unit_runs_twistd_in_the_foreground_and_restarts_on_failure(name):
-    """twistd -n (no fork, no pid file, its log on stdout for the journal), Restart=on-failure;
-    the agent's unit stops only twistd so background syncs survive a restart."""
+    """twistd -n (no fork, no pid file, its log on stdout for the journal), Type=notify with a
+    watchdog, reload by SIGHUP, Restart=on-failure; the agent's unit stops only twistd so
+    background syncs survive a restart."""
     unit = read_unit(UNITS / name)
     argv = exec_start(name)
     assert argv[1:4] == ["--nodaemon", "--pidfile=", "--logfile=-"]
     assert argv[4] == name.removesuffix(".service")
-    assert unit_value(unit, "Service", "Type") == "simple"
+    assert unit_value(unit, "Service", "Type") == "notify"
+    assert unit_value(unit, "Service", "ExecReload") == "/bin/kill -HUP $MAINPID"
+    assert unit_value(unit, "Service", "WatchdogSec") == "30s"
     assert unit_value(unit, "Service", "Restart") == "on-failure"
     assert unit_value(unit, "Install", "WantedBy") == "multi-user.target"
     want = "process" if name == "deploy-agent.service" else None
