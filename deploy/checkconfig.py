@@ -215,15 +215,20 @@ def client_tls_problems(lines: Lines, config: ProxyConfig) -> list[Problem]:
     return []
 
 
+def _daemon_problems(lines: Lines, hosts: list[str], server: ServerSettings) -> list[Problem]:
+    """What agent and proxy configs share: [allow::hosts], the [server] TLS, the metrics port."""
+    problems = _allow_hosts(lines, hosts)
+    problems += server_tls_problems(lines, server)
+    return problems + _metrics_port(lines, server)
+
+
 # --------------------------------------------------------------------------- agent
 
 
 def check_agent(config: AgentConfig) -> list[Problem]:
     """Everything wrong with an agent config that loaded."""
     lines = Lines(config.path)
-    problems = _allow_hosts(lines, config.allow_hosts)
-    problems += server_tls_problems(lines, config.server)
-    problems += _metrics_port(lines, config.server)
+    problems = _daemon_problems(lines, config.allow_hosts, config.server)
     allowed = AllowedPaths(config.allow_paths)
     jobs_path = config.jobs_path or "(no [jobs] file)"
     for name, group in config.groups.items():
@@ -285,9 +290,7 @@ def _metrics_port(lines: Lines, server: ServerSettings) -> list[Problem]:
 def check_proxy(config: ProxyConfig) -> list[Problem]:
     """Everything wrong with a proxy config that loaded."""
     lines = Lines(config.path)
-    problems = _allow_hosts(lines, config.allow_hosts)
-    problems += server_tls_problems(lines, config.server)
-    problems += _metrics_port(lines, config.server)
+    problems = _daemon_problems(lines, config.allow_hosts, config.server)
     problems += client_tls_problems(lines, config)
     api = Lines(config.api_path)
     for key, groups in config.keys.items():
