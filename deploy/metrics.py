@@ -23,9 +23,10 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
+from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
-from twisted.protocols.policies import WrappingFactory
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
@@ -117,7 +118,7 @@ class DaemonMetrics:
             "deploy_auth_failures", "Requests refused by authentication (401), by reason.",
             ["reason"], registry=r,
         )  # fmt: skip
-        self._open: WrappingFactory | None = None
+        self._open: CountingFactory | None = None
         Gauge(
             "deploy_connections_open", "Connections open on the daemon's port.", registry=r
         ).set_function(lambda: len(self._open.protocols) if self._open is not None else 0)
@@ -129,8 +130,7 @@ class DaemonMetrics:
 
     def counting(self, factory: Factory) -> Any:
         """`factory` wrapped so that its open connections are counted."""
-        self._open = WrappingFactory(factory)
-        self._open.noisy = False
+        self._open = CountingFactory(factory)
         return self._open
 
     def watch(self, factory: Any) -> None:
@@ -146,6 +146,23 @@ class DaemonMetrics:
         if response.status == 401:
             body = response.body.decode("utf-8", "replace")
             self.auth_failures.labels(auth_failure_reason(body)).inc()
+
+
+class _Counted(ProtocolWrapper):
+    """A connection the count holds. Under TLS its transport provides IHandshakeListener, which
+    ProtocolWrapper then claims too and forwards back to that transport, for ever: it is
+    forwarded to the protocol inside instead."""
+
+    def handshakeCompleted(self) -> None:
+        if IHandshakeListener.providedBy(self.wrappedProtocol):
+            self.wrappedProtocol.handshakeCompleted()
+
+
+class CountingFactory(WrappingFactory):
+    """Wraps a factory; `protocols` holds its open connections."""
+
+    protocol = _Counted
+    noisy = False
 
 
 class ProxyMetrics(DaemonMetrics):

@@ -383,3 +383,21 @@ def test_exposition_of_a_fresh_registry_passes_promtool():
         m.response_sent(proto("/agent/status"), Response.text(401, "bad signature"))
     promtool_check(generate_latest(agent.registry).decode(), "agent")
     promtool_check(generate_latest(proxy.registry).decode(), "proxy")
+
+
+def test_open_connections_are_counted_until_they_close():
+    """deploy_connections_open follows connections through the wrapped factory."""
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.protocol import Factory, Protocol
+    from twisted.internet.testing import StringTransport
+    from twisted.python.failure import Failure
+
+    m = DaemonMetrics()
+    factory = m.counting(Factory.forProtocol(Protocol))
+    assert sample(m, "deploy_connections_open") == 0
+    protos = [factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1)) for _ in range(2)]
+    for p in protos:
+        p.makeConnection(StringTransport())
+    assert sample(m, "deploy_connections_open") == 2
+    protos[0].connectionLost(Failure(ConnectionError()))
+    assert sample(m, "deploy_connections_open") == 1

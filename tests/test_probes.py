@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import urllib.request
 
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -14,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 import deploy
 from deploy.tls import ALPN_PROTOCOL, select_alpn
 from tests.conftest import JOBS
-from tests.harness import run_client, tool
+from tests.harness import free_port, run_client, tool
 
 
 def test_alpn_selects_http11_or_nothing():
@@ -30,7 +31,7 @@ def test_alpn_selects_http11_or_nothing():
 def test_curl_and_openssl_with_alpn_get_an_answer_from_a_tls_agent(daemons, tmp_path):
     """curl -k (which offers h2 and http/1.1) gets the agent's 401 answer; `openssl s_client
     -alpn http/1.1` negotiates http/1.1 and `-alpn h2` completes without ALPN: no
-    `tlsv1 alert internal error`."""
+    `tlsv1 alert internal error`; the metrics count the three 401s."""
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     pem = tmp_path / "private.pem"
     pem.write_bytes(
@@ -42,7 +43,11 @@ def test_curl_and_openssl_with_alpn_get_an_answer_from_a_tls_agent(daemons, tmp_
     )
     jobs = tmp_path / "jobs.ini"
     jobs.write_text(JOBS)
-    agent = daemons.agent(jobs=jobs, server={"ssl": "true", "ssl_private_key": pem})
+    metrics_port = free_port()
+    agent = daemons.agent(
+        jobs=jobs,
+        server={"ssl": "true", "ssl_private_key": pem, "metrics_port": metrics_port},
+    )
     url = f"https://{agent.address}/agent/status"
     curl = subprocess.run(
         ["curl", "-sk", "-o", "-", "-w", "\n%{http_code} %{http_version}", url],
@@ -55,7 +60,7 @@ def test_curl_and_openssl_with_alpn_get_an_answer_from_a_tls_agent(daemons, tmp_
     for offer, negotiated in (("http/1.1", "ALPN protocol: http/1.1"), ("h2", "No ALPN")):
         request = f"GET /agent/status HTTP/1.1\r\nHost: {agent.host}\r\n\r\n"
         done = subprocess.run(
-            ["openssl", "s_client", "-alpn", offer, "-connect", agent.address],
+            ["openssl", "s_client", "-ign_eof", "-alpn", offer, "-connect", agent.address],
             input=request,
             capture_output=True,
             text=True,
@@ -65,6 +70,11 @@ def test_curl_and_openssl_with_alpn_get_an_answer_from_a_tls_agent(daemons, tmp_
         assert "alert" not in both, both
         assert negotiated in both, both
         assert "HTTP/1.1 401 Unauthorized" in done.stdout, both
+    # Counted through TLS too (the connection counter wraps the factory under TLS).
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    assert 'deploy_orders_total{code="401",order="status"} 3.0' in text, text
+    assert 'deploy_auth_failures_total{reason="missing"} 3.0' in text, text
 
 
 def test_versions_of_the_client_and_both_daemons():
