@@ -215,20 +215,25 @@ def client_tls_problems(lines: Lines, config: ProxyConfig) -> list[Problem]:
     return []
 
 
-def _daemon_problems(lines: Lines, hosts: list[str], server: ServerSettings) -> list[Problem]:
-    """What agent and proxy configs share: [allow::hosts], the [server] TLS, the metrics port."""
+def _daemon_problems(
+    lines: Lines, hosts: list[str], server: ServerSettings, reloading: bool
+) -> list[Problem]:
+    """What agent and proxy configs share: [allow::hosts], the [server] TLS (not on a reload:
+    the running daemon keeps its TLS context until it restarts, and after dropping privileges
+    it may no longer read its own key), the metrics port."""
     problems = _allow_hosts(lines, hosts)
-    problems += server_tls_problems(lines, server)
+    if not reloading:
+        problems += server_tls_problems(lines, server)
     return problems + _metrics_port(lines, server)
 
 
 # --------------------------------------------------------------------------- agent
 
 
-def check_agent(config: AgentConfig) -> list[Problem]:
-    """Everything wrong with an agent config that loaded."""
+def check_agent(config: AgentConfig, *, reloading: bool = False) -> list[Problem]:
+    """Everything wrong with an agent config that loaded (for a reload: what it can take)."""
     lines = Lines(config.path)
-    problems = _daemon_problems(lines, config.allow_hosts, config.server)
+    problems = _daemon_problems(lines, config.allow_hosts, config.server, reloading)
     allowed = AllowedPaths(config.allow_paths)
     jobs_path = config.jobs_path or "(no [jobs] file)"
     for name, group in config.groups.items():
@@ -287,10 +292,10 @@ def _metrics_port(lines: Lines, server: ServerSettings) -> list[Problem]:
 # --------------------------------------------------------------------------- proxy
 
 
-def check_proxy(config: ProxyConfig) -> list[Problem]:
-    """Everything wrong with a proxy config that loaded."""
+def check_proxy(config: ProxyConfig, *, reloading: bool = False) -> list[Problem]:
+    """Everything wrong with a proxy config that loaded (for a reload: what it can take)."""
     lines = Lines(config.path)
-    problems = _daemon_problems(lines, config.allow_hosts, config.server)
+    problems = _daemon_problems(lines, config.allow_hosts, config.server, reloading)
     problems += client_tls_problems(lines, config)
     api = Lines(config.api_path)
     for key, groups in config.keys.items():

@@ -115,19 +115,23 @@ class DaemonOptions(usage.Options):
     def load_config(
         self,
         load: Callable[[str, dict[str, Any]], Config],
-        check: Callable[[Config], list[checkconfig.Problem]],
+        check: Callable[..., list[checkconfig.Problem]],
         overrides: dict[str, Any],
         uses_tls: Callable[[Config], bool],
     ) -> Config:
-        """The config of `--path` with `overrides` (with --check-config: checked, and exit).
+        """The config of `--path` with `overrides` (with --check-config: checked, and exit);
+        `check(config, reloading=...)` finds its problems.
         When `uses_tls(config)` is false, pyOpenSSL is kept from loading: ~12 MB of RSS in every
         daemon."""
         self.check = check
-        self.load_again = functools.partial(
-            checkconfig.load_checked, load, check, self["path"], overrides
-        )
         if self["check-config"]:
-            report_check(self["path"], self.load_again()[1])
+            report_check(
+                self["path"], checkconfig.load_checked(load, check, self["path"], overrides)[1]
+            )
+        reloading = functools.partial(check, reloading=True)
+        self.load_again = functools.partial(
+            checkconfig.load_checked, load, reloading, self["path"], overrides
+        )
         try:
             config = load(self["path"], overrides)
         except ConfigError as e:
@@ -214,7 +218,7 @@ def assemble(
     main = listening_service(reactor, server, metrics.counting(factory) if metrics else factory)
     main.setServiceParent(top)
     if metrics is not None:
-        from deploy.metrics import HealthResource, listening_check, metrics_site, writable_check
+        from deploy.metrics_web import HealthResource, listening_check, metrics_site, writable_check
 
         where = f"{server.addr}:{server.port}"
         checks = [listening_check(lambda: main.port is not None, where)]

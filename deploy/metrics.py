@@ -1,6 +1,6 @@
-"""The daemons' Prometheus metrics: one registry per daemon with its metric objects, the observers
-that count orders, auth failures, connections and syncs where the code already has one place for
-them, and the twisted.web site of the metrics port (`/metrics`, `/healthz`)."""
+"""The daemons' Prometheus metrics: one registry per daemon with its metric objects, and the
+observers that count orders, auth failures, connections and syncs where the code already has one
+place for them. The metrics port's site is `deploy.metrics_web`'s."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import json
 import os
 import platform
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from prometheus_client import (
@@ -21,14 +21,11 @@ from prometheus_client import (
     ProcessCollector,
 )
 from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
-from twisted.web.resource import Resource
-from twisted.web.server import Request, Site
 
 import twisted
 from deploy import __version__
@@ -330,87 +327,3 @@ def _number(value: Any) -> float | None:
         except ValueError:
             return None
     return None
-
-
-# --------------------------------------------------------------------------- the web site
-
-
-class MetricsResource(Resource):
-    """`/metrics`: the registry in the format the scraper asks for (Prometheus text or
-    OpenMetrics). Collected in the reactor's thread, unlike prometheus_client.twisted's
-    resource (a WSGI app in the thread pool): the collectors read the agent's job table, which
-    only the reactor's thread may touch; and a blocked reactor then shows as a failed scrape."""
-
-    isLeaf = True
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        super().__init__()
-        self.registry = registry
-
-    def render_GET(self, request: Request) -> bytes:
-        accept = request.getHeader("accept")
-        encoder, content_type = choose_encoder(accept or "")
-        request.setHeader("Content-Type", content_type)
-        body: bytes = encoder(self.registry)
-        return body
-
-
-class HealthResource(Resource):
-    """`/healthz`: 200 `ok` while every check passes, else 503 with the first problem."""
-
-    isLeaf = True
-
-    def __init__(self, checks: Iterable[Callable[[], str | None]]) -> None:
-        super().__init__()
-        self.checks = list(checks)
-
-    def problem(self) -> str | None:
-        for check in self.checks:
-            problem = check()
-            if problem:
-                return problem
-        return None
-
-    def render_GET(self, request: Request) -> bytes:
-        request.setHeader("Content-Type", "text/plain; charset=utf-8")
-        problem = self.problem()
-        if problem is None:
-            return b"ok\n"
-        request.setResponseCode(503)
-        return problem.encode("utf-8", "replace") + b"\n"
-
-
-class QuietSite(Site):
-    """A Site that writes no access line per scrape into the daemon's log."""
-
-    noisy = False
-
-    def log(self, request: Any) -> None:
-        pass
-
-
-def metrics_site(registry: CollectorRegistry, health: HealthResource) -> Site:
-    """The metrics port's site: `/metrics` and `/healthz`."""
-    root = Resource()
-    root.putChild(b"metrics", MetricsResource(registry))
-    root.putChild(b"healthz", health)
-    return QuietSite(root)
-
-
-def listening_check(is_listening: Callable[[], bool], what: str) -> Callable[[], str | None]:
-    """A health check: the daemon's port is bound."""
-    return lambda: None if is_listening() else f"not listening on {what}"
-
-
-def writable_check(directory: str) -> Callable[[], str | None]:
-    """A health check: a state record can be written in `directory`."""
-    from deploy.jobs import check_state_dir
-
-    def check() -> str | None:
-        try:
-            check_state_dir(directory)
-        except OSError as e:
-            return str(e.strerror or e)
-        return None
-
-    return check

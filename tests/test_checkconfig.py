@@ -60,7 +60,7 @@ def agent_text(tmp_path: Path, port: int, server: str = "") -> str:
 def test_agent_problems_are_found_and_located(tmp_path):
     """Invalid CIDR and addresses in [allow::hosts] (a name is fine), a group outside
     [allow::paths] (only a warning at start), an unreadable TLS key and a certificate of
-    another key, each at its own line."""
+    another key, each at its own line; a reload does not read the TLS files again."""
     key = tmp_path / "key.pem"
     write_key(key)
     other = write_key(tmp_path / "other.pem")
@@ -90,6 +90,9 @@ def test_agent_problems_are_found_and_located(tmp_path):
         f"{path}:{src_line}: [rsync::group::outside] src: /srv/elsewhere/web is outside "
         "[allow::paths]",
     ]
+    # A reload keeps the TLS context it has (and may no longer read the key as --user).
+    reloaded = [str(p) for p in check_agent(load_agent_config(str(path)), reloading=True)]
+    assert reloaded == found[:3] + found[5:]
     (missing,) = check_agent(
         dataclasses.replace(
             load_agent_config(str(path)),

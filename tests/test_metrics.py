@@ -27,14 +27,12 @@ from deploy.jobstate import write_state
 from deploy.metrics import (
     AgentMetrics,
     DaemonMetrics,
-    HealthResource,
     ProxyMetrics,
     auth_failure_reason,
     host_result,
-    listening_check,
     live_release,
-    writable_check,
 )
+from deploy.metrics_web import HealthResource, listening_check, writable_check
 from deploy.rsync import RsyncTarget
 from deploy.wire import Request, Response
 from tests.conftest import JOBS
