@@ -36,6 +36,7 @@ from deploy.rsync import (
     run_rsync,
 )
 from deploy.targets import TargetResolver, group_state_dir
+from deploy.versions import answers_with_agent_version
 from deploy.wire import Response
 
 
@@ -109,6 +110,7 @@ class AgentOrders:
 
     # -- orders
 
+    @answers_with_agent_version
     def order_status(self, options: str) -> defer.Deferred[Response]:
         target, group = self.targets.resolve(options)
         state_dir = group_state_dir(group)

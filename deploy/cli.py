@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, NoReturn
 
-from deploy import clientconfig
+from deploy import clientconfig, version_text
 from deploy.clientrun import print_outcome, run, wants_tls
 from deploy.message import ORDERS
 from deploy.notls import skip_pyopenssl
@@ -76,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    p.add_argument("--version", action="version", version=version_text("deploy-client"))
     p.add_argument("--order", choices=ORDERS, help="remote command")
     p.add_argument("--hosts", help="remote hosts, comma separated (host, host:port, [v6]:port)")
     p.add_argument(

@@ -67,6 +67,9 @@ class ServerSettings:
     # accepted for the original's configs; an event loop has no use for them
     worker_method: str | None = None
     ipc_path: str | None = None
+    # Prometheus metrics and /healthz over plain HTTP on this address; off while the port is 0
+    metrics_addr: str = "127.0.0.1"
+    metrics_port: int = 0
 
 
 @dataclass

@@ -11,7 +11,7 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -136,6 +136,8 @@ class JobRegistry:
         self.python = python
         self.processes = processes or ProcessTable()
         self._jobs: dict[str, Job] = {}
+        # Told of every sync whose end is recorded (the metrics count them).
+        self.ended_observers: list[Callable[[Job], None]] = []
 
     def state_file(self, checksum: str, state_dir: str | None = None) -> str:
         return os.path.join(state_dir or self.state_dir, checksum + ".json")
@@ -415,6 +417,8 @@ class JobRegistry:
             outcome=job.state.get("outcome"),
             exitCode=job.state.get("exitCode"),
         )
+        for observer in self.ended_observers:
+            observer(job)
 
     def _abandon(self, job: Job, outcome: str, message: str | None = None) -> None:
         """Record the end of a sync whose supervisor died without recording it, once no process

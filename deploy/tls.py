@@ -53,6 +53,7 @@ if TYPE_CHECKING:
     from deploy.config import ServerSettings
 
 MINIMUM_TLS_VERSION = TLSVersion.TLSv1_2
+ALPN_PROTOCOL = b"http/1.1"
 
 log = Logger()
 
@@ -132,7 +133,18 @@ def server_context_factory(
         )
     options = CertificateOptions(raiseMinimumTo=MINIMUM_TLS_VERSION, **kwargs)
     files = ", ".join(p for p in (private_key_path, certificate_path, client_ca_path) if p)
-    return _built(options, files)
+    built = _built(options, files)
+    # Twisted's own ALPN callback answers b"" when it shares no protocol with the client, which
+    # OpenSSL turns into an "internal error" alert: curl, `openssl s_client -alpn` and most
+    # monitoring probes could not connect. Select http/1.1 when offered, else go on without.
+    built.getContext().set_alpn_select_callback(select_alpn)
+    return built
+
+
+def select_alpn(connection: SSL.Connection, offered: list[bytes]) -> Any:
+    """The server's ALPN choice: `http/1.1` (what the daemons speak) when the client offers it,
+    else no protocol (the handshake goes on, as with a client that offers none)."""
+    return ALPN_PROTOCOL if ALPN_PROTOCOL in offered else SSL.NO_OVERLAPPING_PROTOCOLS
 
 
 def server_context_from_settings(server: ServerSettings) -> IOpenSSLServerConnectionCreator | None:
