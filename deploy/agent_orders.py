@@ -24,7 +24,7 @@ from deploy.commands import (
 )
 from deploy.config import AgentConfig
 from deploy.errors import CapacityExceeded, InvalidTarget, RequestError
-from deploy.jobs import Job, JobError, JobRegistry, deletes_on_target
+from deploy.jobs import Job, JobError, JobRegistry, deletes_on_target, target_key
 from deploy.jobstate import OUTCOME_OK, OUTCOME_WARNING, error_message
 from deploy.process import KILL_GRACE, GroupStopper
 from deploy.rsync import (
@@ -109,7 +109,7 @@ class AgentOrders:
     def order_status(self, options: str) -> defer.Deferred[Response]:
         target, group = self.targets.resolve(options)
         state_dir = group_state_dir(group)
-        job = self.jobs.running(target.checksum, state_dir)
+        job = self.jobs.running(target_key(target), state_dir)
         if job is not None:
             return defer.succeed(Response.json(self._running_answer(job, with_progress=True)))
         self.check_capacity()
@@ -129,7 +129,7 @@ class AgentOrders:
                     "transferFilesSize": str(stats.transferred_size or 0),
                 }
             # How the last sync ended matters most when the target cannot even be compared.
-            last = self.jobs.last_result(target.checksum, state_dir)
+            last = self.jobs.last_result(target_key(target), state_dir)
             if last:
                 body["lastRsync"] = last
             return Response.json(body)
@@ -167,7 +167,7 @@ class AgentOrders:
     def order_rsync(self, options: str) -> defer.Deferred[Response]:
         target, group = self.targets.resolve(options)
         state_dir = group_state_dir(group)
-        job = self.jobs.running(target.checksum, state_dir)
+        job = self.jobs.running(target_key(target), state_dir)
         if job is not None:
             return defer.succeed(Response.json(self._running_answer(job, with_progress=False)))
         self.check_capacity()
@@ -207,7 +207,7 @@ class AgentOrders:
 
     def order_rkill(self, options: str) -> Response:
         target, group = self.targets.resolve(options)
-        pids = self.jobs.kill(target.checksum, group_state_dir(group))
+        pids = self.jobs.kill(target_key(target), group_state_dir(group))
         return Response.json({"return": "true", "process": [str(p) for p in pids]})
 
     def order_exec(self, options: str) -> defer.Deferred[Response]:

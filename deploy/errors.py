@@ -7,7 +7,7 @@ from __future__ import annotations
 from deploy.access import PathNotAllowed
 from deploy.auth import AuthError
 from deploy.commands import CommandError
-from deploy.jobs import JobError
+from deploy.jobs import JobError, StateFull
 
 
 class RequestError(Exception):
@@ -75,6 +75,7 @@ STATUS: dict[type, int] = {
     PathNotAllowed: 403,
     UnknownOrder: 404,
     JobError: 500,
+    StateFull: 503,
     CapacityExceeded: 503,
 }
 
