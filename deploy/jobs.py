@@ -338,6 +338,10 @@ class JobRegistry:
         return job
 
     def refresh(self, job: Job) -> None:
+        """Take up what the job's record says now; an end known here but not written yet (a
+        full disk) is not undone by the older record."""
+        if job.state.get("state") == STATE_ENDED and job.key in self.ends.unwritten:
+            return
         state = self.read(job.state_file)
         if state is not None and (job.run_id is None or state.get("runId") == job.run_id):
             job.state = state
