@@ -142,6 +142,15 @@ class FakeProcesses:
                     self.alive.pop(pid, None)
 
 
+def fake_registry(tmp_path: Path) -> tuple[JobRegistry, FakeProcessReactor, FakeProcesses]:
+    """A registry on a fake process reactor (at a plausible wall-clock time) and a fake /proc,
+    its state in tmp_path/state."""
+    reactor, procs = FakeProcessReactor(), FakeProcesses()
+    reactor.advance(1_700_000_000)
+    registry = JobRegistry(reactor, str(tmp_path / "state"), python="/py", processes=procs)
+    return registry, reactor, procs
+
+
 @pytest.fixture
 def reactor() -> FakeProcessReactor:
     r = FakeProcessReactor()
@@ -634,9 +643,7 @@ def test_adopted_sync_reports_its_real_outcome(registry, reactor, procs, tmp_pat
 
 def test_adopted_sync_whose_supervisor_vanishes_is_lost(registry, reactor, procs, tmp_path):
     """An adopted sync whose supervisor dies without an outcome is recorded `lost`."""
-    record(
-        tmp_path / "state", KEY, state="running", supervisorPid=100, supervisorStart=5
-    )
+    record(tmp_path / "state", KEY, state="running", supervisorPid=100, supervisorStart=5)
     procs.alive[100] = 5
     registry.recover()
     procs.alive.pop(100)

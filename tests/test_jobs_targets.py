@@ -10,7 +10,13 @@ from deploy.jobs import JobError, JobRegistry, target_key
 from deploy.jobstate import read_state
 from deploy.rsync import RsyncTarget
 from tests.harness import ask, make_tree, wait_until
-from tests.test_jobs import FakeProcesses, FakeProcessReactor, ended, supervisor_records_end
+from tests.test_jobs import (
+    FakeProcesses,
+    FakeProcessReactor,
+    ended,
+    fake_registry,
+    supervisor_records_end,
+)
 
 GROUP = RsyncTarget(dest="h::M/BIG/", src="/srv/www/big")
 SPELLINGS = [
@@ -42,10 +48,7 @@ def test_a_symlink_to_the_target_is_the_same_target(tmp_path):
 
 @pytest.fixture
 def registry(tmp_path) -> tuple[JobRegistry, FakeProcessReactor, FakeProcesses]:
-    reactor, procs = FakeProcessReactor(), FakeProcesses()
-    reactor.advance(1_700_000_000)
-    registry = JobRegistry(reactor, str(tmp_path / "state"), python="/py", processes=procs)
-    return registry, reactor, procs
+    return fake_registry(tmp_path)
 
 
 @pytest.mark.parametrize("spelling", SPELLINGS)

@@ -32,6 +32,7 @@ from tests.test_jobs import (
     FakeProcessReactor,
     agent_config,
     ended,
+    fake_registry,
     record,
     supervisor_runs,
 )
@@ -49,10 +50,7 @@ def warnings(events: list[dict[str, Any]], text: str) -> list[dict[str, Any]]:
 
 @pytest.fixture
 def registry(tmp_path) -> tuple[JobRegistry, FakeProcessReactor, FakeProcesses]:
-    reactor, procs = FakeProcessReactor(), FakeProcesses()
-    reactor.advance(1_700_000_000)
-    registry = JobRegistry(reactor, str(tmp_path / "state"), python="/py", processes=procs)
-    return registry, reactor, procs
+    return fake_registry(tmp_path)
 
 
 # --------------------------------------------------------------------------- the registry
