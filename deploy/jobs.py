@@ -10,7 +10,6 @@ import hashlib
 import os
 import signal
 import sys
-import time
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -30,7 +29,7 @@ from deploy.jobstate import (
 )
 from deploy.process import ProcessTable, Stopper, StopPolicy, trusted_uids
 from deploy.rsync import DEFAULT_FLAGS, RsyncTarget
-from deploy.statedir import StateDir
+from deploy.statedir import StateDir, remove_stale_temp
 
 if TYPE_CHECKING:
     from deploy.jobstart import SupervisorProtocol
@@ -44,8 +43,6 @@ STARTING_GRACE = 30.0
 # KILLs rsync's group itself, and then (every KILL_MARGIN) the supervisor if it still has not
 # recorded the end.
 KILL_MARGIN = 2.0
-# A temp file of write_state this old was left by a process killed mid-write.
-STALE_TEMP = 3600.0
 # How many untrusted files are warned about by name (each once); beyond, they are ignored quietly.
 MAX_WARNED = 1000
 
@@ -175,7 +172,7 @@ class JobRegistry:
                 continue
             for name in names:
                 if name.startswith(".tmp-"):
-                    _remove_stale_temp(os.path.join(directory, name))
+                    remove_stale_temp(os.path.join(directory, name))
                     continue
                 if not name.endswith(".json") or name.startswith("."):
                     continue
@@ -407,11 +404,3 @@ class JobRegistry:
             self.processes.signal(supervisor, sig)
             return True
         return False
-
-
-def _remove_stale_temp(path: str) -> None:
-    try:
-        if time.time() - os.lstat(path).st_mtime > STALE_TEMP:
-            os.unlink(path)
-    except OSError:
-        pass

@@ -1,18 +1,21 @@
 """Which directories the agent keeps its sync records in: a state or queue directory that no other
 local user can write, up to `/` (as sshd's StrictModes judges a home), or — in a shared sticky
 directory such as /tmp — a private subdirectory the agent makes for itself; and the probe that a
-record can be written there."""
+record can be written there, and the temp records a killed writer left."""
 
 from __future__ import annotations
 
 import os
 import stat
+import time
 from collections.abc import Collection
 from dataclasses import dataclass
 
 from deploy.jobstate import is_disk_full, write_state
 
 PRIVATE_PREFIX = "deploy-agent-"
+# A temp file of write_state this old was left by a process killed mid-write.
+STALE_TEMP = 3600.0
 
 
 class UnsafeStateDir(OSError):
@@ -84,6 +87,15 @@ def probe(state_dir: StateDir) -> StateDir:
             e.errno, f"{state_dir.path} is not a writable directory: {e.strerror or e}"
         ) from e
     return state_dir
+
+
+def remove_stale_temp(path: str) -> None:
+    """Remove the temp record `path` once it is STALE_TEMP old (a link itself, never its target)."""
+    try:
+        if time.time() - os.lstat(path).st_mtime > STALE_TEMP:
+            os.unlink(path)
+    except OSError:
+        pass
 
 
 def _check_ancestors(directory: str, real: str, owners: Collection[int]) -> None:
