@@ -4,6 +4,7 @@ request, check its peer, path and signature, and hand it to its order."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -11,15 +12,17 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from deploy import auth
+from deploy import auth, privileges
 from deploy.access import AllowedHosts, AllowedPaths
 from deploy.agent_orders import AgentOrders
 from deploy.config import AgentConfig, agent_key_cipher
 from deploy.errors import BadRequest, NotPermitted, UnknownOrder
-from deploy.jobs import JobRegistry, check_state_dir
+from deploy.jobs import JobRegistry
 from deploy.message import ORDERS
 from deploy.policy import Policies
+from deploy.process import trusted_uids
 from deploy.release_orders import RELEASE_ORDERS, ReleaseOrders
+from deploy.statedir import probe, secure_state_dir
 from deploy.targets import TargetResolver
 from deploy.wire import Request, RequestFactory, Response, ServiceRequestReceiver
 
@@ -58,7 +61,14 @@ class AgentService:
         self.allowed_hosts = AllowedHosts(config.allow_hosts)
         self.targets = TargetResolver(config.groups, AllowedPaths(config.allow_paths))
         self.state_dir = server.state_path or DEFAULT_STATE_DIR
-        self.jobs = JobRegistry(reactor, self.state_dir, grace=server.rkill_grace, clock=self.clock)
+        self.identity = _identity(server.user, server.group)
+        self.jobs = JobRegistry(
+            reactor,
+            self.state_dir,
+            grace=server.rkill_grace,
+            clock=self.clock,
+            owners=trusted_uids(self.identity.uid if self.identity else None),
+        )
         self.release_orders = ReleaseOrders(
             config,
             reactor,
@@ -77,17 +87,47 @@ class AgentService:
         )
 
     def startup(self) -> None:
-        """Checks that must pass before the agent listens, and jobs a previous agent left."""
-        # A sync must be able to record itself: refuse to run with a state dir that cannot.
+        """Checks that must pass before the agent listens, and jobs a previous agent left.
+        Raises OSError (UnsafeStateDir) with one line naming what to fix."""
+        # A sync must be able to record itself, in a directory no other local user can write:
+        # refuse to run with a state dir that is not so (a full one is only warned about).
+        identity = self.identity
+        uid = identity.uid if identity else os.geteuid()
+        gid = identity.gid if identity else os.getegid()
         group_dirs = [g.queue_path for g in self.config.groups.values() if g.queue_path]
+        private = []
         for directory in dict.fromkeys([self.state_dir, *group_dirs]):
-            check_state_dir(directory)
+            state_dir = probe(
+                secure_state_dir(directory, owners=self.jobs.owners, uid=uid, gid=gid)
+            )
+            if state_dir.private:
+                private.append(state_dir.path)
+                self.log.info(
+                    "{configured} is shared (sticky, writable by others): the agent keeps its "
+                    "records in {path}, made for it alone",
+                    configured=directory,
+                    path=state_dir.path,
+                )
+            self.jobs.use_dir(state_dir)
         for name in self.allowed_hosts.unresolved:
             self.log.warn("allow::hosts entry {name} does not resolve; ignored", name=name)
         if not self.config.allow_hosts:
             self.log.warn("[allow::hosts] is empty: every request will be refused")
         self.jobs.recover(group_dirs)
         self.release_orders.startup()
+        if identity is not None and privileges.is_switch(identity):
+            # Records rewritten by recover() as root go to the user the agent is becoming.
+            for path in private:
+                privileges.hand_over(path, identity)
+
+
+def _identity(user: str | None, group: str | None) -> privileges.Identity | None:
+    """Who the agent will run as (`user`/`group`), None when it stays as it is; a bad name is
+    reported by the daemon's start-up, not here."""
+    try:
+        return privileges.resolve_identity(user, group)
+    except privileges.PrivilegeError:
+        return None
 
 
 class AgentProtocol(ServiceRequestReceiver):

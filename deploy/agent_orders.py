@@ -24,7 +24,7 @@ from deploy.commands import (
 )
 from deploy.config import AgentConfig, RsyncGroup
 from deploy.errors import CapacityExceeded, InvalidTarget, RequestError
-from deploy.jobs import Job, JobError, JobRegistry, deletes_on_target
+from deploy.jobs import Job, JobError, JobRegistry, deletes_on_target, target_key
 from deploy.jobstate import OUTCOME_OK, OUTCOME_WARNING, error_message
 from deploy.process import KILL_GRACE, GroupStopper
 from deploy.release_orders import ReleaseOrders
@@ -114,7 +114,7 @@ class AgentOrders:
     def order_status(self, options: str) -> defer.Deferred[Response]:
         target, group = self.targets.resolve(options)
         state_dir = group_state_dir(group)
-        job = self.jobs.running(target.checksum, state_dir)
+        job = self.jobs.running(job_key(target, group), state_dir)
         if job is not None:
             body = self._running_answer(job, with_progress=True)
             self._add_live_release(body, target, group)
@@ -136,7 +136,7 @@ class AgentOrders:
                     "transferFilesSize": str(stats.transferred_size or 0),
                 }
             # How the last sync ended matters most when the target cannot even be compared.
-            last = self.jobs.last_result(target.checksum, state_dir)
+            last = self.jobs.last_result(job_key(target, group), state_dir)
             if last:
                 body["lastRsync"] = last
             self._add_live_release(body, target, group)
@@ -175,7 +175,7 @@ class AgentOrders:
     def order_rsync(self, options: str, label: str = "") -> defer.Deferred[Response]:
         target, group = self.targets.resolve(options)
         state_dir = group_state_dir(group)
-        job = self.jobs.running(target.checksum, state_dir)
+        job = self.jobs.running(job_key(target, group), state_dir)
         if job is not None:
             return defer.succeed(Response.json(self._running_answer(job, with_progress=False)))
         self.check_capacity()
@@ -221,7 +221,7 @@ class AgentOrders:
 
     def order_rkill(self, options: str) -> Response:
         target, group = self.targets.resolve(options)
-        pids = self.jobs.kill(target.checksum, group_state_dir(group))
+        pids = self.jobs.kill(job_key(target, group), group_state_dir(group))
         return Response.json({"return": "true", "process": [str(p) for p in pids]})
 
     def order_exec(self, options: str) -> defer.Deferred[Response]:
@@ -306,3 +306,8 @@ def _rsync_failure(code: int | None, stderr: str) -> dict[str, Any]:
     if code is not None:
         body["exitCode"] = code
     return body
+
+
+def job_key(target: RsyncTarget, group: RsyncGroup | None) -> str:
+    """The registry key of `target`'s syncs (deploy.jobs.target_key), release mode or not."""
+    return target_key(target, release_mode=group is not None and group.releases is not None)

@@ -7,7 +7,7 @@ from __future__ import annotations
 from deploy.access import PathNotAllowed
 from deploy.auth import AuthError
 from deploy.commands import CommandError
-from deploy.jobs import JobError
+from deploy.jobs import JobError, StateFull
 from deploy.release_layout import ReleaseError
 from deploy.releases import ReleaseConflict
 
@@ -88,6 +88,7 @@ STATUS: dict[type, int] = {
     JobError: 500,
     ReleaseConflict: 409,
     ReleaseError: 500,
+    StateFull: 503,
     CapacityExceeded: 503,
 }
 
