@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -86,6 +86,30 @@ def process_group_pids(pgid: int) -> list[int]:
     """Every live (not zombie) pid in process group `pgid`, the leader first."""
     pids = [s.pid for s in all_processes() if s.pgid == pgid and s.alive]
     return sorted(pids, key=lambda p: (p != pgid, p))
+
+
+def pipe_holders(inodes: Collection[int], *, since_ticks: int = 0) -> list[ProcStat]:
+    """Every live process, started at or after `since_ticks`, that holds one of the pipes
+    `inodes` open (its /proc/PID/fd): a process holding a child's output pipe was started by that
+    child (or handed it), so it is the child's even after the child is gone."""
+    wanted = {f"pipe:[{inode}]" for inode in inodes}
+    holders = []
+    for stat in all_processes():
+        if not stat.alive or stat.start_ticks < since_ticks or stat.pid == os.getpid():
+            continue
+        try:
+            fds = os.listdir(f"/proc/{stat.pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                link = os.readlink(f"/proc/{stat.pid}/fd/{fd}")
+            except OSError:
+                continue
+            if link in wanted:
+                holders.append(stat)
+                break
+    return holders
 
 
 def has_exited(pid: int) -> bool:

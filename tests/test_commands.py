@@ -20,6 +20,7 @@ from deploy.commands import (
     check_argument,
     group_leader_prefix,
     run_command,
+    template_problem,
 )
 from tests.harness import wait_until
 
@@ -27,7 +28,7 @@ JOBS = {
     "service:echo": "/bin/echo %s",
     "service:false": "/bin/false %s",
     "app:true": "/bin/true",
-    "app:greet": "/bin/echo 'hello world' --name=%s",
+    "app:greet": "/bin/echo 'hello world' --name %s",
     "app:quoted": '/usr/bin/printf "%%s|%%s\\n" %s',
     "app:broken": "/bin/echo 'unclosed",
     "a.b": "/bin/echo dot",
@@ -70,13 +71,57 @@ def test_quotes_spaces_and_plus_are_plain_text() -> None:
 
 
 def test_template_is_split_like_a_shell_would() -> None:
-    """Quotes in the template group words (shlex); `%s` inside a word is replaced there."""
-    assert build_command(JOBS, "app:greet,bob")[1] == ["/bin/echo", "hello world", "--name=bob"]
+    """Quotes in the template group words (shlex); each argument replaces a whole `%s`."""
+    assert build_command(JOBS, "app:greet,bob")[1] == ["/bin/echo", "hello world", "--name", "bob"]
     assert build_command(JOBS, "app:greet,bob,al")[1] == [
         "/bin/echo",
         "hello world",
-        "--name=bob al",
+        "--name",
+        "bob",
+        "al",
     ]
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        "/bin/sh -c 'echo hello %s'",
+        "/bin/echo --name=%s",
+        "/bin/echo %s%%",
+        '/bin/bash -c "ls %s"',
+        "/usr/bin/ssh host 'rm -rf /srv/%s'",
+    ],
+)
+def test_percent_s_inside_an_argument_is_refused(template: str) -> None:
+    """A `%s` that is not a whole argv element (a shell would re-split, glob and ~-expand what
+    replaces it) is refused, naming the safe form; nothing is built."""
+    problem = template_problem(template)
+    assert problem is not None and "sh -c 'echo hello \"$1\"' sh %s" in problem
+    with pytest.raises(CommandError, match="positional parameter"):
+        build_command({"x": template}, "x,a")
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        "/bin/echo %s",
+        "/bin/sh -c 'echo hello \"$1\"' sh %s",
+        "/bin/echo '%s'",
+        "/bin/date +%%s",
+        '/usr/bin/printf "%%s|%%s\\n" %s',
+        "/bin/echo 'unclosed %s",
+    ],
+)
+def test_whole_percent_s_literal_percent_and_unsplittable_templates_pass(template: str) -> None:
+    """A whole-element `%s`, a literal `%%s` and a template shlex cannot split (build_command
+    reports that one) are no template problem."""
+    assert template_problem(template) is None
+
+
+def test_safe_form_passes_arguments_as_positional_parameters() -> None:
+    """The safe form hands the argument to the shell as `$1`: one word, never re-read."""
+    argv = build_command({"x": "/bin/sh -c 'echo hello \"$1\"' sh %s"}, "x,a b* ~")[1]
+    assert argv == ["/bin/sh", "-c", 'echo hello "$1"', "sh", "a b* ~"]
 
 
 def test_double_percent_is_a_literal_percent() -> None:
@@ -85,7 +130,7 @@ def test_double_percent_is_a_literal_percent() -> None:
     assert build_command({"d": "/bin/date +%%s"}, "d")[1] == ["/bin/date", "+%s"]
     with pytest.raises(CommandError, match="takes no arguments"):
         build_command({"d": "/bin/date +%%s"}, "d,x")
-    assert build_command({"p": "/bin/echo 100%% %s%%"}, "p,5")[1] == ["/bin/echo", "100%", "5%"]
+    assert build_command({"p": "/bin/echo 100%% %s"}, "p,5")[1] == ["/bin/echo", "100%", "5"]
 
 
 def test_empty_arguments_are_dropped() -> None:

@@ -82,6 +82,13 @@ def test_agent_sample_with_every_example_uncommented_loads(tmp_path):
     assert config.jobs["service:nginx"] == "/etc/init.d/nginx %s"
     assert config.server.ssl_private_key == "/etc/deploy/private.pem"
     assert config.server.state_path == "/var/lib/deploy" and config.server.rkill_grace == 5
+    assert config.server.dry_run_timeout == 300 and not config.server.allow_inline_remote_shell
+    assert config.allow_sources == [
+        "rsync.example.com",
+        "10.0.0.0/8",
+        "release.example.com::www/current",
+    ]
+    assert config.jobs["app:greet"] == "/bin/sh -c 'echo hello \"$1\"' sh %s"
 
 
 def test_jobs_sample_loads_as_shipped():
