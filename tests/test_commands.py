@@ -26,7 +26,7 @@ from deploy.commands import (
     template_problem,
 )
 from deploy.process import ProcStat, pipe_holders, proc_start_ticks, read_stat, signal_pid
-from tests.harness import wait_until
+from tests.harness import comm, wait_until
 
 JOBS = {
     "service:echo": "/bin/echo %s",
@@ -355,16 +355,8 @@ def _stop_leftover(pid: int, started_after: int) -> None:
     """Stop a process our test command left running, once proven to be that one (a sleep that
     started after the test did)."""
     stat = read_stat(pid)
-    if stat is not None and stat.start_ticks >= started_after and _comm(pid) == "sleep":
+    if stat is not None and stat.start_ticks >= started_after and comm(pid) == "sleep":
         signal_pid(pid, 9)
-
-
-def _comm(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/comm") as f:
-            return f.read().strip()
-    except OSError:
-        return ""
 
 
 async def _gone(pid: int, timeout: float) -> None:
@@ -457,15 +449,13 @@ class _Signals:
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.sent: list[tuple[str, int, int]] = []
-        monkeypatch.setattr("deploy.commands.signal_group", self._group)
-        monkeypatch.setattr("deploy.commands.signal_pid", self._pid)
+        monkeypatch.setattr(
+            "deploy.commands.signal_group", lambda g, sig: self.record("group", g, sig)
+        )
+        monkeypatch.setattr("deploy.commands.signal_pid", lambda p, sig: self.record("pid", p, sig))
 
-    def _group(self, pgid: int, sig: int) -> bool:
-        self.sent.append(("group", pgid, sig))
-        return True
-
-    def _pid(self, pid: int, sig: int) -> bool:
-        self.sent.append(("pid", pid, sig))
+    def record(self, kind: str, target: int, sig: int) -> bool:
+        self.sent.append((kind, target, sig))
         return True
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import os
 import socket
-import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,13 +26,13 @@ from tests.harness import (
     RsyncDaemon,
     agent_ini,
     ask,
-    can_connect,
+    comm,
     free_port,
     jail,
     make_tree,
     parsed_answer,
     raw_request,
-    tool,
+    refused_at_start,
     wait_until,
 )
 
@@ -178,29 +177,15 @@ def stop_leftover(world: World, pid: int) -> None:
     """Stop a sleep one of our exec commands left running, once proven to be that one: the pid
     it printed, a `sleep`, started after this module did."""
     stat = read_stat(pid)
-    if stat is None or stat.start_ticks < world.started_ticks:
-        return
-    try:
-        with open(f"/proc/{pid}/comm") as f:
-            if f.read().strip() != "sleep":
-                return
-    except OSError:
-        return
-    signal_pid(pid, 9)
+    if stat is not None and stat.start_ticks >= world.started_ticks and comm(pid) == "sleep":
+        signal_pid(pid, 9)
 
 
 def rsync_children(agent: AgentProcess) -> list[int]:
     """The rsync processes the agent runs (dry runs: it starts them itself)."""
-    pids = []
-    for stat in all_processes():
-        if stat.ppid == agent.pid and stat.alive:
-            try:
-                with open(f"/proc/{stat.pid}/comm") as f:
-                    if f.read().strip() == "rsync":
-                        pids.append(stat.pid)
-            except OSError:
-                pass
-    return pids
+    return [
+        s.pid for s in all_processes() if s.ppid == agent.pid and s.alive and comm(s.pid) == "rsync"
+    ]
 
 
 # --------------------------------------------------------------------------- point 2
@@ -323,18 +308,9 @@ def test_percent_s_inside_a_shell_string_stops_twistd_naming_file_line_and_safe_
             jobs=jobs,
         )
     )
-    proc = subprocess.run(
-        [tool("twistd"), "-n", "--pidfile=", "--logfile=-", "deploy-agent", "--path", str(ini)],
-        capture_output=True,
-        timeout=60,
-        cwd=world.work,
-    )
-    output = (proc.stdout + proc.stderr).decode()
-    assert proc.returncode != 0
+    output = refused_at_start(ini, world.work, port)
     assert f"{jobs}:3" in output, output
     assert "sh -c 'echo hello \"$1\"' sh %s" in output
-    assert "starting on" not in output
-    assert not can_connect("127.0.0.1", port)
 
 
 def test_the_safe_form_passes_an_argument_as_one_word(world: World) -> None:
