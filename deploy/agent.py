@@ -10,23 +10,28 @@ from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from deploy import auth, privileges
 from deploy.access import AllowedHosts, AllowedPaths
 from deploy.agent_orders import AgentOrders
 from deploy.config import AgentConfig, agent_key_cipher
-from deploy.errors import BadRequest, NotPermitted, UnknownOrder
+from deploy.errors import BadRequest, ClientGone, NotPermitted, UnknownOrder
 from deploy.jobs import JobRegistry
 from deploy.message import ORDERS
 from deploy.policy import Policies
 from deploy.process import trusted_uids
 from deploy.release_orders import RELEASE_ORDERS, ReleaseOrders
+from deploy.sources import AllowedSources
 from deploy.statedir import probe, secure_state_dir
 from deploy.targets import TargetResolver
 from deploy.wire import Request, RequestFactory, Response, ServiceRequestReceiver
 
 MAX_OPTIONS = 8192
+# Orders whose child process only serves the answer: it is stopped when the client hangs up.
+DRY_RUN_ORDERS = ("status", "rlist")
 DEFAULT_STATE_DIR = "/var/lib/deploy"
 LEGACY_REFUSED = (
     "legacy auth_key refused: this agent needs a signed request (or legacy_auth = true in [server])"
@@ -59,7 +64,10 @@ class AgentService:
         )
         self.policies = Policies(access.policies)
         self.allowed_hosts = AllowedHosts(config.allow_hosts)
-        self.targets = TargetResolver(config.groups, AllowedPaths(config.allow_paths))
+        sources = AllowedSources(
+            config.allow_sources, allow_remote_shell=server.allow_inline_remote_shell
+        )
+        self.targets = TargetResolver(config.groups, AllowedPaths(config.allow_paths), sources)
         self.state_dir = server.state_path or DEFAULT_STATE_DIR
         self.identity = _identity(server.user, server.group)
         self.jobs = JobRegistry(
@@ -136,6 +144,9 @@ class AgentProtocol(ServiceRequestReceiver):
     # `factory` stays untyped: annotating it with our factory class would make this protocol
     # not the kind of protocol Twisted's generic Factory expects (mypy).
 
+    # A dry run answering this request, stopped if the client hangs up before its answer.
+    dry_run: defer.Deferred[Response] | None = None
+
     def handleRequest(self, request: Request) -> Response | defer.Deferred[Response]:
         service: AgentService = self.factory.service
         segments = request.segments
@@ -161,7 +172,21 @@ class AgentProtocol(ServiceRequestReceiver):
             return service.orders.order_rsync(options, label=fields.get("release", ""))
         owner = service.release_orders if order in RELEASE_ORDERS else service.orders
         handler: Callable[[str], Any] = getattr(owner, "order_" + order)
-        return handler(options)
+        result = handler(options)
+        if order in DRY_RUN_ORDERS and isinstance(result, defer.Deferred):
+            self.dry_run = result.addErrback(_client_gone)
+        return result
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        super().connectionLost(reason)
+        dry_run, self.dry_run = self.dry_run, None
+        if dry_run is not None and not dry_run.called:
+            dry_run.cancel()  # nobody will read its answer: its canceller stops the child
+
+
+def _client_gone(failure: Failure) -> Response:
+    failure.trap(defer.CancelledError)
+    raise ClientGone()
 
 
 class AgentFactory(RequestFactory):

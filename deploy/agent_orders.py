@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import shlex
 import time
-from collections.abc import Generator
 from typing import Any
 
 from twisted.internet import defer
@@ -30,6 +29,7 @@ from deploy.process import KILL_GRACE, GroupStopper
 from deploy.release_orders import ReleaseOrders
 from deploy.rsync import (
     RsyncOutputParser,
+    RsyncResult,
     RsyncTarget,
     build_argv,
     display_name,
@@ -78,12 +78,20 @@ class AgentOrders:
 
     # -- dry runs
 
-    @defer.inlineCallbacks
+    def dry_run_limit(self) -> float:
+        """How long a dry run may take: the smaller of dry_run_timeout and max_process_timeout
+        (0 is no limit), so a dry run is bounded even when commands are not."""
+        server = self.config.server
+        limits = [t for t in (server.dry_run_timeout, server.max_process_timeout) if t > 0]
+        return min(limits, default=0.0)
+
     def dry_run(
         self, target: RsyncTarget, keep_lists: bool
-    ) -> Generator[defer.Deferred[Any], Any, tuple[RsyncOutputParser, int | None, str]]:
+    ) -> defer.Deferred[tuple[RsyncOutputParser, int | None, str]]:
         """Run rsync --dry-run on `target`; fires (parser, exit code, stderr text). A run past
-        max_process_timeout is stopped: TERM to its process group, KILL after KILL_GRACE."""
+        dry_run_limit() is stopped, and so is one whose Deferred is cancelled (its client hung
+        up: nobody will read the answer): TERM to its process group, KILL after KILL_GRACE. The
+        child counts against max_prefork until it has ended."""
         try:
             argv = build_argv(target, dry_run=True)
         except ValueError as e:
@@ -92,21 +100,29 @@ class AgentOrders:
         try:
             proto, transport = run_rsync(self.reactor, [*self.prefix, *argv], parser)
         except (OSError, FileNotFoundError) as e:
-            return parser, 127, f"cannot run {target.rsync}: {e}"
+            return defer.succeed((parser, 127, f"cannot run {target.rsync}: {e}"))
         self.children += 1
         stopper = GroupStopper(self.clock, transport.pid, KILL_GRACE, leader=transport)
-        timeout = self.config.server.max_process_timeout
-        if timeout:
-            stopper.stop_after(timeout)
-        try:
-            result = yield proto.ended
-        finally:
+        limit = self.dry_run_limit()
+        if limit:
+            stopper.stop_after(limit)
+        answer: defer.Deferred[tuple[RsyncOutputParser, int | None, str]] = defer.Deferred(
+            lambda _: stopper.stop()
+        )
+
+        def ended(result: RsyncResult) -> None:
             self.children -= 1
             stopper.cancel()
-        code = result.exit_code
-        if stopper.requested and code != 0:
-            return parser, code, f"Process Timeout({timeout:g})!"
-        return parser, code, result.stderr
+            if answer.called:
+                return  # cancelled: its client went away
+            code = result.exit_code
+            if stopper.requested and code != 0:
+                answer.callback((parser, code, f"Process Timeout({limit:g})!"))
+            else:
+                answer.callback((parser, code, result.stderr))
+
+        proto.ended.addCallback(ended)
+        return answer
 
     # -- orders
 
@@ -272,6 +288,13 @@ class AgentOrders:
                 code=result.exit_code,
                 secs=time.monotonic() - started,
             )
+            if result.left_running:
+                self.log.warn(
+                    "exec {name} exited while {pids} it started still held its output: "
+                    "answered without waiting for them",
+                    name=name,
+                    pids=result.left_running,
+                )
             return Response.json(body)
 
         return d.addBoth(finished).addCallbacks(answer, could_not_run)

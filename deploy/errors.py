@@ -76,6 +76,14 @@ class CapacityExceeded(Exception):
         self.limit = limit
 
 
+class ClientGone(Exception):
+    """The client hung up before its answer, and what ran only to answer it was stopped. Nobody
+    reads this answer: its status (nginx's 499) is for the logs."""
+
+    def __init__(self) -> None:
+        super().__init__("the client closed the connection before the answer")
+
+
 STATUS: dict[type, int] = {
     BadRequest: 400,
     CommandError: 400,
@@ -90,6 +98,7 @@ STATUS: dict[type, int] = {
     ReleaseError: 500,
     StateFull: 503,
     CapacityExceeded: 503,
+    ClientGone: 499,
 }
 
 

@@ -138,6 +138,30 @@ def process_group_pids(pgid: int) -> list[int]:
     return sorted(pids, key=lambda p: (p != pgid, p))
 
 
+def pipe_holders(inodes: Collection[int], *, since_ticks: int = 0) -> list[ProcStat]:
+    """Every live process, started at or after `since_ticks`, that holds one of the pipes
+    `inodes` open (its /proc/PID/fd): a process holding a child's output pipe was started by that
+    child (or handed it), so it is the child's even after the child is gone."""
+    wanted = {f"pipe:[{inode}]" for inode in inodes}
+    holders = []
+    for stat in all_processes():
+        if not stat.alive or stat.start_ticks < since_ticks or stat.pid == os.getpid():
+            continue
+        try:
+            fds = os.listdir(f"/proc/{stat.pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                link = os.readlink(f"/proc/{stat.pid}/fd/{fd}")
+            except OSError:
+                continue
+            if link in wanted:
+                holders.append(stat)
+                break
+    return holders
+
+
 def has_exited(pid: int) -> bool:
     """True once our child `pid` has exited. It is not reaped: its zombie keeps its pid, and so
     its process group id, from being reused until the caller reaps it."""
