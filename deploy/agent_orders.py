@@ -196,8 +196,9 @@ class AgentOrders:
         def answer(job: Job) -> Response:
             state = job.state
             body: dict[str, Any] = {"checksum": target.checksum, "return": "true"}
+            body["runId"] = job.run_id  # what --wait and deploy follow, and nothing else
             if release is not None:
-                body.update(release=release["id"], runId=job.run_id)
+                body["release"] = release["id"]
             if state.get("state") == "ended" and state.get("outcome") not in (
                 OUTCOME_OK,
                 OUTCOME_WARNING,
@@ -286,12 +287,21 @@ class AgentOrders:
             "alreadyRsync": "true",
             "process": [str(p) for p in self.jobs.pids(job)],
             "checksum": job.checksum,
+            # the run in progress, so that a caller never takes it for one it started
+            "runId": job.run_id,
+            "started": _iso(job.state.get("started") or job.state.get("created")),
         }
         if with_progress:
             progress = self.jobs.progress(job)
             if progress:
                 body["progress"] = progress
         return body
+
+
+def _iso(t: Any) -> str | None:
+    if not isinstance(t, int | float):
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
 def _rsync_failure(code: int | None, stderr: str) -> dict[str, Any]:

@@ -212,6 +212,7 @@ class JobRegistry:
             return None
         return {
             "checksum": checksum,
+            "runId": state.get("runId"),
             "outcome": state.get("outcome"),
             "exitCode": state.get("exitCode"),
             "started": _iso(state.get("started")),

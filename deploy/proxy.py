@@ -15,8 +15,10 @@ from deploy.access import AllowedHosts
 from deploy.client import ClientOptions, Order, OrderClient, fan_out, parse_budget, result_map
 from deploy.config import DEFAULT_KEY_CIPHER, ClientSettings, ProxyConfig
 from deploy.errors import BadHostSelection, BadRequest, NotGranted, UnknownOrder
-from deploy.message import ORDERS
+from deploy.message import ORDERS, ROLLOUT_ORDERS
 from deploy.wire import TEXT_TYPE, Request, RequestFactory, Response, ServiceRequestReceiver
+
+PROXY_ORDERS = (*ORDERS, *ROLLOUT_ORDERS)
 
 
 @dataclass
@@ -53,6 +55,10 @@ class ProxyService:
         )
         self.allowed_hosts = AllowedHosts(config.allow_hosts)
         self.client = OrderClient(reactor, client_options(config.client))
+        from deploy.proxy_rollouts import DEFAULT_PROXY_STATE_DIR, ProxyRollouts
+
+        state_dir = server.state_path or DEFAULT_PROXY_STATE_DIR
+        self.rollouts = ProxyRollouts(self, state_dir)  # deploy and rollout
 
     # -- checks
 
@@ -158,7 +164,9 @@ class ProxyProtocol(ServiceRequestReceiver):
     def handleRequest(self, request: Request) -> defer.Deferred[Response]:
         service: ProxyService = self.factory.service
         segments = request.segments
-        if len(segments) < 2 or segments[0] not in ("agent", "api") or segments[1] not in ORDERS:
+        if len(segments) < 2 or segments[0] not in ("agent", "api"):
+            raise UnknownOrder()
+        if segments[1] not in PROXY_ORDERS:
             raise UnknownOrder()
         if len(segments) > 5 or (segments[0] == "agent" and len(segments) > 2):
             raise UnknownOrder()
@@ -178,6 +186,8 @@ class ProxyProtocol(ServiceRequestReceiver):
             release=fields.get("release", ""),
         )
         self.audit.update(logs.proxy_audit(proxy_request, service.granted_hosts))
+        if proxy_request.order in ROLLOUT_ORDERS:
+            return service.rollouts.handle(proxy_request, fields, request.peer)
         return service.handle(proxy_request, request.peer)
 
 
