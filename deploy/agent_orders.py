@@ -187,6 +187,7 @@ class AgentOrders:
                 refuse_empty=deletes_on_target(target) and not allow_empty,
                 state_dir=state_dir,
                 release=release,
+                source_retry=self._source_retry(group),
             )
         except ValueError as e:
             raise InvalidTarget(str(e)) from None
@@ -275,6 +276,11 @@ class AgentOrders:
 
         return d.addBoth(finished).addCallbacks(answer, could_not_run)
 
+    def _source_retry(self, group: RsyncGroup | None) -> float:
+        if group is not None and group.source_retry is not None:
+            return group.source_retry
+        return self.config.server.source_retry
+
     def _add_live_release(
         self, body: dict[str, Any], target: RsyncTarget, group: RsyncGroup | None
     ) -> None:
@@ -295,6 +301,9 @@ class AgentOrders:
             progress = self.jobs.progress(job)
             if progress:
                 body["progress"] = progress
+            waiting = job.state.get("waiting")
+            if waiting:  # the source said max connections: the sync waits to try again
+                body["waiting"] = waiting
         return body
 
 

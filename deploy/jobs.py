@@ -231,6 +231,7 @@ class JobRegistry:
         refuse_empty: bool = False,
         state_dir: str | None = None,
         release: Mapping[str, Any] | None = None,
+        source_retry: float | None = None,
     ) -> defer.Deferred[Job]:
         """Start the sync of `target` under a supervisor; fires once rsync is under way, has
         already ended (e.g. the rsync daemon is down, or the sync was refused), or after
@@ -273,6 +274,8 @@ class JobRegistry:
         cmd += ["--grace", str(self.grace)]
         if refuse_empty:
             cmd.append("--refuse-empty")
+        if source_retry is not None:  # a source at max connections: retry for this long
+            cmd += ["--source-retry", f"{source_retry:g}"]
         cmd += ["--", *argv]
         try:
             transport = self.reactor.spawnProcess(
