@@ -163,13 +163,20 @@ def test_busy_and_timed_out_hosts_count_and_a_running_sync_is_never_adopted(
     daemons: Daemons, tmp_path: Path, home: Path
 ) -> None:
     """A host syncing already (another run) is `busy` with that run's id, never followed as
-    ours; with a host that never answers (timed out) the budget of 1 is spent: the rest is
-    skipped, exit 4, and the busy host's sync is left alone."""
+    ours (by deploy, nor by rsync --wait); with a host that never answers (timed out) the
+    budget of 1 is spent: the rest is skipped, exit 4, and the busy host's sync goes on."""
     from tests.test_releases_agent import ask_with
 
-    fleet = Fleet(daemons, tmp_path, ["", ""], "--bwlimit=20", files=30)
+    fleet = Fleet(daemons, tmp_path, ["", ""], "--bwlimit=20", files=60)
     status, body = ask_with(fleet.agents[0], "rsync", "web", release="other")
     assert status == 200 and body["runId"], body
+    env = {**os.environ, "HOME": str(home)}
+    wait = run_client(
+        f"--hosts={fleet.agents[0].address}", "--order=rsync", "--options=web", "--wait", env=env
+    )
+    content = wait.content(fleet.agents[0].address, "rsync")
+    assert wait.rc == 2 and content["outcome"] == "busy", wait.stdout
+    assert body["runId"] in content["message"]
     hang = ScriptedServer("127.0.0.8")
     try:
         hosts = f"{fleet.agents[0].address},127.0.0.8:{hang.port},{fleet.agents[1].address}"
