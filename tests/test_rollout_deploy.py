@@ -217,3 +217,14 @@ def test_canary_that_fails_its_second_check_stops_the_rollout(
     }
     assert [fleet.live(i) for i in range(3)] == ["v1", "v1", "v1"]
     assert any(e["step"] == "check" and e["outcome"] == "check_failed" for e in events(out))
+
+
+def test_help_documents_deploy_rollout_their_options_and_exit_codes() -> None:
+    """deploy-client --help names the deploy and rollout orders, their options, and exit 4."""
+    from deploy.cli import build_parser
+
+    text = build_parser().format_help()
+    for needle in ("--order=deploy", "--order=rollout", "--canary", "--canary-wait"):
+        assert needle in text, needle
+    for needle in ("--no-rollback", "--max-fail", "--batch", "busy", "rolled_back", "  4  "):
+        assert needle in text, needle
