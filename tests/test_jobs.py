@@ -354,6 +354,7 @@ def test_supervisor_end_gives_last_result(registry, reactor, procs):
     assert registry.running(TARGET.checksum) is None
     assert registry.last_result(TARGET.checksum) == {
         "checksum": TARGET.checksum,
+        "runId": job.run_id,  # issue 13: the run that ended, for --wait and deploy
         "outcome": "warning",
         "exitCode": 24,
         "started": "2023-11-14T22:13:21Z",
