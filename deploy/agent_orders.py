@@ -205,6 +205,7 @@ class AgentOrders:
                 refuse_empty=deletes_on_target(target) and not allow_empty,
                 state_dir=state_dir,
                 release=release,
+                source_retry=self._source_retry(group),
             )
         except ValueError as e:
             raise InvalidTarget(str(e)) from None
@@ -214,8 +215,9 @@ class AgentOrders:
         def answer(job: Job) -> Response:
             state = job.state
             body: dict[str, Any] = {"checksum": target.checksum, "return": "true"}
+            body["runId"] = job.run_id  # what --wait and deploy follow, and nothing else
             if release is not None:
-                body.update(release=release["id"], runId=job.run_id)
+                body["release"] = release["id"]
             if state.get("state") == "ended" and state.get("outcome") not in (
                 OUTCOME_OK,
                 OUTCOME_WARNING,
@@ -299,6 +301,11 @@ class AgentOrders:
 
         return d.addBoth(finished).addCallbacks(answer, could_not_run)
 
+    def _source_retry(self, group: RsyncGroup | None) -> float:
+        if group is not None and group.source_retry is not None:
+            return group.source_retry
+        return self.config.server.source_retry
+
     def _add_live_release(
         self, body: dict[str, Any], target: RsyncTarget, group: RsyncGroup | None
     ) -> None:
@@ -311,12 +318,24 @@ class AgentOrders:
             "alreadyRsync": "true",
             "process": [str(p) for p in self.jobs.pids(job)],
             "checksum": job.checksum,
+            # the run in progress, so that a caller never takes it for one it started
+            "runId": job.run_id,
+            "started": _iso(job.state.get("started") or job.state.get("created")),
         }
         if with_progress:
             progress = self.jobs.progress(job)
             if progress:
                 body["progress"] = progress
+            waiting = job.state.get("waiting")
+            if waiting:  # the source said max connections: the sync waits to try again
+                body["waiting"] = waiting
         return body
+
+
+def _iso(t: Any) -> str | None:
+    if not isinstance(t, int | float):
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
 def _rsync_failure(code: int | None, stderr: str) -> dict[str, Any]:

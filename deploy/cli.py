@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 from deploy import clientconfig, version_text
 from deploy.clientrun import print_outcome, run, wants_tls
-from deploy.message import ORDERS
+from deploy.message import ORDERS, ROLLOUT_ORDERS
 from deploy.notls import skip_pyopenssl
 from deploy.output import (  # noqa: F401  (the exit codes, re-exported for callers)
     EXIT_CODES,
@@ -47,6 +47,17 @@ activate = auto), --release=LABEL names it (a git SHA, a version); --order=activ
 a staged or good release, --order=rollback back to the previous good one; status names the
 live release (RELEASE in --format table).
 
+rolling out (--order=deploy --options=GROUP): per host, rsync (stage a release, or sync in
+place) -> wait for exactly that sync (its runId) -> activate (release mode: after_activate and
+check run on the agent) -> done. A batch starts only once every host of the batch before is
+done; --max-fail counts every failed, unreachable, timed-out, check_failed and busy host over
+the whole rollout; past it no new batch starts, the rest are skipped and (release mode, unless
+--no-rollback) the hosts it switched are rolled back (rolled_back), exit code 4. --canary=N:
+the first batch is N hosts, checked again after --canary-wait seconds. A host syncing already
+is busy, never adopted. Directly to agents the client runs the rollout; to a proxy, the proxy
+runs it in the background (it outlives the client): --order=rollout --options=ID follows it
+again, --order=rollout alone lists the recent ones. --batch is also the source's pull budget.
+
 through a proxy: --hosts=PROXY --port=3441 --api-key=KEY --args=groups:g1,g2 (or hosts:a,b)
 
 defaults: command line > environment (DEPLOY_KEY_CIPHER, DEPLOY_API_KEY) > config file > built-in.
@@ -77,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--version", action="version", version=version_text("deploy-client"))
-    p.add_argument("--order", choices=ORDERS, help="remote command")
+    p.add_argument("--order", choices=(*ORDERS, *ROLLOUT_ORDERS), help="remote command")
     p.add_argument("--hosts", help="remote hosts, comma separated (host, host:port, [v6]:port)")
     p.add_argument(
         "--port", type=int, default=None, help="remote port (default: 3440, 3441 to a proxy)"
@@ -143,6 +154,26 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-fail",
         default=None,
         help="rolling: stop starting batches once more than N (or N%%) hosts failed",
+    )
+    p.add_argument(
+        "--canary",
+        type=int,
+        default=0,
+        metavar="N",
+        help="deploy: the first batch is N hosts; the rest go only if they pass the check "
+        "again after --canary-wait",
+    )
+    p.add_argument(
+        "--canary-wait",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="deploy: how long the canaries run before their check is run again (default: 0)",
+    )
+    p.add_argument(
+        "--no-rollback",
+        action="store_true",
+        help="deploy: when the rollout stops, leave the hosts it switched on the new release",
     )
     p.add_argument(
         "--format",
@@ -250,6 +281,14 @@ def main(argv: list[str] | None = None, env: Mapping[str, str] | None = None) ->
         return print_outcome(args.format, [], {}, False)
     if not wants_tls(args):
         skip_pyopenssl()
+    if args.order in ROLLOUT_ORDERS:
+        from deploy import rollout_client
+
+        try:
+            return rollout_client.run(args, hosts, via_proxy)
+        except (ValueError, OSError) as e:
+            print(f"deploy-client: error: {e}", file=sys.stderr)
+            return EXIT_USAGE
     try:
         return run(args, hosts, orders_for(args, via_proxy, plan), via_proxy)
     except (ValueError, OSError) as e:

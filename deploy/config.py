@@ -71,6 +71,8 @@ class ServerSettings:
     # (rsync then runs the remote shell, ssh, as the agent's user)
     dry_run_timeout: float = 300.0
     allow_inline_remote_shell: bool = False
+    # how long a sync retries a source that says `max connections` (group key beats this)
+    source_retry: float = 300.0
     # accepted for the original's configs; an event loop has no use for them
     worker_method: str | None = None
     ipc_path: str | None = None
@@ -102,6 +104,7 @@ class RsyncGroup:
     check: str | None = None
     check_timeout: float = 30.0
     rollback_on_failed_check: bool = True
+    source_retry: float | None = None  # None: [server] source_retry
 
 
 @dataclass
@@ -183,6 +186,7 @@ _GROUP_SCALARS: dict[str, Converter] = {
     "check": to_optstr,
     "check_timeout": to_float,
     "rollback_on_failed_check": to_bool,
+    "source_retry": to_float,
 }
 _GROUP_LISTS = {"option": "options", "exclude": "excludes", "include": "includes"}
 

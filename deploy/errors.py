@@ -84,6 +84,21 @@ class ClientGone(Exception):
         super().__init__("the client closed the connection before the answer")
 
 
+class RolloutConflict(Exception):
+    """A rollout of the same group to some of the same hosts is already running on this proxy."""
+
+    def __init__(self, rollout_id: str, group: str) -> None:
+        super().__init__(f"rollout {rollout_id} of group {group} is already running")
+        self.rollout_id = rollout_id
+
+
+class UnknownRollout(Exception):
+    """No rollout of that id is kept here (or the API key may not see it)."""
+
+    def __init__(self, rollout_id: str) -> None:
+        super().__init__(f"no rollout {rollout_id}")
+
+
 STATUS: dict[type, int] = {
     BadRequest: 400,
     CommandError: 400,
@@ -95,6 +110,8 @@ STATUS: dict[type, int] = {
     UnknownOrder: 404,
     JobError: 500,
     ReleaseConflict: 409,
+    RolloutConflict: 409,
+    UnknownRollout: 404,
     ReleaseError: 500,
     StateFull: 503,
     CapacityExceeded: 503,

@@ -24,13 +24,23 @@ WAIT_LOST_CONTACT = 30.0
 
 
 def _started(content: Any) -> bool:
-    """An rsync answer saying a sync runs (just started, or already running)."""
+    """An rsync answer saying the sync this order asked for was started."""
     return (
         isinstance(content, dict)
         and content.get("return") in ("true", True, 1)
         and bool(content.get("checksum"))
         and "outcome" not in content
+        and content.get("alreadyRsync") != "true"
     )
+
+
+def _busy(content: Any) -> Any:
+    """Another run was in progress: outcome `busy` (with its id), never adopted as ours."""
+    if not isinstance(content, dict) or content.get("alreadyRsync") != "true":
+        return content
+    message = f"busy: another sync (run {content.get('runId') or 'unknown'}, started "
+    message += f"{content.get('started') or 'unknown'}) is in progress"
+    return _ended(content, "busy", message)
 
 
 @dataclass
@@ -72,6 +82,10 @@ class SyncWaiter:
             return first
         content = first.content
         if is_proxy_answer(content):
+            for per_order in content.values():
+                if isinstance(per_order.get("rsync"), dict):
+                    rsync = per_order["rsync"]
+                    rsync["content"] = _busy(rsync.get("content"))
             followed = [
                 _Followed(agent, per_order["rsync"]["content"])
                 for agent, per_order in content.items()
@@ -90,6 +104,7 @@ class SyncWaiter:
             first.content = merged
             return first
         if not _started(content):
+            first.content = _busy(content)
             return first
         sync = _Followed(host, content)
         await self._follow(host, order, [sync], via_proxy=False)
@@ -176,12 +191,19 @@ class SyncWaiter:
             self.on_progress(sync.label, output.sync_progress_text(content.get("progress")))
             return
         last = content.get("lastRsync")
-        if isinstance(last, dict) and last.get("checksum") in (None, sync.rsync.get("checksum")):
+        if isinstance(last, dict) and _same_run(last, sync.rsync):
             outcome = str(last.get("outcome") or "failed")
             sync.final = _ended(sync.rsync, outcome, str(last.get("message") or ""), last)
         else:
             message = content.get("message") or "the sync ended but the agent reports no lastRsync"
             sync.final = _ended(sync.rsync, "failed", str(message))
+
+
+def _same_run(last: Mapping[str, Any], rsync: Mapping[str, Any]) -> bool:
+    """lastRsync is of the run the rsync order started (its runId, when the agent gives one)."""
+    if last.get("checksum") not in (None, rsync.get("checksum")):
+        return False
+    return not rsync.get("runId") or last.get("runId") == rsync.get("runId")
 
 
 def _ended(

@@ -35,6 +35,7 @@ def summary(key: str, state: dict[str, Any]) -> dict[str, Any]:
     checksum = state.get("checksum")
     return {
         "checksum": checksum if isinstance(checksum, str) else key,
+        "runId": state.get("runId"),
         "outcome": state.get("outcome"),
         "exitCode": state.get("exitCode"),
         "started": _iso(state.get("started")),

@@ -254,6 +254,7 @@ class JobRegistry:
         refuse_empty: bool = False,
         state_dir: str | None = None,
         release: Mapping[str, Any] | None = None,
+        source_retry: float | None = None,
     ) -> defer.Deferred[Job]:
         """Start the sync of `target` under a supervisor; fires once rsync is under way, has
         already ended (e.g. the rsync daemon is down, or the sync was refused), or after
@@ -263,7 +264,7 @@ class JobRegistry:
         if self.running(key, state_dir):
             raise JobError(f"a sync of {target.checksum} is already running")
         job = Job(key, self.state_file(key, state_dir))
-        self.starter.start(job, target, refuse_empty, release)
+        self.starter.start(job, target, refuse_empty, release, source_retry)
         self._jobs[key] = job
         return job.started
 

@@ -83,6 +83,7 @@ class SyncStarter:
         target: RsyncTarget,
         refuse_empty: bool,
         release: Mapping[str, Any] | None = None,
+        source_retry: float | None = None,
     ) -> None:
         """Record `job`, the sync of `target`, as starting and spawn its supervisor; raises
         JobError (StateFull), or ValueError for a bad target. In release mode
@@ -126,6 +127,8 @@ class SyncStarter:
         cmd += ["--grace", str(registry.grace)]
         if refuse_empty:
             cmd.append("--refuse-empty")
+        if source_retry is not None:  # a source at max connections: retry for this long
+            cmd += ["--source-retry", f"{source_retry:g}"]
         cmd += ["--", *argv]
         try:
             transport = registry.reactor.spawnProcess(

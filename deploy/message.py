@@ -6,7 +6,19 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-ORDERS = ("status", "rlist", "rsync", "rkill", "exec", "activate", "rollback", "releases")
+ORDERS = (
+    "status",
+    "rlist",
+    "rsync",
+    "rkill",
+    "exec",
+    "activate",
+    "rollback",
+    "releases",
+    "check",
+)
+# Orders a client gives a proxy (or, for deploy, orchestrates itself): never sent to an agent.
+ROLLOUT_ORDERS = ("deploy", "rollout")
 
 STATUS_TEXT = {
     200: "OK",

@@ -18,8 +18,10 @@ from deploy.client import ClientOptions, Order, OrderClient, fan_out, parse_budg
 from deploy.config import DEFAULT_KEY_CIPHER, ClientSettings, ProxyConfig
 from deploy.errors import BadHostSelection, BadRequest, NotGranted, NotPermitted, UnknownOrder
 from deploy.keyring import ApiKeys
-from deploy.message import ORDERS
+from deploy.message import ORDERS, ROLLOUT_ORDERS
 from deploy.wire import TEXT_TYPE, Request, RequestFactory, Response, ServiceRequestReceiver
+
+PROXY_ORDERS = (*ORDERS, *ROLLOUT_ORDERS)
 
 
 @dataclass
@@ -66,6 +68,10 @@ class ProxyService:
         self.api_keys = ApiKeys(config.keys, config.policies)
         self.options = replace(client_options(config.client), answer_limits=answer_limits)
         self.answers = AnswerBudget(answers_total)
+        from deploy.proxy_rollouts import DEFAULT_PROXY_STATE_DIR, ProxyRollouts
+
+        state_dir = server.state_path or DEFAULT_PROXY_STATE_DIR
+        self.rollouts = ProxyRollouts(self, state_dir)  # deploy and rollout
 
     # -- checks
 
@@ -183,7 +189,9 @@ class ProxyProtocol(ServiceRequestReceiver):
     def handleRequest(self, request: Request) -> defer.Deferred[Response]:
         service: ProxyService = self.factory.service
         segments = request.segments
-        if len(segments) < 2 or segments[0] not in ("agent", "api") or segments[1] not in ORDERS:
+        if len(segments) < 2 or segments[0] not in ("agent", "api"):
+            raise UnknownOrder()
+        if segments[1] not in PROXY_ORDERS:
             raise UnknownOrder()
         if len(segments) > 5 or (segments[0] == "agent" and len(segments) > 2):
             raise UnknownOrder()
@@ -209,6 +217,8 @@ class ProxyProtocol(ServiceRequestReceiver):
         self.audit.update(keyId=key_id, decision=decision.verdict)
         if not decision.allowed:
             raise NotPermitted(decision.reason)
+        if proxy_request.order in ROLLOUT_ORDERS:
+            return service.rollouts.handle(proxy_request, fields, request.peer)
         return service.handle(proxy_request, request.peer)
 
 

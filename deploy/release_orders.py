@@ -33,7 +33,7 @@ from deploy.rsync import DEFAULT_FLAGS, RsyncTarget
 from deploy.targets import TargetResolver, group_state_dir
 from deploy.wire import Response
 
-RELEASE_ORDERS = ("activate", "rollback", "releases")
+RELEASE_ORDERS = ("activate", "rollback", "releases", "check")
 MAX_LABEL = 128
 # rsync options that write into existing files, which hard-linked releases share
 REFUSED_OPTIONS = ("--inplace", "--append", "--append-verify")
@@ -185,6 +185,22 @@ class ReleaseOrders:
             history.rollback(data, release_id, time.time())
             live = history.live(data)
         return self._after_switch(history, live, left, rolled_back=True)
+
+    @defer.inlineCallbacks
+    def order_check(self, options: str) -> Generator[defer.Deferred[Any], Any, Response]:
+        """The group's `check` on the live release again, switching nothing (a rollout's
+        canaries after their wait): outcome ok or check_failed."""
+        history, _ = self._history(options, with_id=False)
+        with history.locked() as data:
+            live = history.live(data)
+        body: dict[str, Any] = {"return": "true", "release": live, "outcome": OUTCOME_OK}
+        spec = history.spec
+        if spec.check:
+            result = yield self._hook(spec.check, spec.check_timeout)
+            if not result.ok:
+                body.update(return_false(), outcome=OUTCOME_CHECK_FAILED)
+                body["message"] = f"check failed: {_said(result)}"
+        return Response.json(body)
 
     # -- internals
 

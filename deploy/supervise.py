@@ -45,6 +45,7 @@ from deploy.process import (
     signal_group,
 )
 from deploy.rsync import Progress, RsyncOutputParser, TailBuffer
+from deploy.source_retry import SourceRetry, sleep_unless, source_busy
 
 PROGRESS_INTERVAL = 0.5
 READY_AFTER = 1.0
@@ -100,8 +101,10 @@ class Supervisor:
         grace: float,
         refuse_empty: bool,
         run_id: str | None = None,
+        source_retry: float = 0.0,
     ) -> None:
         self.state_path = state_path
+        self.source = SourceRetry(source_retry)
         self.argv = argv
         self.grace = grace
         self.refuse_empty = refuse_empty
@@ -194,6 +197,9 @@ class Supervisor:
                 "to allow it)",
                 parser,
             )
+        return self.start_rsync(parser)
+
+    def start_rsync(self, parser: RsyncOutputParser) -> int:
         if self.kill_requested:
             return self.finish(
                 OUTCOME_KILLED, None, None, "stopped by rkill before rsync ran", parser
@@ -297,9 +303,25 @@ class Supervisor:
             self.state["progress"] = _progress_dict(parser.progress)
         if self.kill_requested:
             outcome, message = OUTCOME_KILLED, "stopped by rkill"
+        elif self.waited_for_source(exit_code, text):
+            return self.start_rsync(parser)
         else:
             outcome, message = outcome_of(exit_code, sig, text)
         return self.finish(outcome, exit_code, sig, message, parser, text)
+
+    def waited_for_source(self, exit_code: int | None, stderr_text: str) -> bool:
+        """rsyncd said `max connections`: wait as `deploy.source_retry` says (the record saying
+        so, for status) and answer True to try again; False once that time has run out."""
+        delay = self.source.delay() if source_busy(exit_code, stderr_text) else None
+        if delay is None:
+            return False
+        if self.parent_open:  # the agent answers the order: the sync is under way, waiting
+            self.tell("ready")
+            self.hang_up()
+        self._save_soft(waiting=self.source.waiting(error_message(stderr_text), delay))
+        sleep_unless(delay, lambda: self.kill_requested)
+        self._save_soft(waiting=None)
+        return True
 
     def wait_for_group(self, child: subprocess.Popen[bytes]) -> int:
         """Wait until rsync has exited and no process of its group is left (a forked rsync can
@@ -414,6 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run", default=None, help="the run id the starting record must hold")
     parser.add_argument("--grace", type=float, default=5.0)
     parser.add_argument("--refuse-empty", action="store_true")
+    parser.add_argument("--source-retry", type=float, default=0.0)
     parser.add_argument("argv", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     rsync_argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
@@ -423,7 +446,9 @@ def main(argv: list[str] | None = None) -> int:
         os.setsid()  # our own session: signals to the agent's group do not reach the sync
     except OSError:
         pass
-    supervisor = Supervisor(args.state, rsync_argv, args.grace, args.refuse_empty, args.run)
+    supervisor = Supervisor(
+        args.state, rsync_argv, args.grace, args.refuse_empty, args.run, args.source_retry
+    )
     return supervisor.run()
 
 

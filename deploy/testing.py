@@ -136,11 +136,21 @@ class RsyncDaemon(ChildProcess):
 
     name = "rsyncd"
 
-    def __init__(self, workdir: Path, modules: dict[str, Path], host: str = "127.0.0.1") -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        modules: dict[str, Path],
+        host: str = "127.0.0.1",
+        max_connections: int = 0,
+    ) -> None:
         self.host = host
         self.port = free_port(host)
         conf = workdir / f"rsyncd-{self.port}.conf"
-        lines = ["use chroot = no", "max connections = 0", f"log file = {workdir}/rsyncd.log"]
+        lines = ["use chroot = no", f"max connections = {max_connections}"]
+        lines += [
+            f"log file = {workdir}/rsyncd.log",
+            f"lock file = {workdir}/rsyncd-{self.port}.lock",
+        ]
         for name, path in modules.items():
             lines += [f"[{name}]", f"    path = {path}", "    read only = yes", "    list = yes"]
         conf.write_text("\n".join(lines) + "\n")

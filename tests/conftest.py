@@ -51,8 +51,10 @@ class Daemons:
     started: list[ChildProcess] = field(default_factory=list)
     state_dirs: list[Path] = field(default_factory=list)
 
-    def rsyncd(self, modules: dict[str, Path], host: str = "127.0.0.1") -> RsyncDaemon:
-        d = RsyncDaemon(self.workdir, modules, host)
+    def rsyncd(
+        self, modules: dict[str, Path], host: str = "127.0.0.1", max_connections: int = 0
+    ) -> RsyncDaemon:
+        d = RsyncDaemon(self.workdir, modules, host, max_connections)
         self.started.append(d)
         return d
 

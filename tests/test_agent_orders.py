@@ -277,7 +277,10 @@ def test_rsync_starts_in_background_and_completes(env: Env) -> None:
     """rsync answers checksum = md5hex(dest+src); the sync ends ok and status shows lastRsync."""
     run, content, _ = env.order("rsync", "websync")
     assert run.rc == 0
-    assert content == {"checksum": env.checksum("websync"), "return": "true"}
+    # every run has its own id (issue 13): what --wait and deploy follow
+    run_id = content.get("runId")
+    assert isinstance(run_id, str) and len(run_id) == 32
+    assert content == {"checksum": env.checksum("websync"), "return": "true", "runId": run_id}
 
     def finished() -> Any:
         c = env.order("status", "websync")[1]
@@ -306,6 +309,7 @@ def test_rsync_answers_at_once(env: Env, slow_sync: tuple[Any, float]) -> None:
     assert content == {
         "checksum": env.checksum("webslow", env.rsyncd.url("SLOW")),
         "return": "true",
+        "runId": content["runId"],  # every run has its own id (issue 13)
     }
     assert elapsed < 8
 

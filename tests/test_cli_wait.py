@@ -63,9 +63,10 @@ def test_wait_on_a_refused_sync_exits_2(site, home):
     assert content["outcome"] == "refused" and content["return"] == "false"
 
 
-def test_wait_timeout_then_a_killed_sync(site, home):
+def test_wait_timeout_then_a_busy_target(site, home):
     """--wait-timeout ends the wait with outcome timeout (exit 3) while the sync goes on; a
-    second --wait follows the running sync, which rkill ends: lastRsync killed, exit 2."""
+    second --wait meanwhile is `busy` naming the first run (never adopted as its own: exit 2),
+    and rkill ends the first run: lastRsync killed, with that run's id."""
     add_big_file(site.tree, 2_000_000)
     args = [f"--hosts={site.agent.address}", "--order=rsync", "--options=webslow", "--wait"]
     short = client(home, *args, "--wait-timeout=1", "--format=ndjson")
@@ -73,16 +74,24 @@ def test_wait_timeout_then_a_killed_sync(site, home):
     line = json.loads(short.stdout.splitlines()[0])
     assert line["outcome"] == "timeout"
     assert line["content"]["message"] == "still running after --wait-timeout 1s"
-    second = TtyClient(args, clean_env(HOME=str(home)))
-    wait_until(lambda: "%" in second.tty, 30, what="the second --wait to show progress")
+    run = line["content"]["runId"]
+    second = client(home, *args)
+    assert second.rc == 2, second.stdout
+    content = second.content(site.agent.address, "rsync")
+    assert content["outcome"] == "busy" and content["return"] == "false"
+    assert content["alreadyRsync"] == "true" and run in content["message"]
     killed = client(home, f"--hosts={site.agent.address}", "--order=rkill", "--options=webslow")
     assert killed.rc == 0 and killed.content(site.agent.address, "rkill")["process"]
-    rc, out, _tty = second.finish()
-    assert rc == 2, out
-    content = json.loads(out)[site.agent.address]["rsync"]["content"]
-    assert content["alreadyRsync"] == "true"  # it joined the sync the first --wait started
-    assert content["lastRsync"]["outcome"] == "killed" and content["outcome"] == "killed"
-    assert content["return"] == "false"
+
+    def last() -> dict | None:
+        status = client(
+            home, f"--hosts={site.agent.address}", "--order=status", "--options=webslow"
+        )
+        found = status.content(site.agent.address, "status").get("lastRsync")
+        return found if found and found.get("runId") == run else None
+
+    ended = wait_until(last, 30, what="the killed run's lastRsync")
+    assert ended["outcome"] == "killed"
 
 
 def test_wait_through_a_proxy(site, daemons, home, tmp_path):

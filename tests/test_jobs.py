@@ -372,6 +372,7 @@ def test_supervisor_end_gives_last_result(registry, reactor, procs):
     assert registry.running(KEY) is None
     assert registry.last_result(KEY) == {
         "checksum": TARGET.checksum,
+        "runId": job.run_id,  # issue 13: the run that ended, for --wait and deploy
         "outcome": "warning",
         "exitCode": 24,
         "started": "2023-11-14T22:13:21Z",

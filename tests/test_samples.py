@@ -67,6 +67,7 @@ def test_agent_sample_documents_every_key():
         "check",
         "check_timeout",
         "rollback_on_failed_check",
+        "source_retry",  # a source at max connections (issue 13)
     }
     assert (
         set(RsyncGroup.__dataclass_fields__) - {"name", "line", "options", "excludes", "includes"}
