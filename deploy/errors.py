@@ -66,6 +66,22 @@ class CapacityExceeded(Exception):
         self.limit = limit
 
 
+class PendingBytesExceeded(Exception):
+    """Connections already hold as many bytes of requests not yet authenticated as the daemon
+    allows (a flood of stalled requests); the caller may try again later."""
+
+    def __init__(self) -> None:
+        super().__init__("too many requests in flight; try again later")
+
+
+class ClientWentAway(Exception):
+    """An order stopped because its client hung up before the answer: only ever logged (the
+    status nginx logs for it), never sent."""
+
+    def __init__(self) -> None:
+        super().__init__("the client went away before its answer")
+
+
 STATUS: dict[type, int] = {
     BadRequest: 400,
     CommandError: 400,
@@ -75,7 +91,9 @@ STATUS: dict[type, int] = {
     PathNotAllowed: 403,
     UnknownOrder: 404,
     JobError: 500,
+    ClientWentAway: 499,
     CapacityExceeded: 503,
+    PendingBytesExceeded: 503,
 }
 
 

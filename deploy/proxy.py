@@ -4,7 +4,7 @@ an order to the granted agents through `deploy.client` (bounded, per-host timeou
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet import defer
@@ -24,7 +24,7 @@ class ProxyRequest:
     order: str
     options: str
     args: str
-    api_key: str
+    api_key: str = field(repr=False)  # a secret: never in a log or a traceback
     batch: str | None
     max_fail: str | None
 
@@ -93,7 +93,7 @@ class ProxyService:
         # What the agents get: the same order, options and args; the API key stays here.
         order = Order(request.order, request.options, request.args, "")
         self.log.info(
-            "{order} {options!r} for {args} ({count} hosts) from {peer}",
+            "{order} {options!r} for {args!r} ({count} hosts) from {peer}",
             order=request.order,
             options=request.options,
             args=request.args,
@@ -151,6 +151,9 @@ def client_options(settings: ClientSettings) -> ClientOptions:
 class ProxyProtocol(ServiceRequestReceiver):
     # `factory` stays untyped: annotating it with our factory class would make this protocol
     # not the kind of protocol Twisted's generic Factory expects (mypy).
+
+    # Larger than an agent's: `args` may name hundreds of hosts.
+    max_body = 64 * 1024
 
     def handleRequest(self, request: Request) -> defer.Deferred[Response]:
         service: ProxyService = self.factory.service
