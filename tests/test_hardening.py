@@ -379,10 +379,10 @@ def long_named_tree(root: Path, files: int) -> Path:
 def test_a_client_that_never_reads_a_large_answer_is_dropped_at_the_write_deadline(
     daemons: Daemons, tmp_path: Path
 ) -> None:
-    """An rlist of 2,500 files with long paths (an 8 MB answer) to a client with a tiny receive buffer that
-    never reads: the agent drops the connection socket_timeout after the answer started (not
-    before, not never), frees what it buffered, and its RSS settles; a reading client gets the
-    whole answer."""
+    """An rlist of 2,500 files with long paths (an 8 MB answer) to a client with a tiny receive
+    buffer that never reads: the agent drops the connection socket_timeout after the answer
+    started (not before, not never), frees what it buffered, and its RSS settles; a reading
+    client gets the whole answer."""
     tree = long_named_tree(tmp_path / "tree", 2_500)
     rsyncd = daemons.rsyncd({"BIG": tree})
     (tmp_path / "targets").mkdir()
