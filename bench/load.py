@@ -5,6 +5,11 @@ bench/LOAD.md. Loopback only; every count and wait is bounded; the rsync daemon 
 starts are stopped by pid at the end.
 
     python bench/load.py [--requests 500] [--backlog 128] [--output bench/LOAD.md]
+
+`--flood` runs the unauthenticated-body flood instead (bench/flood.py, issue 12 point 3): its
+own section of LOAD.md, the rest kept.
+
+    python bench/load.py --flood [--connections 3000]
 """
 
 from __future__ import annotations
@@ -247,6 +252,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--requests", type=int, default=500, help="orders at once per round")
     parser.add_argument("--backlog", type=int, default=128, help="the agent's listen backlog")
     parser.add_argument("--output", default=str(BENCH / "LOAD.md"))
+    parser.add_argument("--flood", action="store_true", help="the unauthenticated-body flood")
+    parser.add_argument("--connections", type=int, default=3000, help="--flood's connections")
     args = parser.parse_args(argv)
     if not 1 <= args.requests <= 5000:
         parser.error("--requests must be between 1 and 5000")
@@ -255,4 +262,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 if __name__ == "__main__":
     options = parse_args()
+    if options.flood:
+        from bench.flood import run as run_flood
+
+        sys.exit(run_flood(options.connections, Path(options.output)))
     task.react(lambda reactor: main(reactor, options))

@@ -311,20 +311,24 @@ def test_request_text_cannot_forge_a_log_line(fleet: Fleet) -> None:
     """Options (to the agent) and args (through the proxy) holding a newline, NEL, U+2028/9, a
     bidi override, an isolate and an ANSI escape: no log file of either daemon holds any of them
     raw, every error-log line is an event's or an indented continuation, each audit line is one
-    record whose JSON gives back exactly what was sent."""
+    record whose JSON gives back exactly what was sent; twistd's own log has none of them
+    either."""
     agent, proxy = fleet.agent, fleet.proxy
     status, _ = parsed_answer(
         raw_request(agent.host, agent.port, signed(Order("status", "web" + FORGING)))
     )
     assert status == 400
-    args = "groups:web," + FORGING
-    answer = raw_request(
-        proxy.host, proxy.port, signed(Order("exec", "service:echo,hi", args, SECRET))
-    )
-    assert parsed_answer(answer)[0] in (200, 403)
-    wait_until(
-        lambda: any(r.get("args") == args for r in records(fleet.logs("proxy")["audit"])), 10
-    )
+    # Refused (the forged text is no granted group), and granted (the line breaks alone are
+    # stripped from the group names, so the order runs and is logged).
+    for args, expected in (("groups:web," + FORGING, 403), ("groups:web,\n\x85\u2028\u2029", 200)):
+        order = Order("exec", "service:echo,hi", args, SECRET)
+        assert parsed_answer(raw_request(proxy.host, proxy.port, signed(order)))[0] == expected
+        wait_until(
+            lambda args=args: any(
+                r.get("args") == args for r in records(fleet.logs("proxy")["audit"])
+            ),
+            10,
+        )
     wait_until(
         lambda: any(
             r.get("options") == "web" + FORGING for r in records(fleet.logs("agent")["audit"])
@@ -342,6 +346,10 @@ def test_request_text_cannot_forge_a_log_line(fleet: Fleet) -> None:
                 assert not any("] forged" in line[:40] for line in lines)
             if kind == "audit":
                 assert all(isinstance(json.loads(line), dict) for line in lines)
+        # twistd's own log (stdout; the journal under systemd) gets the same events.
+        twistd = getattr(fleet, daemon).log_text()
+        assert not any(char in twistd for char in "\x85\u2028\u2029\u202e\u2066\x1b"), daemon
+        assert not any(line.startswith("[2026/01/01") for line in twistd.splitlines()), daemon
 
 
 # --------------------------------------------------------------------------- point 15: readers
