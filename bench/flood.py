@@ -254,9 +254,11 @@ def report(results: list[FloodRound], connections: int) -> str:
         "largest body the daemon accepts (16 KiB agent, 64 KiB proxy), so every byte counts "
         f"against the {MAX_PENDING_BYTES // MIB} MiB budget of bytes held for requests not yet "
         "authenticated. Peak is VmHWM, reset (`clear_refs`) before each round; settled is "
-        "VmRSS once it stops falling after the connections closed. Before the fix each of "
-        "these connections could hold 1 MiB of body and 512 KiB of headers: 3,000 of them "
-        "about 4.5 GB.",
+        "VmRSS once it stops falling after the connections closed (the daemon hands its "
+        "freed heap back to the system once the held bytes drain: `deploy/pending.py`). "
+        "Before the fix each of these connections could hold 1 MiB of body and 512 KiB of "
+        "headers: 3,000 of them about 4.5 GB. The machine's two cores were shared with other "
+        "work: times are indicative.",
         "",
         "| daemon | round | answers | unanswered (held) | RSS before | peak | settled "
         "| serves a signed order after | time |",

@@ -1,7 +1,7 @@
 """The `HttpRequestReceiver` base protocol that reads one bounded HTTP/1.1 request per connection
-and writes its answer, the receiver and factory the daemons build on, and the budget of bytes
-held before requests are authenticated. The values it reads and writes are `deploy.httpmsg`'s,
-re-exported here."""
+and writes its answer, and the receiver and factory the daemons build on. The values it reads
+and writes are `deploy.httpmsg`'s, its budget of bytes held before authentication
+`deploy.pending`'s; both are re-exported here."""
 
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ from deploy.httpmsg import (  # noqa: F401  (re-exported)
 )
 from deploy.logrecord import redact_target
 from deploy.message import STATUS_TEXT, encode_form  # noqa: F401  (re-exported)
+from deploy.pending import MAX_PENDING_BYTES, PendingBytes  # noqa: F401  (re-exported)
 
 MAX_LINE = 8192
 MAX_HEADERS = 64
@@ -35,29 +36,6 @@ MAX_HEADERS = 64
 MAX_HEAD = 16 * 1024
 # An agent order's fields: options are at most 8 KiB, form-encoded.
 MAX_BODY = 16 * 1024
-# Bytes of requests not yet handed to their handler (so not yet authenticated), across every
-# connection of a daemon: what a flood of stalled requests can make it hold.
-MAX_PENDING_BYTES = 8 * 1024 * 1024
-
-
-class PendingBytes:
-    """The bytes a daemon holds for requests not yet handed to their handler, across all its
-    connections, and the most it may hold: a connection whose bytes would pass it is refused."""
-
-    def __init__(self, limit: int = MAX_PENDING_BYTES) -> None:
-        self.limit = limit
-        self.held = 0
-
-    def take(self, count: int) -> bool:
-        """Count `count` more bytes as held, or answer False (and count nothing) if that would
-        pass the limit."""
-        if self.held + count > self.limit:
-            return False
-        self.held += count
-        return True
-
-    def give_back(self, count: int) -> None:
-        self.held -= count
 
 
 class HttpRequestReceiver(LineReceiver, TimeoutMixin):

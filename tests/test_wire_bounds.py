@@ -276,3 +276,22 @@ def test_a_client_that_takes_its_answer_leaves_no_write_deadline() -> None:
     assert len(clock.getDelayedCalls()) == 1
     proto.connectionLost()
     assert not clock.getDelayedCalls() and not transport.disconnected
+
+
+def test_the_heap_is_handed_back_once_a_flood_has_drained() -> None:
+    """When the held bytes fall back to none after more than trim_after were held at once, the
+    free heap is released once; ordinary traffic (small peaks) never triggers it."""
+    released: list[int] = []
+    pending = PendingBytes(1000, trim_after=100, release=lambda: released.append(1))
+    for _ in range(3):
+        assert pending.take(50)
+        pending.give_back(50)
+    assert released == []
+    assert pending.take(90) and pending.take(60) and not pending.take(900)
+    pending.give_back(60)
+    assert released == []
+    pending.give_back(90)
+    assert released == [1]
+    assert pending.take(50)
+    pending.give_back(50)
+    assert released == [1]
