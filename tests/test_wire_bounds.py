@@ -12,12 +12,11 @@ import pytest
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
-from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs
 
 from deploy.agent import AgentFactory, AgentService
 from deploy.auth import sign_request
-from deploy.config import load_agent_config
 from deploy.wire import (
     MAX_BODY,
     MAX_HEAD,
@@ -27,9 +26,8 @@ from deploy.wire import (
     RequestFactory,
     Response,
 )
-from tests.test_wire import EchoReceiver, connect, parse, post
+from tests.test_wire import NOW, EchoReceiver, connect, make_service, parse, post
 
-NOW = 1_700_000_000.0
 KEY = "65535"
 
 
@@ -120,18 +118,13 @@ def test_the_budget_is_a_daemons_not_a_connections() -> None:
 # --------------------------------------------------------------------------- signature first
 
 
-def agent_service(tmp_path: Path, *, started: float) -> tuple[AgentService, MemoryReactorClock]:
-    ini = tmp_path / "agent.ini"
-    ini.write_text(
-        f"[server]\nstate_path = {tmp_path / 'state'}\nsocket_timeout = 3\n"
-        f"[allow::hosts]\nhost[] = 127.0.0.0/8\n[allow::paths]\npath[] = {tmp_path}\n"
-        f"[rsync::group::web]\ndest = 127.0.0.1::DEST/\nsrc = {tmp_path}/web\n"
+def agent_service(tmp_path: Path) -> tuple[AgentService, Any]:
+    """test_wire's agent service, started at NOW."""
+    for name in ("targets", "outside"):
+        (tmp_path / name).mkdir()
+    return make_service(
+        {"tmp": tmp_path, "targets": tmp_path / "targets", "outside": tmp_path / "outside"}
     )
-    reactor = MemoryReactorClock()
-    reactor.advance(started)
-    service = AgentService(load_agent_config(str(ini)), reactor)
-    reactor.advance(NOW - started)
-    return service, reactor
 
 
 def agent_head(body: bytes, authorization: str) -> bytes:
@@ -153,7 +146,7 @@ def test_a_bad_signature_header_is_401_before_the_body_is_read(
 ) -> None:
     """A signature header that is stale, dated in the future, malformed or of another scheme is
     refused as soon as the head ends: the announced body is never waited for nor held."""
-    service, reactor = agent_service(tmp_path, started=0)
+    service, reactor = agent_service(tmp_path)
     factory = AgentFactory(service)
     proto, transport = open_connection(factory, reactor)
     proto.dataReceived(agent_head(b"options=web" + b"x" * 8000, authorization))
@@ -166,7 +159,7 @@ def test_a_bad_signature_header_is_401_before_the_body_is_read(
 def test_a_good_signature_header_waits_for_its_body(tmp_path: Path) -> None:
     """A well-formed, current signature lets the body be read; the whole request is then
     verified (here: accepted)."""
-    service, reactor = agent_service(tmp_path, started=0)
+    service, reactor = agent_service(tmp_path)
     proto, transport = open_connection(AgentFactory(service), reactor)
     body = b"options=web"
     proto.dataReceived(agent_head(body, sign_request(KEY, "POST", "/agent/rkill", body, now=NOW)))
@@ -178,7 +171,7 @@ def test_a_good_signature_header_waits_for_its_body(tmp_path: Path) -> None:
 def test_a_request_signed_before_the_agent_started_is_401(tmp_path: Path) -> None:
     """An agent that started at NOW refuses, before its body, a request signed in an earlier
     second (as a request captured before a restart would be), and says why."""
-    service, reactor = agent_service(tmp_path, started=NOW)
+    service, reactor = agent_service(tmp_path)
     body = b"options=web"
     proto, transport = open_connection(AgentFactory(service), reactor)
     proto.dataReceived(
