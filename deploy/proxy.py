@@ -15,6 +15,7 @@ from deploy.access import AllowedHosts
 from deploy.client import ClientOptions, Order, OrderClient, fan_out, parse_budget, result_map
 from deploy.config import DEFAULT_KEY_CIPHER, ClientSettings, ProxyConfig
 from deploy.errors import BadHostSelection, BadRequest, NotGranted, UnknownOrder
+from deploy.logrecord import log_safe
 from deploy.message import ORDERS
 from deploy.wire import TEXT_TYPE, Request, RequestFactory, Response, ServiceRequestReceiver
 
@@ -93,10 +94,10 @@ class ProxyService:
         # What the agents get: the same order, options and args; the API key stays here.
         order = Order(request.order, request.options, request.args, "")
         self.log.info(
-            "{order} {options!r} for {args!r} ({count} hosts) from {peer}",
+            "{order} {options!r} for {args} ({count} hosts) from {peer}",
             order=request.order,
             options=request.options,
-            args=request.args,
+            args=log_safe(request.args),
             count=len(hosts),
             peer=peer,
         )
