@@ -6,7 +6,7 @@ RSS (VmHWM, reset before each round) and its RSS once the connections are gone, 
 still answers a signed order. Writes its section of bench/LOAD.md. Loopback only; every wait is
 bounded; the daemons are stopped by pid.
 
-    python bench/load.py --flood [--connections 3000]
+    python bench/load.py --scenario flood [--connections 3000]
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import shutil
 import socket
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -187,7 +188,8 @@ def rounds_for(daemon: AgentProcess, label: str, connections: int, cap: int) -> 
     ]
 
 
-def run(connections: int, output: Path) -> int:
+def run(connections: int, write: Callable[[str], None]) -> int:
+    """Both daemons' rounds; `write` gets this benchmark's section of LOAD.md."""
     raise_fd_limit(connections + 512)
     work = Path(tempfile.mkdtemp(prefix="deploy-flood-"))
     started: list[Any] = []
@@ -228,9 +230,9 @@ def run(connections: int, output: Path) -> int:
                 f"serves after: {r.served_after}",
                 flush=True,
             )
-        write_section(output, report(results, connections))
+        write(report(results, connections))
         ok = all(r.peak < 200 and r.served_after for r in results)
-        print(f"written to {output}; {'met' if ok else 'NOT met'}: peak < 200 MB, serving after")
+        print(f"written; {'met' if ok else 'NOT met'}: peak < 200 MB, serving after")
         return 0 if ok else 1
     finally:
         for process in reversed(started):
@@ -242,7 +244,7 @@ def report(results: list[FloodRound], connections: int) -> str:
     lines = [
         SECTION,
         "",
-        f"Written by `python bench/load.py --flood --connections {connections}` on "
+        f"Written by `python bench/load.py --scenario flood --connections {connections}` on "
         f"{datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')} (nproc {os.cpu_count()}, "
         f"python {platform.python_version()}, kernel {platform.release()}).",
         "",
@@ -279,15 +281,3 @@ def report(results: list[FloodRound], connections: int) -> str:
         "",
     ]
     return "\n".join(lines)
-
-
-def write_section(output: Path, text: str) -> None:
-    """Replace this benchmark's section of `output` (or add it at the end), keeping the rest."""
-    old = output.read_text() if output.exists() else ""
-    start = old.find(SECTION)
-    if start < 0:
-        new = old.rstrip("\n") + "\n\n" + text if old else text
-    else:
-        end = old.find("\n## ", start + len(SECTION))
-        new = old[:start] + text + (old[end + 1 :] if end >= 0 else "")
-    output.write_text(new)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import os
 import shutil
 from collections import Counter
@@ -17,6 +18,8 @@ from dataclasses import dataclass
 from typing import Any, TextIO, TypeGuard
 
 from deploy.orders import SKIPPED
+
+BAD_ANSWER = "bad answer from "  # deploy.orders.bad_answer: garbage, too large, undecodable
 
 # -------------------------------------------------------------------------------- exit codes
 
@@ -107,6 +110,8 @@ def outcome_of(order: str, entry: Mapping[str, Any]) -> str:
     if entry.get("serverStatus") == 0:
         if isinstance(content, str) and content.startswith("Process Timeout"):
             return "timeout"
+        if isinstance(content, str) and content.startswith(BAD_ANSWER):
+            return "failed"  # it answered, with something that is not an answer
         return "unreachable"
     if str(entry.get("returnCode")) != "200":
         return "failed"
@@ -228,7 +233,9 @@ def human_bytes(value: Any) -> str:
     """`80000` → `78.1K`; `-` when there is no number."""
     try:
         n = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an int of 400 digits
+        return "-"
+    if not math.isfinite(n):
         return "-"
     for unit in ("", "K", "M", "G", "T"):
         if abs(n) < 1024 or unit == "T":
@@ -263,8 +270,9 @@ def message_of(row: Row) -> str:
         elif row.order == "exec" and isinstance(content.get("content"), str):
             text = _decoded(content["content"])
         elif content.get("alreadyRsync") == "true":
-            progress = content.get("progress") or {}
-            text = "running" + (f" {progress['percent']}%" if "percent" in progress else "")
+            progress = content.get("progress")
+            percent = progress.get("percent") if isinstance(progress, dict) else None
+            text = "running" + (f" {percent}%" if percent is not None else "")
         elif row.order == "rsync" and content.get("checksum"):
             done = "synced" if last else "started"
             text = f"{done}, job {str(content['checksum'])[:12]}"
@@ -283,15 +291,31 @@ def _decoded(b64: str) -> str:
         return b64
 
 
+def release_of(row: Row) -> str:
+    """The release an answer names (release mode): the live one of status, releases, activate
+    and rollback, the new one of rsync; `ID (LABEL)`, or ""."""
+    content = row.entry.get("content")
+    release = content.get("release") if isinstance(content, dict) else None
+    if isinstance(release, str):
+        return release
+    if not isinstance(release, dict) or not release.get("id"):
+        return ""
+    label = release.get("label")
+    return f"{release['id']} ({label})" if label else str(release["id"])
+
+
 def render_table(rows: list[Row], stopped: bool = False) -> str:
     """One row per host (per agent through a proxy), then the summary line."""
     with_via = any(r.via is not None for r in rows)
-    head = ["HOST", *(["VIA"] if with_via else []), "ORDER", "OUTCOME", "FILES", "BYTES"]
-    head += ["EXIT", "TIME", "MESSAGE"]
+    releases = [release_of(r) for r in rows]  # release mode
+    with_release = any(releases)
+    head = ["HOST", *(["VIA"] if with_via else []), "ORDER", "OUTCOME"]
+    head += ["RELEASE"] * with_release + ["FILES", "BYTES", "EXIT", "TIME", "MESSAGE"]
     lines = [head]
-    for r in rows:
+    for r, release in zip(rows, releases, strict=True):
         f = _figures(r)
         cells = [r.host, *([r.via or "-"] if with_via else []), r.order, r.outcome]
+        cells += [release or "-"] * with_release
         cells += [
             "-" if f["files"] is None else str(f["files"]),
             human_bytes(f["bytes"]),
@@ -367,9 +391,9 @@ def answered_text(done: int, total: int, failed: int) -> str:
     return f"{done}/{total} answered, {failed} failed"
 
 
-def sync_progress_text(progress: Mapping[str, Any] | None) -> str:
+def sync_progress_text(progress: Any) -> str:
     """`42% 1.20MB/s eta 0:00:03` from an agent's `progress`, or `running`."""
-    if not progress:
+    if not progress or not isinstance(progress, Mapping):
         return "running"
     parts = []
     if progress.get("percent") is not None:

@@ -124,3 +124,17 @@ def test_check_head_leaves_an_unsigned_request_to_authenticate() -> None:
     stale = Request(METHOD, PATH, headers={"authorization": signed(STARTED - 120)})
     with pytest.raises(AuthError, match="outside the allowed window"):
         authenticator.check_head(stale)
+
+
+def test_a_reload_keeps_the_start_of_the_daemon_not_of_the_reload() -> None:
+    """A fresh verifier that takes over a running one's nonces (SIGHUP reload) takes over when
+    the daemon started too: a request signed after the start but before the reload passes
+    (once), one signed before the start still does not."""
+    clock, running = started_verifier()
+    clock.advance(30)
+    fresh = HmacVerifier(KEY, clock=clock)
+    fresh.carry_nonces(running)
+    assert fresh.not_before == running.not_before == int(STARTED)
+    fresh.verify(signed(STARTED + 10), METHOD, PATH, BODY)
+    with pytest.raises(AuthError, match=f"^{BEFORE_START}$"):
+        fresh.verify(signed(STARTED - 1), METHOD, PATH, BODY)

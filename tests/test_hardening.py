@@ -2,7 +2,7 @@
 memory before authentication (huge bodies, a flood of stalled requests), an order whose client
 hung up, a request replayed after `kill -9` and a restart, an API key looked for in every log,
 log lines forged with control, C1, bidi and separator characters, and a client that never reads
-its answer. The 3,000-connection flood itself is `bench/load.py --flood`."""
+its answer. The 3,000-connection flood itself is `bench/load.py --scenario flood`."""
 
 from __future__ import annotations
 
