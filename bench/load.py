@@ -10,6 +10,9 @@ Other scenarios, each writing its own section of bench/LOAD.md:
 
     python bench/load.py --scenario proxy-dead-hosts [--hosts 400] [--no-compare]
         a proxy order to 400 agents that never answer and one real agent (bench/load_proxy.py)
+    python bench/load.py --scenario flood [--connections 3000]
+        the unauthenticated-body flood: 3,000 stalled connections to an agent, then a proxy
+        (bench/flood.py)
 """
 
 from __future__ import annotations
@@ -287,7 +290,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--backlog", type=int, default=128, help="the agent's listen backlog")
     parser.add_argument("--output", default=str(BENCH / "LOAD.md"))
     parser.add_argument(
-        "--scenario", choices=["agent", load_proxy.SECTION], default="agent", help="what to load"
+        "--scenario",
+        choices=["agent", load_proxy.SECTION, "flood"],
+        default="agent",
+        help="what to load",
     )
     parser.add_argument(
         "--hosts", type=int, default=400, help="proxy-dead-hosts: agents that never answer"
@@ -298,6 +304,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=True,
         help="proxy-dead-hosts: also run with deadline = 0, as before (+60 s)",
     )
+    parser.add_argument("--connections", type=int, default=3000, help="flood: connections")
     args = parser.parse_args(argv)
     if not 1 <= args.requests <= 5000:
         parser.error("--requests must be between 1 and 5000")
@@ -308,4 +315,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 if __name__ == "__main__":
     options = parse_args()
+    if options.scenario == "flood":
+        from bench.flood import run as run_flood
+
+        output = Path(options.output)
+        sys.exit(run_flood(options.connections, lambda text: write_section(output, "flood", text)))
     task.react(lambda reactor: main(reactor, options))

@@ -18,7 +18,7 @@ from deploy import auth, privileges
 from deploy.access import AllowedHosts, AllowedPaths
 from deploy.agent_orders import AgentOrders
 from deploy.config import AgentConfig, agent_key_cipher
-from deploy.errors import BadRequest, ClientGone, NotPermitted, UnknownOrder
+from deploy.errors import BadRequest, ClientWentAway, NotPermitted, UnknownOrder
 from deploy.jobs import JobRegistry
 from deploy.message import ORDERS
 from deploy.policy import Policies
@@ -186,7 +186,7 @@ class AgentProtocol(ServiceRequestReceiver):
 
 def _client_gone(failure: Failure) -> Response:
     failure.trap(defer.CancelledError)
-    raise ClientGone()
+    raise ClientWentAway()
 
 
 class AgentFactory(RequestFactory):

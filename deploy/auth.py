@@ -1,7 +1,8 @@
 """Request signing and checking: HMAC-SHA256 over method, path, time, nonce and body (and, in
-the bound form, the host the client addressed), with a clock window, a nonce replay cache and
-named keys (``kid=``); the original's one-time ``auth_key``, only when enabled; and
-`RequestAuthenticator`, the one check the agent and the proxy both run on a request.
+the bound form, the host the client addressed), with a clock window, a nonce replay cache, no
+request signed before the daemon started, and named keys (``kid=``); the original's one-time
+``auth_key``, only when enabled; and `RequestAuthenticator`, the one check the agent and the
+proxy both run on a request (its head first, then the whole of it).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import heapq
 import hmac
+import math
 import re
 import secrets
 from collections.abc import Iterable, Mapping
@@ -22,6 +24,9 @@ DEFAULT_KEY_CIPHER = "65535"
 SCHEME = "Deploy-HMAC-SHA256"
 
 MAX_HEADER_LENGTH = 512
+# How far ahead of our clock a request's time may be: clock drift between NTP-synced hosts, not
+# the whole window (a request dated in the future stays valid that much longer, across restarts).
+FUTURE_SKEW = 2.0
 
 _TS = re.compile(r"[0-9]{1,15}")
 _NONCE = re.compile(r"[0-9a-fA-F]{16,64}")
@@ -176,6 +181,11 @@ class HmacVerifier:
     """Checks signed requests against one shared key and remembers recent nonces.
 
     One instance per daemon (the factory holds it), so the replay cache covers every connection.
+    The cache lives in memory and starts empty, so a request signed before the daemon started
+    is refused: what a restarted daemon cannot remember, it does not accept. `started` is when
+    (the clock's time when the verifier is made, by default); a request is refused when its
+    second (`ts`) is before the second in which the daemon started. A client whose clock runs
+    behind ours is refused for that long after a restart.
     """
 
     def __init__(
@@ -187,11 +197,13 @@ class HmacVerifier:
         max_nonces: int = 100_000,
         keys: Mapping[str, str] | None = None,
         server_names: Iterable[str] | None = None,
+        future_skew: float = FUTURE_SKEW,
+        started: float | None = None,
     ) -> None:
         if not key and not keys:
             raise ValueError("key must not be empty")
-        if window < 0:
-            raise ValueError("window must not be negative")
+        if window < 0 or future_skew < 0:
+            raise ValueError("window and future_skew must not be negative")
         if max_nonces < 1:
             raise ValueError("max_nonces must be at least 1")
         self._key = key or None
@@ -199,24 +211,40 @@ class HmacVerifier:
         self.server_names = ServerNames(server_names) if server_names else None
         self._clock = clock
         self.window = window
+        self.future_skew = min(future_skew, window)
         self.max_nonces = max_nonces
+        self.not_before = math.floor(clock.seconds() if started is None else started)
         # nonce -> time after which the ts check alone refuses it; the heap orders the same
         # entries by that time so pruning only ever looks at the front.
         self._nonces: dict[str, float] = {}
         self._expiries: list[tuple[float, str]] = []
 
     def carry_nonces(self, running: HmacVerifier) -> None:
-        """Take over the nonces `running` has seen: a reload must not reopen the replay window."""
+        """Take over the nonces `running` has seen, and when it started: a reload must not
+        reopen the replay window, nor refuse what was signed since the daemon started."""
         self._nonces, self._expiries = running._nonces, running._expiries
+        self.not_before = running.not_before
+
+    def check_time(self, ts: int) -> None:
+        """Refuse a request time (AuthError) too old, too far ahead or before our start."""
+        now = self._clock.seconds()
+        if now - ts > self.window or ts - now > self.future_skew:
+            raise AuthError("request time outside the allowed window")
+        if ts < self.not_before:
+            raise AuthError("request signed before this daemon started; sign it again")
+
+    def check_header(self, header: str | None) -> None:
+        """What the header alone shows: its shape and its time (AuthError if wrong). A request
+        that passes must still be `verify`d."""
+        self.check_time(parse_authorization(header).ts)
 
     def verify(self, header: str | None, method: str, path: str, body: bytes) -> str | None:
         """Accept the request (and remember its nonce) or raise AuthError; the answer is the id
         of the key that signed it (None: the unnamed key, ``key_cipher``)."""
         fields = parse_authorization(header)
         ts, nonce, sig = fields.ts, fields.nonce, fields.sig
+        self.check_time(ts)
         now = self._clock.seconds()
-        if abs(now - ts) > self.window:
-            raise AuthError("request time outside the allowed window")
         # The signature is checked before the replay cache so that someone without the key
         # learns nothing about which nonces were seen.
         expected = _signature(self.key_for(fields.kid), method, path, ts, nonce, body, fields.host)
@@ -352,6 +380,14 @@ class RequestAuthenticator:
         self.verifier = HmacVerifier(
             key, clock=clock, window=window, keys=keys, server_names=server_names
         )
+
+    def check_head(self, request: SignedRequest) -> None:
+        """Before the body is read: a signature header must have its shape and a time inside
+        the window (AuthError). A request without one is left to `authenticate`: its body may
+        hold a legacy ``auth_key``, and a refusal should say what it asked for."""
+        header = request.headers.get("authorization")
+        if header:
+            self.verifier.check_header(header)
 
     def authenticate(self, request: SignedRequest, fields: Mapping[str, str]) -> str | None:
         """Accept ``request`` (whose form fields are ``fields``) or raise AuthError; the answer

@@ -76,14 +76,6 @@ class CapacityExceeded(Exception):
         self.limit = limit
 
 
-class ClientGone(Exception):
-    """The client hung up before its answer, and what ran only to answer it was stopped. Nobody
-    reads this answer: its status (nginx's 499) is for the logs."""
-
-    def __init__(self) -> None:
-        super().__init__("the client closed the connection before the answer")
-
-
 class RolloutConflict(Exception):
     """A rollout of the same group to some of the same hosts is already running on this proxy."""
 
@@ -97,6 +89,22 @@ class UnknownRollout(Exception):
 
     def __init__(self, rollout_id: str) -> None:
         super().__init__(f"no rollout {rollout_id}")
+
+
+class PendingBytesExceeded(Exception):
+    """Connections already hold as many bytes of requests not yet authenticated as the daemon
+    allows (a flood of stalled requests); the caller may try again later."""
+
+    def __init__(self) -> None:
+        super().__init__("too many requests in flight; try again later")
+
+
+class ClientWentAway(Exception):
+    """An order stopped because its client hung up before the answer: only ever logged (the
+    status nginx logs for it), never sent."""
+
+    def __init__(self) -> None:
+        super().__init__("the client went away before its answer")
 
 
 STATUS: dict[type, int] = {
@@ -114,8 +122,9 @@ STATUS: dict[type, int] = {
     UnknownRollout: 404,
     ReleaseError: 500,
     StateFull: 503,
+    ClientWentAway: 499,
     CapacityExceeded: 503,
-    ClientGone: 499,
+    PendingBytesExceeded: 503,
 }
 
 

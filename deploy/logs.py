@@ -5,9 +5,6 @@ or to `syslog`."""
 
 from __future__ import annotations
 
-import datetime
-import hashlib
-import json
 import os
 import syslog
 import time
@@ -24,11 +21,22 @@ from twisted.logger import (
     LogLevel,
     LogLevelFilterPredicate,
     LogPublisher,
-    eventAsText,
     formatEvent,
     globalLogPublisher,
 )
 from zope.interface import implementer
+
+from deploy.logrecord import (  # noqa: F401  (api_key_id, proxy_audit: re-exported)
+    ACCESS_FORMAT,
+    ACCESS_TIME,
+    access_fields,
+    api_key_id,
+    audit_record,
+    json_line,
+    log_safe,
+    log_safe_lines,
+    proxy_audit,
+)
 
 # The original's defaults (both daemons shared them).
 DEFAULT_ERROR_PATH = "/var/log/deploy/error.log"
@@ -55,12 +63,8 @@ SYSLOG_PRIORITY: dict[LogLevel, int] = {
     LogLevel.debug: syslog.LOG_DEBUG,
 }
 
-ACCESS_FORMAT = '{remote_addr} {remote_host} [{when}] "{request}" {status} {size}'
-ACCESS_TIME = "%Y/%m/%d %H:%M:%S"
 # Held error-log events before the files open (after privileges are dropped).
 MAX_HELD_EVENTS = 1000
-# Longest text value an audit record keeps.
-MAX_AUDIT_TEXT = 4096
 # How often a file's name is checked against the open file (moved away by logrotate?).
 REOPEN_CHECK_SECONDS = 1.0
 
@@ -71,14 +75,6 @@ def log_level(name: str) -> LogLevel:
         return LEVELS[name]
     except KeyError:
         raise ValueError(f"unknown log level {name!r}; one of {', '.join(LEVELS)}") from None
-
-
-def api_key_id(api_key: str | None) -> str | None:
-    """What the audit log says of an API key: the first 12 hex digits of its sha256, never the
-    key (`printf %s KEY | sha256sum | cut -c1-12` gives the same)."""
-    if not api_key:
-        return None
-    return hashlib.sha256(api_key.encode("utf-8", "surrogatepass")).hexdigest()[:12]
 
 
 # --------------------------------------------------------------------------- destinations
@@ -207,12 +203,23 @@ def open_destination(path: str, ident: str, *, now: Callable[[], float] = time.t
 
 def format_error_event(event: LogEvent) -> str:
     """`[YYYY/MM/DD HH:MM:SS] [level] (namespace) text`, the traceback after it when there is
-    one: the access log's time format, so both logs line up."""
+    one: the access log's time format, so both logs line up. The text is one line whatever its
+    fields hold (request-derived text cannot start a line of its own), and each traceback line
+    is indented, so only an event's first line starts with `[`."""
     when = time.strftime(ACCESS_TIME, time.localtime(event.get("log_time", time.time())))
     level = event.get("log_level", LogLevel.info)
-    namespace = event.get("log_namespace", "-")
-    text = eventAsText(event, includeTimestamp=False, includeSystem=False)
-    return f"[{when}] [{level.name}] ({namespace}) {text}\n"
+    namespace = log_safe(str(event.get("log_namespace", "-")))
+    text = log_safe(formatEvent(event))
+    line = f"[{when}] [{level.name}] ({namespace}) {text}\n"
+    failure = event.get("log_failure")
+    if failure is not None:
+        try:
+            traceback = failure.getTraceback()
+        except Exception:
+            traceback = "(unable to obtain traceback)"
+        lines = log_safe_lines(traceback).rstrip("\n").split("\n")
+        line += "".join(f"    {tb_line}\n" for tb_line in lines)
+    return line
 
 
 @implementer(ILogObserver)
@@ -255,79 +262,6 @@ class LineObserver:
 
     def __call__(self, event: LogEvent) -> None:
         self.destination.write(self.render(event) + "\n", event.get("log_level", LogLevel.info))
-
-
-def _escape(text: str) -> str:
-    """Printable ASCII as is; `"` and `\\` backslashed; anything else as an escape, so a
-    request line cannot forge or break a log line."""
-    out = []
-    for c in text:
-        if c in '"\\':
-            out.append("\\" + c)
-        elif " " <= c <= "~":
-            out.append(c)
-        else:
-            out.append(c.encode("unicode_escape").decode("ascii"))
-    return "".join(out)
-
-
-def access_fields(proto: Any, response: Any, now: float) -> dict[str, Any]:
-    """The fields of one access line. REMOTE_HOST is the peer address: a reverse lookup would
-    block the event loop (or delay the line), and the original logged the address too when no
-    name was known."""
-    peer = getattr(proto, "peer", "") or "-"
-    return {
-        "remote_addr": peer,
-        "remote_host": getattr(proto, "remote_host", None) or peer,
-        "when": time.strftime(ACCESS_TIME, time.localtime(now)),
-        "request": _escape(getattr(proto, "request_line", "") or "-"),
-        "status": response.status,
-        "size": len(response.body),
-    }
-
-
-def _clip(value: Any) -> Any:
-    if isinstance(value, str) and len(value) > MAX_AUDIT_TEXT:
-        return value[:MAX_AUDIT_TEXT] + "..."
-    return value
-
-
-def audit_record(proto: Any, response: Any, daemon: str, now: float) -> dict[str, Any]:
-    """One audit line: who (peer, API key id), what (order, options, args), the answer's
-    status and size, and how long from connect to answer."""
-    request = getattr(proto, "request", None)
-    opened = getattr(proto, "opened_at", None)
-    record: dict[str, Any] = {
-        "time": datetime.datetime.fromtimestamp(now, datetime.UTC).isoformat(
-            timespec="milliseconds"
-        ),
-        "daemon": daemon,
-        "peer": getattr(proto, "peer", ""),
-        "method": request.method if request is not None else None,
-        "path": request.path if request is not None else None,
-    }
-    for key, value in (getattr(proto, "audit", None) or {}).items():
-        record[key] = _clip(value)
-    record["status"] = response.status
-    record["bytes"] = len(response.body)
-    record["duration"] = round(time.monotonic() - opened, 3) if opened is not None else None
-    return record
-
-
-def proxy_audit(request: Any, granted_hosts: Callable[[str, str], list[str]]) -> dict[str, Any]:
-    """What the proxy puts in a request's audit record: the order and its target, the API key's
-    id and how many hosts the key grants for it (0 when it grants none)."""
-    try:
-        hosts = len(granted_hosts(request.api_key, request.args))
-    except Exception:
-        hosts = 0
-    return {
-        "order": request.order,
-        "options": request.options,
-        "args": request.args,
-        "apiKeyId": api_key_id(request.api_key),
-        "hosts": hosts,
-    }
 
 
 # --------------------------------------------------------------------------- the service
@@ -388,7 +322,7 @@ class LogService(service.Service):
         if self.audit_path:
             self._audit = LineObserver(
                 open_destination(self.audit_path, self.ident, now=self.now),
-                render=lambda event: json.dumps(event["audit"], ensure_ascii=False),
+                render=lambda event: json_line(event["audit"]),
             )
             self.audit_log = Logger(namespace="deploy.audit", observer=self._audit)
         if self.access_log is not None or self.audit_log is not None:

@@ -32,6 +32,8 @@ STATUS_TEXT = {
     411: "Length Required",
     413: "Payload Too Large",
     431: "Request Header Fields Too Large",
+    # Only in logs: a client that hung up before its answer (nginx's code for it).
+    499: "Client Closed Request",
     500: "Internal Server Error",
     503: "Service Unavailable",
 }

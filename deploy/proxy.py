@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from twisted.internet import defer
@@ -18,6 +18,7 @@ from deploy.client import ClientOptions, Order, OrderClient, fan_out, parse_budg
 from deploy.config import DEFAULT_KEY_CIPHER, ClientSettings, ProxyConfig
 from deploy.errors import BadHostSelection, BadRequest, NotGranted, NotPermitted, UnknownOrder
 from deploy.keyring import ApiKeys
+from deploy.logrecord import log_safe
 from deploy.message import ORDERS, ROLLOUT_ORDERS
 from deploy.wire import TEXT_TYPE, Request, RequestFactory, Response, ServiceRequestReceiver
 
@@ -29,7 +30,7 @@ class ProxyRequest:
     order: str
     options: str
     args: str
-    api_key: str
+    api_key: str = field(repr=False)  # a secret: never in a log or a traceback
     batch: str | None
     max_fail: str | None
     release: str = ""  # release mode: the label of a new release
@@ -119,7 +120,7 @@ class ProxyService:
             "{order} {options!r} for {args} ({count} hosts) from {peer}",
             order=request.order,
             options=request.options,
-            args=request.args,
+            args=log_safe(request.args),
             count=len(hosts),
             peer=peer,
         )
@@ -185,6 +186,9 @@ def client_options(settings: ClientSettings) -> ClientOptions:
 class ProxyProtocol(ServiceRequestReceiver):
     # `factory` stays untyped: annotating it with our factory class would make this protocol
     # not the kind of protocol Twisted's generic Factory expects (mypy).
+
+    # Larger than an agent's: `args` may name hundreds of hosts.
+    max_body = 64 * 1024
 
     def handleRequest(self, request: Request) -> defer.Deferred[Response]:
         service: ProxyService = self.factory.service

@@ -1,14 +1,13 @@
-"""The message format: `Request`/`Response` values, their encoding, form decoding, and the
-`HttpRequestReceiver` base protocol that reads one bounded HTTP/1.1 request per connection."""
+"""The `HttpRequestReceiver` base protocol that reads one bounded HTTP/1.1 request per connection
+and writes its answer, and the receiver and factory the daemons build on. The values it reads
+and writes are `deploy.httpmsg`'s, its budget of bytes held before authentication
+`deploy.pending`'s; both are re-exported here."""
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any, cast
-from urllib.parse import unquote_to_bytes
 
 from twisted.internet import defer
 from twisted.internet.protocol import Factory, connectionDone
@@ -17,91 +16,26 @@ from twisted.protocols.basic import LineReceiver
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
-from deploy.errors import RequestError, status_for
+from deploy.errors import ClientWentAway, PendingBytesExceeded, RequestError, status_for
+from deploy.httpmsg import (  # noqa: F401  (re-exported)
+    JSON_TYPE,
+    MAX_FIELDS,
+    TEXT_TYPE,
+    Request,
+    Response,
+    decode_form,
+    encode_json,
+)
+from deploy.logrecord import redact_target
 from deploy.message import STATUS_TEXT, encode_form  # noqa: F401  (re-exported)
-
-JSON_TYPE = "application/json; charset=utf-8"
-TEXT_TYPE = "text/plain; charset=utf-8"
+from deploy.pending import MAX_PENDING_BYTES, PendingBytes  # noqa: F401  (re-exported)
 
 MAX_LINE = 8192
 MAX_HEADERS = 64
-MAX_BODY = 1024 * 1024
-MAX_FIELDS = 64
-
-
-@dataclass
-class Request:
-    method: str
-    path: str
-    query: str = ""
-    headers: dict[str, str] = field(default_factory=dict)
-    body: bytes = b""
-    peer: str = ""
-
-    @property
-    def segments(self) -> list[str]:
-        """The path split at `/`, without the empty leading segment, each percent-decoded."""
-        return [unquote_to_bytes(s).decode("utf-8", "replace") for s in self.path.split("/")[1:]]
-
-    def form(self) -> dict[str, str]:
-        """The request's fields: the query string, then the form body (which wins)."""
-        fields = decode_form(self.query.encode("latin-1", "replace")) if self.query else {}
-        if self.body:
-            fields.update(decode_form(self.body))
-        return fields
-
-
-@dataclass
-class Response:
-    status: int
-    body: bytes = b""
-    content_type: str = TEXT_TYPE
-
-    @classmethod
-    def json(cls, obj: Any, status: int = 200) -> Response:
-        return cls(status, encode_json(obj), JSON_TYPE)
-
-    @classmethod
-    def text(cls, status: int, message: str = "") -> Response:
-        return cls(status, message.encode("utf-8"), TEXT_TYPE)
-
-    def to_bytes(self) -> bytes:
-        reason = STATUS_TEXT.get(self.status, "Unknown")
-        head = (
-            f"HTTP/1.1 {self.status} {reason}\r\n"
-            f"Content-Type: {self.content_type}\r\n"
-            f"Content-Length: {len(self.body)}\r\n"
-            "Connection: close\r\n\r\n"
-        )
-        return head.encode("ascii") + self.body
-
-
-def encode_json(obj: Any) -> bytes:
-    """JSON laid out as the original agent wrote it: one key per line, no indentation."""
-    return json.dumps(obj, indent=0, ensure_ascii=False).encode("utf-8", "surrogateescape")
-
-
-def decode_form(data: bytes) -> dict[str, str]:
-    """Decode `a=1&b=x+y%2C` (`+` is a space, `%XX` a byte) into text fields.
-
-    Bytes that are not UTF-8 are refused: every field feeds a command line or a path."""
-    fields: dict[str, str] = {}
-    if not data:
-        return fields
-    pairs = data.split(b"&")
-    if len(pairs) > MAX_FIELDS:
-        raise RequestError(400, f"too many fields (more than {MAX_FIELDS})")
-    for pair in pairs:
-        if not pair:
-            continue
-        key, _, value = pair.partition(b"=")
-        try:
-            k = unquote_to_bytes(key.replace(b"+", b" ")).decode("utf-8")
-            v = unquote_to_bytes(value.replace(b"+", b" ")).decode("utf-8")
-        except UnicodeDecodeError:
-            raise RequestError(400, "request fields must be UTF-8") from None
-        fields[k] = v
-    return fields
+# The start line and the headers together: a real request's head is a few hundred bytes.
+MAX_HEAD = 16 * 1024
+# An agent order's fields: options are at most 8 KiB, form-encoded.
+MAX_BODY = 16 * 1024
 
 
 class HttpRequestReceiver(LineReceiver, TimeoutMixin):
@@ -109,12 +43,20 @@ class HttpRequestReceiver(LineReceiver, TimeoutMixin):
     `handleRequest`, writes the answer and closes. Every size is bounded; a bad request gets a
     4xx and the connection closes. The whole request must arrive within `socket_timeout` seconds
     of the connection opening (0 disables it): a deadline, not an idle timer, so a client
-    trickling a byte at a time (slow loris) cannot hold a connection open for ever."""
+    trickling a byte at a time (slow loris) cannot hold a connection open for ever. The answer
+    must be taken within `socket_timeout` seconds of its start too, else the connection is
+    dropped with what is left of the answer (a client that never reads).
+
+    Before a body is read, `headReceived` may refuse the request from its head alone; until the
+    request is handed on, its bytes count against the factory's `pending` (`PendingBytes`). A
+    client that hangs up after its request was handed on does not stop the answer from being
+    logged: `client_gone` says nobody got it."""
 
     log = Logger()
     delimiter = b"\n"
     MAX_LENGTH = MAX_LINE
     max_headers = MAX_HEADERS
+    max_head = MAX_HEAD
     max_body = MAX_BODY
     socket_timeout: float = 5.0
 
@@ -123,10 +65,14 @@ class HttpRequestReceiver(LineReceiver, TimeoutMixin):
         self._target = ""
         self._headers: dict[str, str] = {}
         self._header_count = 0
+        self._head_bytes = 0
         self._body = bytearray()
         self._length = 0
         self._answered = False
         self._dispatched = False
+        self._held = 0
+        self._write_deadline: Any = None
+        self.client_gone = False
         self.opened_at = time.monotonic()
         self.request_line = ""
         self.request: Request | None = None
@@ -142,22 +88,36 @@ class HttpRequestReceiver(LineReceiver, TimeoutMixin):
     def dataReceived(self, data: bytes) -> None:
         if self._answered or self._dispatched:
             return  # one request per connection: anything after it is ignored
+        if not self._hold(len(data)):
+            self._refuse(PendingBytesExceeded())
+            return
         super().dataReceived(data)
 
     def lineReceived(self, line: bytes) -> None:
         if self._answered or self._dispatched:
             return
+        self._head_bytes += len(line) + 1
         if line.endswith(b"\r"):
             line = line[:-1]
         try:
+            if self._head_bytes > self.max_head:
+                raise RequestError(431, f"request head larger than {self.max_head} bytes")
             if self._method is None:
                 self._startLine(line)
             elif line:
                 self._headerLine(line)
             else:
                 self._headersDone()
-        except RequestError as e:
-            self.answer(Response.text(e.status, e.message))
+        except Exception as e:
+            if status_for(e) is None:
+                raise
+            self._refuse(e)
+
+    def _refuse(self, error: Exception) -> None:
+        """Answer a domain error found while reading; its status from deploy.errors."""
+        status = status_for(error)
+        assert status is not None
+        self.answer(Response.text(status, str(error)))
 
     def _startLine(self, line: bytes) -> None:
         if not line:
@@ -210,8 +170,12 @@ class HttpRequestReceiver(LineReceiver, TimeoutMixin):
                 raise RequestError(413, f"body larger than {self.max_body} bytes")
         if self._length == 0:
             self._dispatch()
-        else:
-            self.setRawMode()
+            return
+        # The head alone may be enough to refuse the request (a stale signature): then its
+        # body is never read.
+        self.request = self._makeRequest(b"")
+        self.headReceived(self.request)
+        self.setRawMode()
 
     def rawDataReceived(self, data: bytes) -> None:
         if self._answered or self._dispatched:
@@ -233,33 +197,73 @@ class HttpRequestReceiver(LineReceiver, TimeoutMixin):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.setTimeout(None)
-        self._answered = True
+        self._release()
+        if self._write_deadline is not None:
+            if self._write_deadline.active():
+                self._write_deadline.cancel()
+            self._write_deadline = None
+        if self._dispatched and not self._answered:
+            # The order runs on (or its handler cancels it): its answer is still logged.
+            self.client_gone = True
+        else:
+            self._answered = True
+
+    def headReceived(self, request: Request) -> None:
+        """Judge a request by its head (`request.body` is empty) before its body is read; raise
+        a domain error to refuse it. Only called for a request that has a body."""
+
+    # -- what is held before the handler
+
+    def _hold(self, count: int) -> bool:
+        pending: PendingBytes | None = getattr(self.factory, "pending", None)
+        if pending is None:
+            return True
+        if not pending.take(count):
+            return False
+        self._held += count
+        return True
+
+    def _release(self) -> None:
+        if self._held:
+            pending: PendingBytes | None = getattr(self.factory, "pending", None)
+            if pending is not None:
+                pending.give_back(self._held)
+            self._held = 0
 
     # -- dispatching
 
-    def _dispatch(self) -> None:
-        self._dispatched = True
-        self.setTimeout(None)
+    def _makeRequest(self, body: bytes) -> Request:
         path, _, query = self._target.partition("?")
-        request = Request(
+        return Request(
             method=self._method or "GET",
             path=path,
             query=query,
             headers=self._headers,
-            body=bytes(self._body),
+            body=body,
             peer=self.peer,
         )
+
+    def _dispatch(self) -> None:
+        self._dispatched = True
+        self.setTimeout(None)
+        request = self._makeRequest(bytes(self._body))
         self._body = bytearray()
         self.request = request
         # maybeDeferred's overloads take a handler's `Response | Deferred[Response]` for the
         # result's type; the Deferred it returns fires with a Response either way.
         d = cast("defer.Deferred[Response]", defer.maybeDeferred(self.handleRequest, request))
+        # The handler has judged the request (authentication is its first step): its bytes no
+        # longer count as pending.
+        self._release()
         d.addErrback(self._requestFailed, request)
         d.addCallback(self.answer)
 
     def _requestFailed(self, failure: Failure, request: Request) -> Response:
         # The one place an error becomes an answer: its status from deploy.errors, its text
         # from its message.
+        if self.client_gone and failure.check(defer.CancelledError):
+            # Stopped because its client hung up: what the logs say, never an answer.
+            failure = Failure(ClientWentAway())
         status = status_for(failure.value) if failure.value is not None else None
         if status is not None:
             return Response.text(status, str(failure.value))
@@ -267,7 +271,7 @@ class HttpRequestReceiver(LineReceiver, TimeoutMixin):
             "unexpected error handling {method} {path} from {peer}",
             failure,
             method=request.method,
-            path=request.path,
+            path=redact_target(request.path),
             peer=request.peer,
         )
         return Response.text(500, "internal error; see the daemon's log")
@@ -276,15 +280,31 @@ class HttpRequestReceiver(LineReceiver, TimeoutMixin):
         raise NotImplementedError
 
     def answer(self, response: Response) -> None:
-        """Write the answer and close; later calls are ignored (an answer is written once)."""
+        """Write the answer and close; later calls are ignored (an answer is written once). The
+        observers hear of it even when the client has gone (nothing is written then)."""
         if self._answered:
             return
         self._answered = True
         self.setTimeout(None)
+        self._release()
         self.responseSent(response)
-        if self.transport is not None:
-            self.transport.write(response.to_bytes())
-            self.transport.loseConnection()
+        if self.client_gone or self.transport is None:
+            return
+        self.transport.write(response.to_bytes())
+        self.transport.loseConnection()
+        if self.socket_timeout:
+            self._write_deadline = self.callLater(self.socket_timeout, self._writeTimedOut)
+
+    def _writeTimedOut(self) -> None:
+        self._write_deadline = None
+        self.log.info(
+            "{peer} did not take its answer within {timeout:g} s: connection dropped",
+            peer=self.peer,
+            timeout=self.socket_timeout,
+        )
+        # ITCPTransport (TCP and TLS alike): drop the connection and what it still buffers.
+        transport: Any = self.transport
+        transport.abortConnection()
 
     def responseSent(self, response: Response) -> None:
         """Tell the factory's observers (access and audit logs) about the answer."""
@@ -296,7 +316,9 @@ class HttpRequestReceiver(LineReceiver, TimeoutMixin):
 class ServiceRequestReceiver(HttpRequestReceiver):
     """A daemon's request receiver: its factory's `service` gives the request deadline
     (`config.server.socket_timeout`), the clock it runs on (`clock`: a `Clock` in tests) and
-    the peers allowed to talk (`allowed_hosts`); anyone else gets 403 before a byte is read."""
+    the peers allowed to talk (`allowed_hosts`); anyone else gets 403 before a byte is read.
+    When the service has an `authenticator`, a signature header that is malformed or out of
+    its time window is refused before the body is read."""
 
     def callLater(self, period: float, func: Callable[[], Any]) -> Any:
         return self.factory.service.clock.callLater(period, func)
@@ -309,14 +331,21 @@ class ServiceRequestReceiver(HttpRequestReceiver):
             self.factory.log.warn("refused connection from {peer}", peer=self.peer)
             self.answer(Response.text(403, f"{self.peer} is not allowed!"))
 
+    def headReceived(self, request: Request) -> None:
+        authenticator = getattr(self.factory.service, "authenticator", None)
+        if authenticator is not None:
+            authenticator.check_head(request)
+
 
 class RequestFactory(Factory):
-    """A factory whose `observers` see every answer: `observer(protocol, response)`."""
+    """A factory whose `observers` see every answer: `observer(protocol, response)`, and whose
+    `pending` bounds what its connections hold before their requests are handed on."""
 
     log = Logger()
 
     def __init__(self) -> None:
         self.observers: list[Callable[[HttpRequestReceiver, Response], None]] = []
+        self.pending = PendingBytes()
 
     def responseSent(self, proto: HttpRequestReceiver, response: Response) -> None:
         for observer in self.observers:

@@ -163,7 +163,6 @@ def test_a_request_waiting_when_the_port_opens_is_answered_as_nobody(daemons, op
         allow_paths=[open_dir],
         server={"user": "nobody", "group": "nogroup"},
     )
-    request = build_request(Order("exec", "service:uid"), ClientOptions(), agent.host, time.time())
 
     def connected() -> socket.socket | None:
         assert agent.proc.poll() is None, agent.log_text()
@@ -173,7 +172,9 @@ def test_a_request_waiting_when_the_port_opens_is_answered_as_nobody(daemons, op
             return None
 
     with wait_until(connected, 30, 0.001, "the agent's port to listen") as sock:
-        sock.sendall(request)
+        # Signed as it is sent (a request signed before the agent started is refused).
+        order = Order("exec", "service:uid")
+        sock.sendall(build_request(order, ClientOptions(), agent.host, time.time()))
         raw = b"".join(iter(lambda: sock.recv(65536), b""))
     status, _, body = parse_response(raw)
     assert status == 200, raw
