@@ -127,6 +127,7 @@ class AgentOrders:
                     "alreadyRsync": "false",
                     "transferFilesCount": str(stats.files_transferred or 0),
                     "transferFilesSize": str(stats.transferred_size or 0),
+                    "transferDeleteCount": str(parser.delete_count),
                 }
             # How the last sync ended matters most when the target cannot even be compared.
             last = self.jobs.last_result(target.checksum, state_dir)
@@ -186,6 +187,8 @@ class AgentOrders:
         def answer(job: Job) -> Response:
             state = job.state
             body: dict[str, Any] = {"checksum": target.checksum, "return": "true"}
+            if job.run_id:
+                body["runId"] = job.run_id
             if state.get("state") == "ended" and state.get("outcome") not in (
                 OUTCOME_OK,
                 OUTCOME_WARNING,
@@ -269,6 +272,9 @@ class AgentOrders:
             "process": [str(p) for p in self.jobs.pids(job)],
             "checksum": job.checksum,
         }
+        run_id = job.run_id or job.state.get("runId")
+        if run_id:
+            body["runId"] = run_id
         if with_progress:
             progress = self.jobs.progress(job)
             if progress:

@@ -212,12 +212,14 @@ class JobRegistry:
             return None
         return {
             "checksum": checksum,
+            "runId": state.get("runId"),
             "outcome": state.get("outcome"),
             "exitCode": state.get("exitCode"),
             "started": _iso(state.get("started")),
             "ended": _iso(state.get("ended")),
             "transferFilesCount": state.get("transferFilesCount"),
             "transferFilesSize": state.get("transferFilesSize"),
+            "transferDeleteCount": state.get("transferDeleteCount"),
             "message": state.get("message") or "",
         }
 

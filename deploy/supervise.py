@@ -42,6 +42,7 @@ from deploy.process import (
     signal_group,
 )
 from deploy.rsync import Progress, RsyncOutputParser, TailBuffer
+from deploy.rsync_output import clock
 
 PROGRESS_INTERVAL = 0.5
 READY_AFTER = 1.0
@@ -106,6 +107,7 @@ class Supervisor:
         self.last_write = 0.0
         self.parent_open = True
         self.save_failed = False
+        self.rsync_started: float | None = None  # monotonic, once rsync runs
 
     # -- talking to the agent that started us, while it listens
 
@@ -203,6 +205,7 @@ class Supervisor:
             return self.finish(
                 OUTCOME_FAILED, None, None, f"cannot run {self.argv[0]}: {e}", parser
             )
+        self.rsync_started = time.monotonic()
         self._save_soft(rsyncPid=self.child.pid, rsyncStart=proc_start_ticks(self.child.pid))
         self.tell(f"pid {self.child.pid}")
         return self.pump()
@@ -277,7 +280,7 @@ class Supervisor:
                     self.tell("ready")  # rsync is talking: the source answered
                     self.hang_up()
             if progress and time.monotonic() - self.last_write >= PROGRESS_INTERVAL:
-                self._save_soft(progress=_progress_dict(progress[-1]))
+                self._save_soft(progress=self.progress_record(progress[-1]))
                 progress.clear()
         sel.close()
         parser.close()
@@ -286,7 +289,7 @@ class Supervisor:
         sig = -code if code < 0 else None
         text = stderr.text()
         if parser.progress is not None:
-            self.state["progress"] = _progress_dict(parser.progress)
+            self.state["progress"] = self.progress_record(parser.progress)
         if self.kill_requested:
             outcome, message = OUTCOME_KILLED, "stopped by rkill"
         else:
@@ -323,6 +326,18 @@ class Supervisor:
             if self.child is not None:
                 signal_group(self.child.pid, sig)
 
+    def progress_record(self, p: Progress) -> dict[str, Any]:
+        """The `progress` of the record: rsync's figures, the time left as rsync means it, and
+        the time since rsync started by our own clock (rsync prints it only as a file ends)."""
+        since = 0.0 if self.rsync_started is None else time.monotonic() - self.rsync_started
+        return {
+            "bytes": p.bytes,
+            "percent": p.percent,
+            "rate": p.rate,
+            "eta": p.remaining(),
+            "elapsed": clock(since),
+        }
+
     def _save_soft(self, **changes: Any) -> None:
         """Record changes while the sync runs; a failure costs the record, not the sync (the
         whole record is written again with the outcome)."""
@@ -355,6 +370,7 @@ class Supervisor:
                 stderrTail=stderr_text[-4096:],
                 transferFilesCount=stats.files_transferred,
                 transferFilesSize=stats.transferred_size,
+                transferDeleteCount=parser.delete_count if self.child is not None else None,
             )
         except OSError as e:
             self.complain(f"cannot record the outcome ({outcome}: {message}): {e}")
@@ -362,10 +378,6 @@ class Supervisor:
         self.tell("ended")
         self.hang_up()
         return 0
-
-
-def _progress_dict(p: Progress) -> dict[str, Any]:
-    return {"bytes": p.bytes, "percent": p.percent, "rate": p.rate, "eta": p.eta}
 
 
 def rsync_env() -> dict[str, str]:

@@ -211,6 +211,7 @@ def test_status_counts_match_the_tree(env: Env) -> None:
         "alreadyRsync": "false",
         "transferFilesCount": "40",
         "transferFilesSize": "80000",
+        "transferDeleteCount": "0",
     }
 
 
@@ -281,6 +282,8 @@ def test_rsync_starts_in_background_and_completes(env: Env) -> None:
     """rsync answers checksum = md5hex(dest+src); the sync ends ok and status shows lastRsync."""
     run, content, _ = env.order("rsync", "websync")
     assert run.rc == 0
+    run_id = content.pop("runId")  # this run's own id (issue 15)
+    assert len(run_id) == 32 and int(run_id, 16) >= 0
     assert content == {"checksum": env.checksum("websync"), "return": "true"}
 
     def finished() -> Any:
@@ -290,6 +293,7 @@ def test_rsync_starts_in_background_and_completes(env: Env) -> None:
     status = wait_until(finished, 30, 0.2, "the sync to end")
     assert status["lastRsync"]["outcome"] == "ok"
     assert status["lastRsync"]["checksum"] == env.checksum("websync")
+    assert status["lastRsync"]["runId"] == run_id
     assert status["transferFilesCount"] == "0"
     copied = sorted(
         p.relative_to(env.targets / "websync") for p in (env.targets / "websync").rglob("*.dat")
@@ -307,7 +311,7 @@ def slow_sync(env: Env) -> tuple[Any, float]:
 def test_rsync_answers_at_once(env: Env, slow_sync: tuple[Any, float]) -> None:
     """rsync of a minutes-long sync answers at once with its checksum (the old agent blocked)."""
     content, elapsed = slow_sync
-    assert content == {
+    assert {k: v for k, v in content.items() if k != "runId"} == {
         "checksum": env.checksum("webslow", env.rsyncd.url("SLOW")),
         "return": "true",
     }
@@ -367,7 +371,7 @@ def test_rkill_unknown_group_is_400_at_once(env: Env) -> None:
     """rkill of an unknown group answers 400 at once (the old agent never answered)."""
     run, content, elapsed = env.order("rkill", "nosuchgroup")
     assert run.entry(env.agent.address, "rkill")["returnCode"] == "400"
-    assert content == "empty value in options!"
+    assert content == "unknown group 'nosuchgroup': empty value in options!"
     assert run.rc == 2
     assert elapsed < 8
 
