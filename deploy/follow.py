@@ -1,5 +1,6 @@
 """Following what an order started, over time: `SyncWaiter` (`deploy-client --wait`) polls
-`status` after an rsync order until each sync it started ends, directly or behind a proxy."""
+`status` after an rsync order until each sync it started ends, directly or behind a proxy, telling
+what it learns of each as `SyncEvent`s."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from deploy import output
 from deploy.output import GOOD, is_proxy_answer
+from deploy.progressline import ENDED, RUNNING, STARTING, SyncEvent
 
 if TYPE_CHECKING:
     from twisted.internet.defer import Deferred
@@ -39,8 +41,20 @@ class _Followed:
 
     label: str
     rsync: dict[str, Any]
+    via: str | None = None
     lost_since: float | None = None
     final: dict[str, Any] | None = None
+
+    def event(self, state: str, **details: Any) -> SyncEvent:
+        return SyncEvent(self.label, self.via, state, **details)
+
+    def owns(self, last: Mapping[str, Any]) -> bool:
+        """`last` (a lastRsync) is the end of this sync: the same run when both name theirs,
+        else (older agents) the same target."""
+        ours, theirs = self.rsync.get("runId"), last.get("runId")
+        if ours and theirs:
+            return bool(ours == theirs)
+        return last.get("checksum") in (None, self.rsync.get("checksum"))
 
 
 class SyncWaiter:
@@ -53,13 +67,13 @@ class SyncWaiter:
         client: Any,
         reactor: Any,
         timeout: float,
-        on_progress: Callable[[str, str | None], None] | None = None,
+        on_sync: Callable[[SyncEvent], None] | None = None,
     ) -> None:
         self.client = client
         self.options = client.options
         self.reactor = reactor
         self.timeout = timeout
-        self.on_progress = on_progress or (lambda _label, _text: None)
+        self.on_sync = on_sync or (lambda _event: None)
 
     def send(self, host: str, order: Order) -> Deferred[HostResult]:
         from twisted.internet.defer import Deferred
@@ -73,7 +87,7 @@ class SyncWaiter:
         content = first.content
         if is_proxy_answer(content):
             followed = [
-                _Followed(agent, per_order["rsync"]["content"])
+                _Followed(agent, per_order["rsync"]["content"], via=host)
                 for agent, per_order in content.items()
                 if isinstance(per_order.get("rsync"), dict)
                 and output.outcome_of("rsync", per_order["rsync"]) == "ok"
@@ -106,7 +120,7 @@ class SyncWaiter:
         deadline = self.reactor.seconds() + self.timeout
         running = list(syncs)
         for sync in running:
-            self.on_progress(sync.label, "starting")
+            self.on_sync(sync.event(STARTING))
         polls = 0
         try:
             while running:
@@ -128,10 +142,13 @@ class SyncWaiter:
                         )
                     if sync.final is not None:
                         running.remove(sync)
-                        self.on_progress(sync.label, None)
+                        last = sync.final.get("lastRsync") or {}
+                        outcome = sync.final.get("outcome")
+                        size = last.get("transferFilesSize")
+                        self.on_sync(sync.event(ENDED, outcome=outcome, size=size))
         finally:
             for sync in running:
-                self.on_progress(sync.label, None)
+                self.on_sync(sync.event(ENDED, outcome="interrupted"))
 
     def _status_entries(
         self, answer: HostResult, running: list[_Followed], via_proxy: bool
@@ -173,10 +190,10 @@ class SyncWaiter:
             )
             return
         if content.get("alreadyRsync") == "true":
-            self.on_progress(sync.label, output.sync_progress_text(content.get("progress")))
+            self.on_sync(sync.event(RUNNING, progress=content.get("progress") or {}))
             return
         last = content.get("lastRsync")
-        if isinstance(last, dict) and last.get("checksum") in (None, sync.rsync.get("checksum")):
+        if isinstance(last, dict) and sync.owns(last):
             outcome = str(last.get("outcome") or "failed")
             sync.final = _ended(sync.rsync, outcome, str(last.get("message") or ""), last)
         else:
