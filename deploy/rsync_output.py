@@ -74,6 +74,18 @@ def clock(seconds: float) -> str:
     return f"{whole // 3600}:{whole // 60 % 60:02d}:{whole % 60:02d}"
 
 
+_RATE = re.compile(r"(\d+(?:\.\d+)?)([kMG])B/s")
+_RATE_UNITS = {"k": 1024, "M": 1024**2, "G": 1024**3}
+
+
+def bytes_per_second(rate: str) -> float | None:
+    """rsync's `2.06MB/s` (units of 1024) in bytes per second; None for anything else."""
+    match = _RATE.fullmatch(rate)
+    if match is None:
+        return None
+    return float(match.group(1)) * _RATE_UNITS[match.group(2)]
+
+
 @dataclass(frozen=True)
 class Progress:
     """One --info=progress2 record: whole-transfer bytes and percent, the rate as printed, and
@@ -88,14 +100,19 @@ class Progress:
     elapsed: str | None = None
 
     def remaining(self) -> str | None:
-        """The time left: as rsync printed it, else from the elapsed time at the average rate so
-        far; None before a whole percent is done."""
+        """The time left: as rsync printed it, else the bytes left at the average rate so far
+        (what rsync prints on a record that ends a file), or at the pace of the elapsed time
+        when the rate does not parse; None before a whole percent is done."""
         if self.eta is not None:
-            return self.eta
-        elapsed = clock_seconds(self.elapsed)
-        if elapsed is None or self.percent <= 0:
+            return self.eta if clock_seconds(self.eta) is not None else None
+        if self.percent <= 0:
             return None
-        return clock(elapsed * (100 - min(self.percent, 100)) / self.percent)
+        left = (100 - min(self.percent, 100)) / self.percent  # of what is done so far
+        rate = bytes_per_second(self.rate)
+        if rate:
+            return clock(self.bytes * left / rate)
+        elapsed = clock_seconds(self.elapsed)
+        return None if elapsed is None else clock(elapsed * left)
 
 
 _SEPARATORS = re.compile(rb"[\r\n]")

@@ -154,34 +154,38 @@ def test_progress_time_is_remaining_mid_file_and_elapsed_as_a_file_ends() -> Non
     record that ends a file (`xfr#`): `eta` is the time left either way, and falls as the sync
     proceeds (issue 15: it used to be the elapsed time, climbing)."""
     seen: list[Progress] = []
+    # 1,024,000 bytes at 10 kB/s: 100 s in all.
     records = [
-        "        100,000  10%   10.00kB/s    0:01:30  ",
-        "        260,000  26%   10.00kB/s    0:00:07 (xfr#3, to-chk=70/100)",
-        "        500,000  50%   10.00kB/s    0:00:50 (xfr#9, ir-chk=40/100)",
-        "        700,000  70%   10.00kB/s    0:00:29  ",
-        "        900,000  90%   10.00kB/s    0:01:30 (xfr#90, to-chk=10/100)",
-        "        950,000  95%   10.00kB/s  ??:??:??  ",
+        "        102,400  10%   10.00kB/s    0:01:30  ",
+        "        266,240  26%   10.00kB/s    0:00:26 (xfr#3, to-chk=70/100)",
+        "        512,000  50%   10.00kB/s    0:00:50 (xfr#9, ir-chk=40/100)",
+        "        716,800  70%   10.00kB/s    0:00:29  ",
+        "        921,600  90%   10.00kB/s    0:01:30 (xfr#90, to-chk=10/100)",
+        "        972,800  95%   10.00kB/s  ??:??:??  ",
     ]
     parse(("\r" + "\r".join(records) + "\n").encode(), on_progress=seen.append)
     assert [(p.eta, p.elapsed) for p in seen] == [
         ("0:01:30", None),
-        (None, "0:00:07"),
+        (None, "0:00:26"),
         (None, "0:00:50"),
         ("0:00:29", None),
         (None, "0:01:30"),
         ("??:??:??", None),
     ]
-    # At 26% after 7 s, 74% is left at the same pace: 20 s, not 7 s (elapsed) nor rsync's
-    # per-file remainder.
-    assert [p.remaining() for p in seen[:5]] == [
+    assert [p.remaining() for p in seen] == [
         "0:01:30",
-        "0:00:20",
+        "0:01:14",
         "0:00:50",
         "0:00:29",
         "0:00:10",
+        None,
     ]
+    # The issue's case: at 26% with about 2 MB left at 96 kB/s the time left is 20 s, not the
+    # 3 s elapsed.
+    issue = Progress(700_000, 26, "96.00kB/s", eta=None, elapsed="0:00:03")
+    assert issue.remaining() == "0:00:20"
+    assert Progress(5, 50, "?", eta=None, elapsed="0:00:10").remaining() == "0:00:10"
     assert Progress(0, 0, "0.00kB/s", eta=None, elapsed="0:00:03").remaining() is None
-    assert Progress(5, 1, "0.00kB/s", eta=None, elapsed="??:??:??").remaining() is None
 
 
 def test_delete_count_counts_what_rlist_lists_with_or_without_lists() -> None:
