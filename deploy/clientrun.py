@@ -83,6 +83,7 @@ class Reporter:
         if (
             self.format == "ndjson"
             and event.state == RUNNING
+            and event.progress  # rsync has printed figures
             and self.board.event_due(event.key, self.clock())
         ):
             self.progress.clear()

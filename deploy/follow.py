@@ -95,6 +95,11 @@ class SyncWaiter:
             ]
             if not followed:
                 return first
+            for agent, per_order in content.items():
+                if all(f.label != agent for f in followed):
+                    # It answered the rsync order already, and no sync runs there to follow.
+                    outcome = output.outcome_of("rsync", per_order.get("rsync") or {})
+                    self.on_sync(SyncEvent(agent, host, ENDED, outcome=outcome))
             await self._follow(host, order, followed, via_proxy=True)
             merged = {agent: dict(per_order) for agent, per_order in content.items()}
             for f in followed:

@@ -248,12 +248,12 @@ def test_ndjson_streams_a_line_per_host_as_it_answers(site, slow_agent, home):
 
 
 class TtyClient:
-    """deploy-client running with stderr on a pseudo-terminal (120 columns), stdout on a pipe;
-    what it wrote to the terminal so far is in `tty`."""
+    """deploy-client running with stderr on a pseudo-terminal (120 columns unless told), stdout
+    on a pipe; what it wrote to the terminal so far is in `tty`."""
 
-    def __init__(self, args: list[str], env: dict[str, str]) -> None:
+    def __init__(self, args: list[str], env: dict[str, str], columns: int = 120) -> None:
         master, slave = pty.openpty()
-        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, columns, 0, 0))
         self.master = master
         self.seen = bytearray()
         self.proc = subprocess.Popen(
