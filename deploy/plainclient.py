@@ -5,8 +5,8 @@ parsing, limits and per-host messages are `deploy.orders`', as for `deploy.clien
 
 from __future__ import annotations
 
+import collections
 import errno
-import queue
 import selectors
 import socket
 import time
@@ -110,7 +110,8 @@ class Lookups:
     def __init__(self, sel: selectors.BaseSelector, resolver: Callable[[str, int], Any]) -> None:
         self.sel = sel
         self.resolver = resolver
-        self.answers: queue.SimpleQueue[tuple[Exchange, AddressInfo | None]] = queue.SimpleQueue()
+        # deque's append and popleft are atomic: no lock (nor `threading`) before a lookup.
+        self.answers: collections.deque[tuple[Exchange, AddressInfo | None]] = collections.deque()
         self.wake: tuple[socket.socket, socket.socket] | None = None
 
     def start(self, ex: Exchange) -> None:
@@ -125,7 +126,7 @@ class Lookups:
         threading.Thread(target=self._lookup, args=(ex,), daemon=True).start()
 
     def _lookup(self, ex: Exchange) -> None:
-        self.answers.put((ex, self.resolver(ex.host, ex.port)))
+        self.answers.append((ex, self.resolver(ex.host, ex.port)))
         wake = self.wake
         if wake is not None:
             try:
@@ -142,8 +143,8 @@ class Lookups:
             except OSError:
                 pass
         found = []
-        while not self.answers.empty():
-            found.append(self.answers.get())
+        while self.answers:
+            found.append(self.answers.popleft())
         return found
 
     def close(self) -> None:
