@@ -179,3 +179,23 @@ def test_waiter_needs_the_lastrsync_of_its_own_sync():
 
     result, _ = follow(forever, 10, timeout=5)
     assert result is not None and result.content["outcome"] == "timeout"
+
+
+def test_waiter_needs_the_lastrsync_of_its_own_run():
+    """With run ids (issue 15), a lastRsync of the same target but another run is not this
+    sync's end; the one of its own run is."""
+
+    def script(run_id: str):
+        def answers(order: Order, n: int) -> HostResult:
+            if order.order == "rsync":
+                return answer("rsync", {**STARTED, "runId": "r1"})
+            last = {"checksum": "c1", "runId": run_id, "outcome": "ok"}
+            return answer("status", {"return": "true", "alreadyRsync": "false", "lastRsync": last})
+
+        return answers
+
+    result, _ = follow(script("r2"), 2)
+    assert result is not None and result.content["outcome"] == "failed"
+    result, _ = follow(script("r1"), 2)
+    assert result is not None and result.content["outcome"] == "ok"
+    assert result.content["lastRsync"]["runId"] == "r1"
