@@ -15,8 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 
 from deploy.output import EXIT_CODES
 from tests.conftest import Daemons
@@ -30,7 +28,9 @@ from tests.harness import (
     tool,
     wait_until,
 )
+from tests.pki import ec_pair
 from tests.test_cli_formats import clean_env
+from tests.test_cli_truth_live import start_waiting_client
 
 BASE = ["--archive", "--delete", "--force"]
 STALE = 7  # stale files in the `del` target, beside a stale directory holding 2 more
@@ -127,25 +127,6 @@ def table_rows(out: str) -> list[dict[str, str]]:
             ]
         rows.append(dict(zip(names, cells, strict=True)))
     return rows
-
-
-def ec_pair(directory: Path, stem: str) -> tuple[Path, Path]:
-    """A private key and its public key, PEM (EC: made in a moment, where RSA takes seconds)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    private, public = directory / f"{stem}-private.pem", directory / f"{stem}-public.pem"
-    private.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    public.write_bytes(
-        key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-    )
-    return private, public
 
 
 def read_lines(proc: subprocess.Popen[bytes], into: list[bytes]) -> None:
@@ -296,20 +277,7 @@ def test_long_messages_keep_the_fingerprint(fleet: Fleet) -> None:
 def test_interrupted_client_exits_130_and_says_so(fleet: Fleet) -> None:
     """Item 11: Ctrl-C while --wait follows a sync exits 130 (in --help and the README's
     table); the sync goes on."""
-    proc = subprocess.Popen(
-        [
-            tool("deploy-client"),
-            f"--hosts={fleet.agent.address}",
-            "--order=rsync",
-            "--options=slow",
-            "--wait",
-            "--format=ndjson",
-        ],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=clean_env(HOME=str(fleet.home)),
-    )
+    proc = start_waiting_client(fleet.agent.address, "slow", clean_env(HOME=str(fleet.home)))
     lines: list[bytes] = []
     reader = threading.Thread(target=read_lines, args=(proc, lines))
     reader.start()

@@ -125,6 +125,18 @@ def test_eta_falls_while_elapsed_grows(live: Live) -> None:
 # ------------------------------------------------------------------------------ item 7
 
 
+def start_waiting_client(host: str, group: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """The real deploy-client following a sync of `group` on `host` with NDJSON on a pipe."""
+    argv = [tool("deploy-client"), f"--hosts={host}", "--order=rsync", f"--options={group}"]
+    return subprocess.Popen(
+        [*argv, "--wait", "--format=ndjson"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+
+
 def timed_lines(proc: subprocess.Popen[bytes], into: list[tuple[float, dict[str, Any]]]) -> None:
     """Each stdout line of `proc`, parsed, with when it came (run in a thread)."""
     assert proc.stdout is not None
@@ -135,20 +147,7 @@ def timed_lines(proc: subprocess.Popen[bytes], into: list[tuple[float, dict[str,
 def test_ndjson_wait_shows_progress_events_then_the_result(live: Live) -> None:
     """Item 7: `--format ndjson --wait` prints a progress event per host while its sync runs,
     at most one every 2 s, before the host's result line and the summary."""
-    proc = subprocess.Popen(
-        [
-            tool("deploy-client"),
-            f"--hosts={live.agent.address}",
-            "--order=rsync",
-            "--options=live2",
-            "--wait",
-            "--format=ndjson",
-        ],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        env=live.env(),
-    )
+    proc = start_waiting_client(live.agent.address, "live2", live.env())
     lines: list[tuple[float, dict[str, Any]]] = []
     reader = threading.Thread(target=timed_lines, args=(proc, lines))
     reader.start()
