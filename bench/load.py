@@ -5,6 +5,11 @@ bench/LOAD.md. Loopback only; every count and wait is bounded; the rsync daemon 
 starts are stopped by pid at the end.
 
     python bench/load.py [--requests 500] [--backlog 128] [--output bench/LOAD.md]
+
+Other scenarios, each writing its own section of bench/LOAD.md:
+
+    python bench/load.py --scenario proxy-dead-hosts [--hosts 400] [--no-compare]
+        a proxy order to 400 agents that never answer and one real agent (bench/load_proxy.py)
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from twisted.internet import defer, task
 
+from bench import load_proxy
 from deploy.client import ClientOptions, HostResult, Order, OrderClient
 from deploy.testing import AgentProcess, RsyncDaemon, agent_ini, free_port, make_tree
 
@@ -165,8 +171,41 @@ def raise_fd_limit(needed: int) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
 
 
+def write_section(path: Path, name: str, text: str) -> None:
+    """Put `text` in `path` between `<!-- name -->` and `<!-- /name -->`, replacing what was
+    there, keeping the other scenarios' sections."""
+    start, end = f"<!-- {name} -->", f"<!-- /{name} -->"
+    block = f"{start}\n{text.rstrip()}\n{end}\n"
+    old = path.read_text() if path.exists() else ""
+    if start in old and end in old:
+        before, _, rest = old.partition(start)
+        _, _, after = rest.partition(end)
+        new = before + block.rstrip("\n") + after
+    else:
+        new = (old.rstrip() + "\n\n" if old.strip() else "") + block
+    path.write_text(new)
+
+
+@defer.inlineCallbacks
+def proxy_dead_hosts(reactor: Any, args: argparse.Namespace):
+    raise_fd_limit(4 * args.hosts + 256)
+    work = Path(tempfile.mkdtemp(prefix="deploy-load-proxy-"))
+    started: list[Any] = []
+    try:
+        text, errors = yield load_proxy.main(reactor, args, work, started)
+        write_section(Path(args.output), load_proxy.SECTION, text)
+        print(f"written to {args.output}; {len(errors)} errors: {errors}")
+        return 0 if not errors else 1
+    finally:
+        for process in reversed(started):
+            process.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
 @defer.inlineCallbacks
 def main(reactor: Any, args: argparse.Namespace):
+    if args.scenario == load_proxy.SECTION:
+        return (yield proxy_dead_hosts(reactor, args))
     raise_fd_limit(4 * args.requests + 256)
     work = Path(tempfile.mkdtemp(prefix="deploy-load-"))
     started: list[Any] = []
@@ -232,7 +271,7 @@ def main(reactor: Any, args: argparse.Namespace):
             "errors": errors,
         }
         text = report(counted, args, facts)
-        Path(args.output).write_text(text)
+        write_section(Path(args.output), "agent", text)
         print(f"written to {args.output}; {errors} errors")
         exit_code = 0 if errors == 0 else 1
     finally:
@@ -247,9 +286,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--requests", type=int, default=500, help="orders at once per round")
     parser.add_argument("--backlog", type=int, default=128, help="the agent's listen backlog")
     parser.add_argument("--output", default=str(BENCH / "LOAD.md"))
+    parser.add_argument(
+        "--scenario", choices=["agent", load_proxy.SECTION], default="agent", help="what to load"
+    )
+    parser.add_argument(
+        "--hosts", type=int, default=400, help="proxy-dead-hosts: agents that never answer"
+    )
+    parser.add_argument(
+        "--compare",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="proxy-dead-hosts: also run with deadline = 0, as before (+60 s)",
+    )
     args = parser.parse_args(argv)
     if not 1 <= args.requests <= 5000:
         parser.error("--requests must be between 1 and 5000")
+    if not 1 <= args.hosts <= 4000:
+        parser.error("--hosts must be between 1 and 4000")
     return args
 
 

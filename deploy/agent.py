@@ -15,9 +15,11 @@ from deploy import auth
 from deploy.access import AllowedHosts, AllowedPaths
 from deploy.agent_orders import AgentOrders
 from deploy.config import AgentConfig, agent_key_cipher
-from deploy.errors import BadRequest, UnknownOrder
+from deploy.errors import BadRequest, NotPermitted, UnknownOrder
 from deploy.jobs import JobRegistry, check_state_dir
 from deploy.message import ORDERS
+from deploy.policy import Policies
+from deploy.release_orders import RELEASE_ORDERS, ReleaseOrders
 from deploy.targets import TargetResolver
 from deploy.wire import Request, RequestFactory, Response, ServiceRequestReceiver
 
@@ -40,19 +42,38 @@ class AgentService:
         self.reactor = reactor
         self.clock = clock or reactor
         server = config.server
+        access = config.access
+        # With named keys and no key_cipher, only named keys sign: the default key is not open.
+        unnamed = None if access.keys and server.key_cipher is None else agent_key_cipher(server)
         self.authenticator = auth.RequestAuthenticator(
-            agent_key_cipher(server),
+            unnamed,
             clock=self.clock,
             window=server.auth_window,
             legacy=server.legacy_auth,
             legacy_refusal=LEGACY_REFUSED,
+            keys=access.keys,
+            server_names=access.server_names,
         )
+        self.policies = Policies(access.policies)
         self.allowed_hosts = AllowedHosts(config.allow_hosts)
         self.targets = TargetResolver(config.groups, AllowedPaths(config.allow_paths))
         self.state_dir = server.state_path or DEFAULT_STATE_DIR
         self.jobs = JobRegistry(reactor, self.state_dir, grace=server.rkill_grace, clock=self.clock)
+        self.release_orders = ReleaseOrders(
+            config,
+            reactor,
+            clock=self.clock,
+            jobs=self.jobs,
+            targets=self.targets,
+            state_dir=self.state_dir,
+        )
         self.orders = AgentOrders(
-            config, reactor, clock=self.clock, jobs=self.jobs, targets=self.targets
+            config,
+            reactor,
+            clock=self.clock,
+            jobs=self.jobs,
+            targets=self.targets,
+            releases=self.release_orders,
         )
 
     def startup(self) -> None:
@@ -66,6 +87,7 @@ class AgentService:
         if not self.config.allow_hosts:
             self.log.warn("[allow::hosts] is empty: every request will be refused")
         self.jobs.recover(group_dirs)
+        self.release_orders.startup()
 
 
 class AgentProtocol(ServiceRequestReceiver):
@@ -82,8 +104,12 @@ class AgentProtocol(ServiceRequestReceiver):
         order = segments[1]
         fields = request.form()
         self.audit.update(order=order, options=fields.get("options", ""))
-        service.authenticator.authenticate(request, fields)
+        key_id = service.authenticator.authenticate(request, fields)
         options = fields.get("options", "")
+        decision = service.policies.decide_options(key_id, order, options)
+        self.audit.update(keyId=key_id, decision=decision.verdict)
+        if not decision.allowed:
+            raise NotPermitted(decision.reason)
         if len(options) > MAX_OPTIONS:
             raise BadRequest("options too long")
         if not options:
@@ -91,7 +117,10 @@ class AgentProtocol(ServiceRequestReceiver):
         self.factory.log.info(
             "{order} {options!r} from {peer}", order=order, options=options, peer=request.peer
         )
-        handler: Callable[[str], Any] = getattr(service.orders, "order_" + order)
+        if order == "rsync":
+            return service.orders.order_rsync(options, label=fields.get("release", ""))
+        owner = service.release_orders if order in RELEASE_ORDERS else service.orders
+        handler: Callable[[str], Any] = getattr(owner, "order_" + order)
         return handler(options)
 
 

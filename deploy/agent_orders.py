@@ -22,11 +22,12 @@ from deploy.commands import (
     group_leader_prefix,
     run_command,
 )
-from deploy.config import AgentConfig
+from deploy.config import AgentConfig, RsyncGroup
 from deploy.errors import CapacityExceeded, InvalidTarget, RequestError
 from deploy.jobs import Job, JobError, JobRegistry, deletes_on_target
 from deploy.jobstate import OUTCOME_OK, OUTCOME_WARNING, error_message
 from deploy.process import KILL_GRACE, GroupStopper
+from deploy.release_orders import ReleaseOrders
 from deploy.rsync import (
     RsyncOutputParser,
     RsyncTarget,
@@ -35,6 +36,7 @@ from deploy.rsync import (
     run_rsync,
 )
 from deploy.targets import TargetResolver, group_state_dir
+from deploy.versions import answers_with_agent_version
 from deploy.wire import Response
 
 
@@ -58,8 +60,10 @@ class AgentOrders:
         clock: IReactorTime,
         jobs: JobRegistry,
         targets: TargetResolver,
+        releases: ReleaseOrders | None = None,
     ) -> None:
         self.config = config
+        self.releases = releases  # release mode (deploy.release_orders)
         self.reactor = reactor
         self.clock = clock
         self.jobs = jobs
@@ -106,12 +110,15 @@ class AgentOrders:
 
     # -- orders
 
+    @answers_with_agent_version
     def order_status(self, options: str) -> defer.Deferred[Response]:
         target, group = self.targets.resolve(options)
         state_dir = group_state_dir(group)
         job = self.jobs.running(target.checksum, state_dir)
         if job is not None:
-            return defer.succeed(Response.json(self._running_answer(job, with_progress=True)))
+            body = self._running_answer(job, with_progress=True)
+            self._add_live_release(body, target, group)
+            return defer.succeed(Response.json(body))
         self.check_capacity()
         d = self.dry_run(target, keep_lists=False)
 
@@ -133,6 +140,7 @@ class AgentOrders:
             last = self.jobs.last_result(target.checksum, state_dir)
             if last:
                 body["lastRsync"] = last
+            self._add_live_release(body, target, group)
             return Response.json(body)
 
         return d.addCallback(answer)
@@ -165,7 +173,7 @@ class AgentOrders:
 
         return d.addCallback(answer)
 
-    def order_rsync(self, options: str) -> defer.Deferred[Response]:
+    def order_rsync(self, options: str, label: str = "") -> defer.Deferred[Response]:
         target, group = self.targets.resolve(options)
         state_dir = group_state_dir(group)
         job = self.jobs.running(target.checksum, state_dir)
@@ -173,11 +181,15 @@ class AgentOrders:
             return defer.succeed(Response.json(self._running_answer(job, with_progress=False)))
         self.check_capacity()
         allow_empty = group is not None and group.allow_empty_source
+        release = None
+        if self.releases is not None and group is not None and group.releases is not None:
+            release = self.releases.stage(target, group, label)
         try:
             d = self.jobs.start(
                 target,
                 refuse_empty=deletes_on_target(target) and not allow_empty,
                 state_dir=state_dir,
+                release=release,
             )
         except ValueError as e:
             raise InvalidTarget(str(e)) from None
@@ -189,6 +201,8 @@ class AgentOrders:
             body: dict[str, Any] = {"checksum": target.checksum, "return": "true"}
             if job.run_id:
                 body["runId"] = job.run_id
+            if release is not None:
+                body["release"] = release["id"]
             if state.get("state") == "ended" and state.get("outcome") not in (
                 OUTCOME_OK,
                 OUTCOME_WARNING,
@@ -264,6 +278,12 @@ class AgentOrders:
             return Response.json(body)
 
         return d.addBoth(finished).addCallbacks(answer, could_not_run)
+
+    def _add_live_release(
+        self, body: dict[str, Any], target: RsyncTarget, group: RsyncGroup | None
+    ) -> None:
+        if self.releases is not None and group is not None and group.releases is not None:
+            body["release"] = self.releases.live_release(target, group)
 
     def _running_answer(self, job: Job, *, with_progress: bool) -> dict[str, Any]:
         body: dict[str, Any] = {

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, NoReturn
 
-from deploy import clientconfig
+from deploy import clientconfig, version_text
 from deploy.clientrun import print_outcome, run, wants_tls
 from deploy.message import ORDERS
 from deploy.notls import skip_pyopenssl
@@ -39,13 +39,22 @@ targets (--options):
   GROUP                       a [rsync::group::GROUP] of the agent's config
   HOST::MODULE/path,/local    inline: remote source, then local destination
   NAME,arg1,arg2              for --order=exec: a command of the agent's jobs file
+  GROUP[,ID]                  for --order=activate|rollback: a release-mode group (and a
+                              release id; default: the newest staged / the previous good one)
+  GROUP                       for --order=releases: the group's releases, newest first
+
+release mode (groups with releases = N): --order=rsync stages a release (and switches with
+activate = auto), --release=LABEL names it (a git SHA, a version); --order=activate switches to
+a staged or good release, --order=rollback back to the previous good one; status names the
+live release (RELEASE in --format table).
 
 through a proxy: --hosts=PROXY --port=3441 --api-key=KEY --args=groups:g1,g2 (or hosts:a,b)
 
 defaults: command line > environment (DEPLOY_KEY_CIPHER, DEPLOY_API_KEY) > config file > built-in.
   config file: --config FILE, else ~/.config/deploy/client.ini ($XDG_CONFIG_HOME/deploy/... when
-  set), section [client]: hosts, port, args, key_cipher, api_key, legacy_auth, ssl_public_key,
-  ssl_ca, ssl_cert, ssl_key, format, thread_timeout, socket_timeout, max_parallel, wait_timeout.
+  set), section [client]: hosts, port, args, key_cipher, key_id, bind_host, api_key, legacy_auth,
+  ssl_public_key, ssl_ca, ssl_cert, ssl_key, format, thread_timeout, socket_timeout, max_parallel,
+  wait_timeout.
 
 exit codes:
 {codes}
@@ -68,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    p.add_argument("--version", action="version", version=version_text("deploy-client"))
     p.add_argument("--order", choices=ORDERS, help="remote command")
     p.add_argument("--hosts", help="remote hosts, comma separated (host, host:port, [v6]:port)")
     p.add_argument(
@@ -81,6 +91,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="shared key for request signing (default: $DEPLOY_KEY_CIPHER, config, 65535)",
     )
     p.add_argument(
+        "--key-id",
+        default=None,
+        help="sign with the agent's named key ID (kid=; the signature is bound to the host)",
+    )
+    p.add_argument(
+        "--bind-host",
+        action="store_true",
+        default=None,
+        help="bind the signature to the host:port addressed (agents with server_names need it)",
+    )
+    p.add_argument(
         "--api-key", default=None, help="api key for a proxy (default: $DEPLOY_API_KEY, config)"
     )
     p.add_argument(
@@ -89,7 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="send the original one-time auth_key instead of a signature (old agents/proxies)",
     )
-    p.add_argument("--ssl-public-key", help="TLS: pin the server's public key (PEM)")
+    p.add_argument(
+        "--ssl-public-key",
+        action="append",
+        default=None,
+        help="TLS: pin the server's public key (PEM, or a file of several keys or sha256// "
+        "pins); repeat it to pin a backup key: a server matching any pin passes",
+    )
     p.add_argument("--ssl-ca", help="TLS: verify the server's certificate chain and host name")
     p.add_argument("--ssl-cert", help="TLS: client certificate (PEM) for mutual TLS")
     p.add_argument("--ssl-key", help="TLS: client private key (PEM) for mutual TLS")
@@ -130,6 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--wide",
         action="store_true",
         help="with --format table: each message whole on one line (else long ones wrap)",
+    )
+    p.add_argument(
+        "--release",
+        default=None,
+        metavar="LABEL",
+        help="with --order=rsync to a release-mode group: a label for the new release",
     )
     p.add_argument(
         "--wait",
@@ -247,6 +280,8 @@ def orders_for(
             proxy_args if via_proxy else (args.args or ""),
             args.api_key if via_proxy else "",
         )
+        if args.release:
+            order.extra["release"] = args.release
         if via_proxy and (args.batch or args.max_fail):
             # A proxy rolls out itself: pass the budget along instead of batching proxies.
             order.extra = {

@@ -231,6 +231,8 @@ def client_options(
     return ClientOptions(
         port=args.port or (3441 if via_proxy else 3440),
         key_cipher=args.key_cipher,
+        key_id=args.key_id,
+        bind_host=bool(args.bind_host),
         legacy_auth=bool(args.legacy_auth),
         socket_timeout=args.socket_timeout,
         thread_timeout=thread_timeout_for(args.thread_timeout, via_proxy),

@@ -16,6 +16,7 @@ from deploy.converters import (  # noqa: F401  (LOG_LEVELS re-exported for calle
     Converter,
     converters_for,
     to_bool,
+    to_float,
     to_optint,
     to_optstr,
     to_str,
@@ -29,6 +30,8 @@ from deploy.ini import (  # noqa: F401  (ConfigError and parse_ini re-exported f
     parse_ini,
     shown,
 )
+from deploy.keyring import AgentAccess, check_api_keys, split_agent_access
+from deploy.policy import Policy, split_policies
 
 _GROUP_PREFIX = "rsync::group::"
 
@@ -64,6 +67,9 @@ class ServerSettings:
     # accepted for the original's configs; an event loop has no use for them
     worker_method: str | None = None
     ipc_path: str | None = None
+    # Prometheus metrics and /healthz over plain HTTP on this address; off while the port is 0
+    metrics_addr: str = "127.0.0.1"
+    metrics_port: int = 0
 
 
 @dataclass
@@ -80,6 +86,15 @@ class RsyncGroup:
     queue_path: str | None = None
     max_delete: int | None = None
     allow_empty_source: bool = False
+    # release mode (deploy.releases); releases = None keeps the in-place sync
+    releases: int | None = None
+    releases_path: str | None = None
+    activate: str = "auto"
+    link_dest: bool = True
+    after_activate: str | None = None
+    check: str | None = None
+    check_timeout: float = 30.0
+    rollback_on_failed_check: bool = True
 
 
 @dataclass
@@ -91,14 +106,22 @@ class AgentConfig:
     groups: dict[str, RsyncGroup]
     jobs_path: str | None
     jobs: dict[str, str]
+    # [keys], [policy::*] and server_names (deploy.keyring)
+    access: AgentAccess = field(default_factory=AgentAccess)
 
 
 @dataclass
 class ClientSettings:
     port: int = 3440
+    # The proxy's deadlines towards its agents, kept together: connect (socket_timeout), one
+    # agent's answer (thread_timeout), and the whole order (deadline: below deploy-client's
+    # 60 s wait for a proxy, so that it answers, with what it has, before its client gives up).
     thread_timeout: float = 10.0
     socket_timeout: float = 5.0
+    deadline: float = 50.0
     key_cipher: str | None = None
+    key_id: str | None = None
+    bind_host: bool = False
     legacy_auth: bool = False
     ssl: bool = False
     ssl_public_key: str | None = None
@@ -124,6 +147,7 @@ class ProxyConfig:
     api_path: str | None
     keys: dict[str, list[str]]
     servers: dict[str, list[str]]
+    policies: dict[str, Policy] = field(default_factory=dict)
 
 
 def agent_key_cipher(server: ServerSettings) -> str:
@@ -141,6 +165,15 @@ _GROUP_SCALARS: dict[str, Converter] = {
     "queue_path": to_optstr,
     "max_delete": to_optint,
     "allow_empty_source": to_bool,
+    # release mode
+    "releases": to_optint,
+    "releases_path": to_optstr,
+    "activate": to_str,
+    "link_dest": to_bool,
+    "after_activate": to_optstr,
+    "check": to_optstr,
+    "check_timeout": to_float,
+    "rollback_on_failed_check": to_bool,
 }
 _GROUP_LISTS = {"option": "options", "exclude": "excludes", "include": "includes"}
 
@@ -290,6 +323,9 @@ def load_agent_config(
     groups: dict[str, RsyncGroup] = {}
     jobs_path: str | None = None
     jobs_line: int | None = None
+    access = AgentAccess()
+    if path is not None:
+        sections, access = split_agent_access(sections, path)
     for name, section in sections.items():
         assert path is not None
         if name == "server":
@@ -323,6 +359,7 @@ def load_agent_config(
         groups=groups,
         jobs_path=jobs_path,
         jobs=jobs,
+        access=access,
     )
 
 
@@ -386,10 +423,13 @@ def load_proxy_config(
     _apply_overrides(overrides, server, client)
     keys: dict[str, list[str]] = {}
     servers: dict[str, list[str]] = {}
+    policies: dict[str, Policy] = {}
     if api_path is not None:
         assert path is not None and api_line is not None
         api = load_ini(api_path, "api file", (path, api_line))
+        api, policies = split_policies(api, api_path, with_key=True)
         keys, servers = _api(api, api_path)
+        check_api_keys(keys, policies, api_path)
     return ProxyConfig(
         path=path,
         server=_server_settings(ServerSettings(port=3441), *server, path),
@@ -398,6 +438,7 @@ def load_proxy_config(
         api_path=api_path,
         keys=keys,
         servers=servers,
+        policies=policies,
     )
 
 

@@ -125,7 +125,11 @@ _BY_TYPE: dict[str, Converter] = {
     "str": to_str,
     "str | None": to_optstr,
 }
-_BY_NAME: dict[str, Converter] = {"port": to_port, "log_error_level": to_level}
+_BY_NAME: dict[str, Converter] = {
+    "port": to_port,
+    "log_error_level": to_level,
+    "metrics_port": _int_between(0, 65535),  # 0: no metrics
+}
 
 
 def converters_for(cls: type) -> dict[str, Converter]:

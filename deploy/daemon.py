@@ -1,31 +1,39 @@
-"""What the agent and proxy daemons share at start-up: the original's server options, turning
-them into config overrides and loading the config, the listening service (TCP or TLS endpoint,
-backlog, address, TCP_DEFER_ACCEPT), the logs, the process title, running as --user/--group,
-and the order these services start in."""
+"""What the agent and proxy daemons share at start-up: the original's server options (and
+--check-config, --version), turning them into config overrides and loading and checking the
+config, the logs, the process title, running as --user/--group, and the order their services
+(listening, metrics, systemd notification, reload on SIGHUP) start in. The sockets themselves are
+`deploy.listening`'s."""
 
 from __future__ import annotations
 
 import functools
 import importlib
-import math
 import os
-import resource
-import socket
+import sys
 from collections.abc import Callable, Iterable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from twisted.application import service
-from twisted.application.internet import StreamServerEndpointService
-from twisted.internet import defer
-from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python import usage
-from zope.interface import implementer
 
-from deploy import logs, privileges
+from deploy import checkconfig, logs, privileges, sdnotify, version_text
 from deploy.config import ConfigError, ServerSettings
+from deploy.listening import (  # noqa: F401  (re-exported: what the daemons and tests use)
+    MAX_OPEN_FILES,
+    ListeningService,
+    TunedServerEndpoint,
+    defer_accept_seconds,
+    listening_service,
+    raise_open_files_limit,
+    server_endpoint,
+    tcp_service,
+)
+from deploy.reload import ConfigReloader, ReloadService
+
+if TYPE_CHECKING:
+    from deploy.metrics import DaemonMetrics
 from deploy.notls import skip_pyopenssl
 
 log = Logger()
@@ -53,10 +61,9 @@ COMMON_PARAMETERS: list[list[Any]] = [
     ["ssl-private-key", None, None, "TLS private key (PEM); turns TLS on"],
     ["worker-method", None, None, "accepted for compatibility; ignored"],
     ["ipc-path", None, None, "accepted for compatibility; ignored"],
+    ["metrics-addr", None, None, "Prometheus metrics and /healthz address (default: 127.0.0.1)"],
+    ["metrics-port", None, None, "Prometheus metrics and /healthz port (default: 0, off)"],
 ]
-
-# Every connection holds a file descriptor; the soft limit is raised to this (or the hard limit).
-MAX_OPEN_FILES = 65536
 
 # Options of the original's process model that an event loop does not need.
 IGNORED_OPTIONS = ("max_requests_per_child", "worker_method", "ipc_path")
@@ -79,21 +86,86 @@ def collect_overrides(options: usage.Options, extra: tuple[str, ...] = ()) -> di
     return overrides
 
 
-def load_config(
-    load: Callable[[str, dict[str, Any]], Config],
-    path: str,
-    overrides: dict[str, Any],
-    uses_tls: Callable[[Config], bool],
-) -> Config:
-    """`load(path, overrides)`, a bad config as the UsageError twistd prints in one line. When
-    `uses_tls(config)` is false, pyOpenSSL is kept from loading: ~12 MB of RSS in every daemon."""
-    try:
-        config = load(path, overrides)
-    except ConfigError as e:
-        raise usage.UsageError(str(e)) from None
-    if not uses_tls(config):
-        skip_pyopenssl()
-    return config
+class ConfigProblems(usage.UsageError):
+    """A config that loaded but has problems that stop the daemon: said as --check-config says
+    them, one `FILE:LINE: problem` line each, and nothing else."""
+
+    def __init__(self, problems: list[checkconfig.Problem]) -> None:
+        super().__init__("\n".join(str(p) for p in problems))
+        self.problems = problems
+
+
+class DaemonOptions(usage.Options):
+    """What both daemons' options share: `--check-config` and `--version`. A config that does
+    not load stops the daemon with its `FILE:LINE: problem` line alone (no usage text); the
+    checks beyond single values run when the service is made (`refuse_problems`)."""
+
+    program = "deploy"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.check: Callable[[Any], list[checkconfig.Problem]] = lambda config: []
+        self.load_again: Callable[[], tuple[Any, list[checkconfig.Problem]]] = lambda: (None, [])
+
+    def opt_version(self) -> None:
+        """Print deploy's version (and Twisted's) and exit."""
+        print(version_text(f"twistd {self.program}"))
+        sys.exit(0)
+
+    def load_config(
+        self,
+        load: Callable[[str, dict[str, Any]], Config],
+        check: Callable[..., list[checkconfig.Problem]],
+        overrides: dict[str, Any],
+        uses_tls: Callable[[Config], bool],
+    ) -> Config:
+        """The config of `--path` with `overrides` (with --check-config: checked, and exit);
+        `check(config, reloading=...)` finds its problems.
+        When `uses_tls(config)` is false, pyOpenSSL is kept from loading: ~12 MB of RSS in every
+        daemon."""
+        self.check = check
+        if self["check-config"]:
+            report_check(
+                self["path"], checkconfig.load_checked(load, check, self["path"], overrides)[1]
+            )
+        reloading = functools.partial(check, reloading=True)
+        self.load_again = functools.partial(
+            checkconfig.load_checked, load, reloading, self["path"], overrides
+        )
+        try:
+            config = load(self["path"], overrides)
+        except ConfigError as e:
+            raise SystemExit(str(e)) from None
+        if not uses_tls(config):
+            skip_pyopenssl()
+        return config
+
+    def refuse_problems(self, config: Any) -> list[checkconfig.Problem]:
+        """Stop (ConfigProblems) on what --check-config calls fatal; answer the rest, for the
+        daemon to log (`log_warnings`) once its error log holds events."""
+        problems = self.check(config)
+        fatal = [p for p in problems if p.fatal]
+        if fatal:
+            raise ConfigProblems(fatal)
+        return problems
+
+
+CHECK_FLAG = ["check-config", None, "check the config (and the files it names), then exit"]
+
+
+def report_check(path: str, problems: list[checkconfig.Problem]) -> None:
+    """--check-config's answer, like `nginx -t`: exit 0 saying the file is fine, or 1 with one
+    line per problem."""
+    if problems:
+        raise SystemExit("\n".join(str(p) for p in problems))
+    print(f"{path}: config OK")
+    sys.exit(0)
+
+
+def log_warnings(problems: Iterable[checkconfig.Problem]) -> None:
+    """The config's problems that do not stop the daemon, each logged as --check-config says it."""
+    for problem in problems:
+        log.warn("{problem}", problem=str(problem))
 
 
 def log_ignored_options(server: ServerSettings, names: tuple[str, ...]) -> None:
@@ -104,125 +176,6 @@ def log_ignored_options(server: ServerSettings, names: tuple[str, ...]) -> None:
             log.warn(
                 "{name} = {value} is accepted for compatibility and ignored", name=name, value=value
             )
-
-
-def server_endpoint(reactor: Any, server: ServerSettings) -> Any:
-    """The listening endpoint for `server`: TCP on IPv4 or IPv6, with TLS when `ssl` is on.
-
-    A TLS key, certificate or CA file that cannot be used raises UsageError naming it, before
-    anything listens. A TLS handshake must complete within `socket_timeout` seconds."""
-    from twisted.internet import endpoints
-
-    interface = server.addr or "0.0.0.0"
-    endpoint_class = (
-        endpoints.TCP6ServerEndpoint if ":" in interface else endpoints.TCP4ServerEndpoint
-    )
-    tcp = endpoint_class(reactor, server.port, backlog=server.backlog, interface=interface)
-    if not server.ssl:
-        tls_files = [
-            name
-            for name in ("ssl_private_key", "ssl_certificate", "ssl_client_ca")
-            if getattr(server, name)
-        ]
-        if tls_files:
-            # The original's rule, kept: only `ssl = true` turns TLS on. A key without it is
-            # almost always a forgotten line, and clients would otherwise just see a plain port.
-            log.warn(
-                "{names} set but ssl is off: listening WITHOUT TLS (set ssl = true to use it)",
-                names=", ".join(tls_files),
-            )
-        return tcp
-    from deploy.tls import TLSConfigError, server_context_from_settings
-    from deploy.tls_endpoint import TLSServerEndpoint
-    from deploy.tls_keys import public_key_fingerprint
-
-    try:
-        context = server_context_from_settings(server)
-        fingerprint = public_key_fingerprint(server.ssl_private_key or "")
-    except TLSConfigError as e:
-        raise usage.UsageError(str(e)) from None
-    assert context is not None
-    # What an operator compares with the clients' pin, and how clients are checked.
-    log.info(
-        "TLS with key {key} (public key sha256 {fingerprint}), {certificate}, {clients}",
-        key=server.ssl_private_key,
-        fingerprint=fingerprint,
-        certificate=(
-            f"certificate {server.ssl_certificate}"
-            if server.ssl_certificate
-            else "self-signed certificate"
-        ),
-        clients=(
-            f"client certificates required from CA {server.ssl_client_ca}"
-            if server.ssl_client_ca
-            else "no client certificate required"
-        ),
-    )
-    return TLSServerEndpoint(tcp, context, reactor, handshake_timeout=server.socket_timeout or None)
-
-
-def defer_accept_seconds(server: ServerSettings) -> int | None:
-    """TCP_DEFER_ACCEPT for `socket_accept_filter`: wake us only once the request's first bytes
-    came, waiting at most the socket timeout (5 s when that is off)."""
-    if not server.socket_accept_filter:
-        return None
-    return max(1, math.ceil(server.socket_timeout or 5))
-
-
-@implementer(IStreamServerEndpoint)
-class TunedServerEndpoint:
-    """An endpoint whose listening socket gets TCP_DEFER_ACCEPT once bound (Linux; elsewhere the
-    option is reported as unsupported and ignored)."""
-
-    log = Logger()
-
-    def __init__(self, endpoint: Any, defer_accept: int | None) -> None:
-        self.endpoint = endpoint
-        self.defer_accept = defer_accept
-
-    def listen(self, factory: IProtocolFactory) -> defer.Deferred[IListeningPort]:
-        return self.endpoint.listen(factory).addCallback(self._tune)
-
-    def _tune(self, port: Any) -> Any:
-        if self.defer_accept is None:
-            return port
-        option = getattr(socket, "TCP_DEFER_ACCEPT", None)
-        sock = getattr(port, "socket", None)
-        if option is None or sock is None:
-            self.log.warn("socket_accept_filter is not supported here (Linux only); ignored")
-            return port
-        sock.setsockopt(socket.IPPROTO_TCP, option, self.defer_accept)
-        return port
-
-
-class ListeningService(StreamServerEndpointService):
-    """Binds in privilegedStartService; a port that cannot be bound stops twistd with one line
-    (the reason) instead of a traceback."""
-
-    def privilegedStartService(self) -> None:
-        raise_open_files_limit()
-        try:
-            super().privilegedStartService()
-        except CannotListenError as e:
-            where = f"{e.interface or '0.0.0.0'}:{e.port}"
-            raise SystemExit(f"cannot listen on {where}: {e.socketError}") from None
-
-
-def raise_open_files_limit() -> int | None:
-    """Lift the soft RLIMIT_NOFILE to the hard limit (at most MAX_OPEN_FILES): with systemd's
-    default soft limit of 1024, a thousand idle connections would leave no descriptor for a
-    real request. Answers the new soft limit when it was raised."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = MAX_OPEN_FILES if hard == resource.RLIM_INFINITY else min(hard, MAX_OPEN_FILES)
-    if soft == resource.RLIM_INFINITY or soft >= want:
-        return None
-    try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
-    except (ValueError, OSError) as e:
-        log.warn("cannot raise the open files limit from {soft}: {e}", soft=soft, e=e)
-        return None
-    log.info("open files limit raised from {soft} to {want}", soft=soft, want=want)
-    return want
 
 
 def service_maker(name: str, build: Callable[[Any, Any], service.MultiService]) -> Any:
@@ -238,20 +191,12 @@ def service_maker(name: str, build: Callable[[Any, Any], service.MultiService]) 
             reactor = default_reactor
         try:
             return build(options, reactor)
+        except ConfigProblems as e:
+            raise SystemExit(str(e)) from None
         except usage.UsageError as e:
             raise SystemExit(f"twistd {name}: {e}") from None
 
     return makeService
-
-
-def listening_service(reactor: Any, server: ServerSettings, factory: Factory) -> Any:
-    """The service that listens for `factory`: the port is bound in its privilegedStartService,
-    so before the daemon drops its privileges; TCP_DEFER_ACCEPT when asked."""
-    endpoint = TunedServerEndpoint(server_endpoint(reactor, server), defer_accept_seconds(server))
-    svc = ListeningService(endpoint, factory)
-    # A port that cannot be bound stops twistd with the reason instead of logging and going on.
-    svc._raiseSynchronously = True
-    return svc
 
 
 def assemble(
@@ -260,15 +205,41 @@ def assemble(
     factory: Factory,
     log_service: logs.LogService,
     drop: privileges.DropPrivilegesService,
+    *,
+    metrics: DaemonMetrics | None = None,
+    writable: Iterable[str] = (),
+    reloader: ConfigReloader | None = None,
 ) -> service.MultiService:
-    """A daemon's services, in the order they must start: the port is bound
-    (privilegedStartService) before privileges are dropped, and the log files open (startService)
-    after; then the process title."""
+    """A daemon's services, in the order they must start: the port (and the metrics port) is
+    bound (privilegedStartService) before privileges are dropped, and the log files open
+    (startService) after; then the process title; then SIGHUP reloads; last the systemd
+    notifier, so READY=1 goes out once all the rest is done (and STOPPING=1 first)."""
     top = service.MultiService()
-    listening_service(reactor, server, factory).setServiceParent(top)
+    main = listening_service(reactor, server, metrics.counting(factory) if metrics else factory)
+    main.setServiceParent(top)
+    if metrics is not None:
+        from deploy.metrics_web import HealthResource, listening_check, metrics_site, writable_check
+
+        where = f"{server.addr}:{server.port}"
+        checks = [listening_check(lambda: main.port is not None, where)]
+        checks += [writable_check(d) for d in writable]
+        site = metrics_site(metrics.registry, HealthResource(checks))
+        tcp_service(reactor, server.metrics_addr, server.metrics_port, site).setServiceParent(top)
     drop.setServiceParent(top)
     log_service.setServiceParent(top)
     ProcessTitleService(server).setServiceParent(top)
+    environ = sdnotify.take_environment()
+    notify = sdnotify.NotifyService(
+        reactor,
+        sdnotify.Notifier(environ.get("NOTIFY_SOCKET")),
+        main.when_listening,
+        describe=lambda: f"listening on {main.address()}",
+        watchdog=sdnotify.watchdog_interval(environ, os.getpid()),
+    )
+    if reloader is not None:
+        reloader.notify = notify
+        ReloadService(reactor, reloader).setServiceParent(top)
+    notify.setServiceParent(top)
     return top
 
 

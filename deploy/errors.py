@@ -8,6 +8,8 @@ from deploy.access import PathNotAllowed
 from deploy.auth import AuthError
 from deploy.commands import CommandError
 from deploy.jobs import JobError
+from deploy.release_layout import ReleaseError
+from deploy.releases import ReleaseConflict
 
 
 class RequestError(Exception):
@@ -57,6 +59,14 @@ class NotGranted(Exception):
         self.name = name
 
 
+class NotPermitted(Exception):
+    """The key's policy refuses this order, group or job; the message names what was refused."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"not permitted: {reason}")
+        self.reason = reason
+
+
 class CapacityExceeded(Exception):
     """`max_prefork` child processes already run; the caller may try again later."""
 
@@ -73,9 +83,12 @@ STATUS: dict[type, int] = {
     AuthError: 401,
     BadHostSelection: 403,
     NotGranted: 403,
+    NotPermitted: 403,
     PathNotAllowed: 403,
     UnknownOrder: 404,
     JobError: 500,
+    ReleaseConflict: 409,
+    ReleaseError: 500,
     CapacityExceeded: 503,
 }
 

@@ -195,7 +195,10 @@ class SyncWaiter:
             )
             return
         if content.get("alreadyRsync") == "true":
-            self.on_sync(sync.event(RUNNING, progress=content.get("progress") or {}))
+            progress = content.get("progress")
+            self.on_sync(
+                sync.event(RUNNING, progress=progress if isinstance(progress, dict) else {})
+            )
             return
         last = content.get("lastRsync")
         if isinstance(last, dict) and sync.owns(last):

@@ -11,7 +11,7 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -136,6 +136,8 @@ class JobRegistry:
         self.python = python
         self.processes = processes or ProcessTable()
         self._jobs: dict[str, Job] = {}
+        # Told of every sync whose end is recorded (the metrics count them).
+        self.ended_observers: list[Callable[[Job], None]] = []
 
     def state_file(self, checksum: str, state_dir: str | None = None) -> str:
         return os.path.join(state_dir or self.state_dir, checksum + ".json")
@@ -226,7 +228,12 @@ class JobRegistry:
     # -- orders
 
     def start(
-        self, target: RsyncTarget, *, refuse_empty: bool = False, state_dir: str | None = None
+        self,
+        target: RsyncTarget,
+        *,
+        refuse_empty: bool = False,
+        state_dir: str | None = None,
+        release: Mapping[str, Any] | None = None,
     ) -> defer.Deferred[Job]:
         """Start the sync of `target` under a supervisor; fires once rsync is under way, has
         already ended (e.g. the rsync daemon is down, or the sync was refused), or after
@@ -235,10 +242,12 @@ class JobRegistry:
         checksum = target.checksum
         if self.running(checksum, state_dir):
             raise JobError(f"a sync of {checksum} is already running")
-        argv = build_argv(target, dry_run=False, progress=True)
+        # release mode (deploy.release_orders): rsync fills `release["sync"]`, a staging dir
+        sync = release["sync"] if release is not None else target
+        argv = build_argv(sync, dry_run=False, progress=True)
         directory = state_dir or self.state_dir
         path = self.state_file(checksum, state_dir)
-        run_id = uuid.uuid4().hex
+        run_id = release["runId"] if release is not None else uuid.uuid4().hex
         state = {
             "checksum": checksum,
             "state": STATE_STARTING,
@@ -248,6 +257,8 @@ class JobRegistry:
             "src": target.src,
             "argv": argv,
         }
+        if release is not None:
+            state.update(release=release["spec"], releaseId=release["id"])
         job = Job(checksum, path, state, run_id)
         log_fd = -1
         try:
@@ -408,6 +419,8 @@ class JobRegistry:
             outcome=job.state.get("outcome"),
             exitCode=job.state.get("exitCode"),
         )
+        for observer in self.ended_observers:
+            observer(job)
 
     def _abandon(self, job: Job, outcome: str, message: str | None = None) -> None:
         """Record the end of a sync whose supervisor died without recording it, once no process

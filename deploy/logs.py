@@ -408,6 +408,15 @@ class LogService(service.Service):
             if observer is not None:
                 observer.destination.close()
 
+    def reopen(self) -> None:
+        """Close the log files; each opens again under its name at its next line (SIGHUP, for
+        logrotate without copytruncate)."""
+        destinations = [o.destination for o in (self._access, self._audit) if o is not None]
+        if self.error is not None and self.error.destination is not None:
+            destinations.append(self.error.destination)
+        for destination in destinations:
+            destination.close()
+
     def response_sent(self, proto: Any, response: Any) -> None:
         """The factory's observer: one access line and one audit record per answer."""
         now = self.now()

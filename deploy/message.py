@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-ORDERS = ("status", "rlist", "rsync", "rkill", "exec")
+ORDERS = ("status", "rlist", "rsync", "rkill", "exec", "activate", "rollback", "releases")
 
 STATUS_TEXT = {
     200: "OK",
@@ -15,6 +15,7 @@ STATUS_TEXT = {
     403: "Permission Denied",
     404: "Not Found",
     405: "Method Not Allowed",
+    409: "Conflict",
     408: "Request Timeout",
     411: "Length Required",
     413: "Payload Too Large",

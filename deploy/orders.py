@@ -4,17 +4,22 @@ map. `deploy.client` (Twisted) and `deploy.plainclient` (stdlib) both build on t
 
 from __future__ import annotations
 
-import json
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from deploy import auth
+from deploy.answers import (  # noqa: F401  (re-exported: what both clients read answers with)
+    MAX_HEAD,
+    MAX_RESPONSE,
+    Answer,
+    AnswerReader,
+    ResponseError,
+    decode_content,
+    decode_measured,
+)
 from deploy.message import STATUS_TEXT, encode_form
-
-MAX_RESPONSE = 256 * 1024 * 1024
-MAX_HEAD = 64 * 1024
 
 SKIPPED = "skipped"
 
@@ -39,11 +44,19 @@ class Order:
 class ClientOptions:
     port: int = 3440
     key_cipher: str = auth.DEFAULT_KEY_CIPHER
+    key_id: str | None = None  # sign with this named key (kid=); implies bind_host
+    bind_host: bool = False  # bind the signature to the host:port addressed (host=)
     legacy_auth: bool = False
     socket_timeout: float = 5.0
     thread_timeout: float = 10.0
     tls: Callable[[str], Any] | None = None  # host -> IOpenSSLClientConnectionCreator
     max_parallel: int = 64
+    # order -> most bytes of one host's answer kept (the proxy's PROXY_ANSWER_LIMITS); an order
+    # not named, or None: MAX_RESPONSE
+    answer_limits: Mapping[str, int] | None = None
+
+    def answer_limit(self, order: str) -> int:
+        return (self.answer_limits or {}).get(order, MAX_RESPONSE)
 
 
 @dataclass
@@ -57,6 +70,7 @@ class HostResult:
     reason: str = ""
     content: Any = ""
     skipped: bool = False
+    size: int = field(default=0, compare=False, repr=False)  # about the bytes `content` holds
 
     @property
     def http_ok(self) -> bool:
@@ -94,89 +108,38 @@ class HostResult:
         return body
 
 
-class ResponseError(Exception):
-    pass
-
-
-def _parse_head(head: bytes) -> tuple[int, str, dict[str, str]]:
-    lines = head.decode("latin-1").split("\r\n")
-    parts = lines[0].split(" ", 2)
-    if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
-        raise ResponseError(f"not an HTTP answer: {lines[0][:60]!r}")
-    headers = {}
-    for line in lines[1:]:
-        name, _, value = line.partition(":")
-        headers[name.strip().lower()] = value.strip()
-    return int(parts[1]), parts[2] if len(parts) > 2 else "", headers
-
-
-Answer = tuple[int, str, dict[str, str], bytes]  # code, reason, headers, body
-
-
-class AnswerReader:
-    """One answer read as its bytes arrive, bounded (MAX_HEAD, MAX_RESPONSE): the part both
-    clients share, whatever carries the bytes. `feed` and `end` raise ResponseError."""
-
-    def __init__(self) -> None:
-        self.buffer = bytearray()
-        self.head: tuple[int, str, dict[str, str]] | None = None
-        self.length: int | None = None
-
-    def feed(self, data: bytes) -> Answer | None:
-        """The whole answer once `data` completes it (by Content-Length), else None."""
-        self.buffer += data
-        if self.head is None:
-            end = self.buffer.find(b"\r\n\r\n")
-            if end < 0:
-                if len(self.buffer) > MAX_HEAD:
-                    raise ResponseError("answer headers too large")
-                return None
-            self.head = _parse_head(bytes(self.buffer[:end]))
-            del self.buffer[: end + 4]
-            length = self.head[2].get("content-length")
-            if length is not None:
-                # isascii: "²" (latin-1 0xB2) passes isdigit() but not int()
-                if not (length.isascii() and length.isdigit()):
-                    raise ResponseError(f"bad Content-Length in answer: {length[:20]!r}")
-                self.length = int(length)
-        if len(self.buffer) > MAX_RESPONSE:
-            raise ResponseError(f"answer larger than {MAX_RESPONSE} bytes")
-        if self.length is not None and len(self.buffer) >= self.length:
-            return self._answer()
-        return None
-
-    def end(self) -> Answer | None:
-        """The connection closed: the answer if it is whole (no Content-Length: up to the close),
-        None if not a byte of a head came (the caller says why the connection ended)."""
-        if self.head is None:
-            return None
-        if self.length is None or len(self.buffer) >= self.length:
-            return self._answer()
-        raise ResponseError("connection closed before the whole answer arrived")
-
-    def _answer(self) -> Answer:
-        assert self.head is not None
-        code, reason, headers = self.head
-        body = bytes(self.buffer if self.length is None else self.buffer[: self.length])
-        return code, reason, headers, body
-
-
 def answered(host_spec: str, order: Order, answer: Answer) -> HostResult:
-    """The result of a host that answered."""
+    """The result of a host that answered; ResponseError when its body cannot be decoded."""
     code, reason, headers, body = answer
+    content, size = decode_measured(headers, body)
     return HostResult(
         host_spec,
         order.order,
         1,
         code,
         reason or STATUS_TEXT.get(code, ""),
-        decode_content(headers, body),
+        content,
+        size=size,
     )
+
+
+def result_of(host_spec: str, order: Order, answer: Answer, host: str, port: int) -> HostResult:
+    """What both clients make of a whole answer: `answered`, or that host's `bad answer`."""
+    try:
+        return answered(host_spec, order, answer)
+    except ResponseError as e:
+        return unanswered(host_spec, order, bad_answer(host, port, e))
 
 
 def unanswered(host_spec: str, order: Order, message: str) -> HostResult:
     """The result of a host that gave no answer, `message` saying why."""
     return HostResult(host_spec, order.order, 0, content=message)
+
+
+def send_failed(host_spec: str, order: Order, error: BaseException | None) -> HostResult:
+    """The result of a host whose exchange failed in the client itself (a bug, not the host)."""
+    message = (str(error) or type(error).__name__) if error is not None else "unknown error"
+    return HostResult(host_spec, order.order, 0, content=f"{host_spec}: {message}")
 
 
 # What both clients say when a host gives no answer: the same words whichever client sent it.
@@ -186,8 +149,19 @@ def cant_connect(host: str, port: int) -> str:
     return f"can't connect to {host}:{port}"
 
 
+def process_timeout(seconds: float) -> str:
+    """The original's words for a host that did not answer within `seconds`."""
+    return f"Process Timeout({seconds:g})!"
+
+
 def timed_out(options: ClientOptions) -> str:
-    return f"Process Timeout({options.thread_timeout:g})!"
+    return process_timeout(options.thread_timeout)
+
+
+def not_ordered(deadline: float) -> str:
+    """A host still waiting for a free slot (max_parallel) or its batch when the order's
+    deadline passed: never ordered, so nothing ran there."""
+    return f"{process_timeout(deadline)} (not ordered before the deadline)"
 
 
 def bad_answer(host: str, port: int, error: ResponseError) -> str:
@@ -203,8 +177,11 @@ def hung_up(host: str, port: int) -> str:
     )
 
 
-def build_request(order: Order, options: ClientOptions, host: str, now: float) -> bytes:
-    """The original client's request bytes, signed (or with the legacy auth_key)."""
+def build_request(
+    order: Order, options: ClientOptions, host: str, now: float, port: int | None = None
+) -> bytes:
+    """The original client's request bytes, signed (or with the legacy auth_key); with a key
+    id or `bind_host`, signed in the named/bound form for `host:port`."""
     fields = {
         "auth_key": auth.legacy_auth_key(options.key_cipher, now) if options.legacy_auth else "",
         "options": order.options,
@@ -213,9 +190,13 @@ def build_request(order: Order, options: ClientOptions, host: str, now: float) -
         **order.extra,
     }
     body = encode_form(fields)
+    addressed = f"[{host}]" if ":" in host else host  # an IPv6 literal is bracketed
+    bound = options.bind_host or options.key_id is not None
+    if bound:
+        addressed += f":{port or options.port}"
     lines = [
         f"POST {order.path} HTTP/1.1",
-        f"Host: [{host}]" if ":" in host else f"Host: {host}",  # an IPv6 literal is bracketed
+        f"Host: {addressed}",
         "Connection: close",
         "Content-Type: application/x-www-form-urlencoded",
         f"Content-Length: {len(body)}",
@@ -223,7 +204,15 @@ def build_request(order: Order, options: ClientOptions, host: str, now: float) -
     if not options.legacy_auth:
         lines.append(
             "Authorization: "
-            + auth.sign_request(options.key_cipher, "POST", order.path, body, now=now)
+            + auth.sign_request(
+                options.key_cipher,
+                "POST",
+                order.path,
+                body,
+                now=now,
+                key_id=options.key_id,
+                host=addressed if bound else None,
+            )
         )
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
@@ -243,16 +232,33 @@ def split_host(spec: str, default_port: int) -> tuple[str, int]:
     return host, int(port) if port else default_port
 
 
-def decode_content(headers: dict[str, str], body: bytes) -> Any:
-    """Agent JSON (and proxy JSON sent as text/plain by the original) parsed; else the text."""
-    text = body.decode("utf-8", "replace")
-    stripped = text.lstrip()
-    if stripped.startswith(("{", "[")):
-        try:
-            return json.loads(text)
-        except ValueError:
-            pass
-    return text
+# A host ordered late in a large fan-out is given at least this long, even if then not every
+# host can be ordered before the deadline.
+MIN_HOST_SECONDS = 1.0
+
+
+def rounds_to_order(position: int, total: int, batch_size: int, limit: int, in_flight: int) -> int:
+    """Rounds of `limit` hosts at once (0: no limit) still needed for the `in_flight` hosts and
+    those from `position` on, each batch starting once the one before has answered."""
+    limit = limit if limit > 0 else max(1, total)
+    batch_end = min(total, (position // batch_size + 1) * batch_size)
+    later = total - batch_end
+    full, rest = divmod(later, batch_size)
+    return (
+        math.ceil((in_flight + batch_end - position) / limit)
+        + full * math.ceil(batch_size / limit)
+        + math.ceil(rest / limit)
+    )
+
+
+def host_share(remaining: float, rounds: int, thread_timeout: float) -> float | None:
+    """How long a host being ordered now may take, so that the hosts after it are ordered
+    before the deadline too: the time left split over the rounds still needed (at least
+    MIN_HOST_SECONDS, at most the time left). None when thread_timeout is the shorter."""
+    share = min(remaining, max(MIN_HOST_SECONDS, remaining / max(1, rounds)))
+    if thread_timeout and share >= thread_timeout:
+        return None
+    return max(0.0, share)
 
 
 def parse_budget(

@@ -15,6 +15,8 @@ from typing import Any, TypeGuard
 
 from deploy.orders import SKIPPED
 
+BAD_ANSWER = "bad answer from "  # deploy.orders.bad_answer: garbage, too large, undecodable
+
 # -------------------------------------------------------------------------------- exit codes
 
 EXIT_OK = 0
@@ -104,6 +106,8 @@ def outcome_of(order: str, entry: Mapping[str, Any]) -> str:
     if entry.get("serverStatus") == 0:
         if isinstance(content, str) and content.startswith("Process Timeout"):
             return "timeout"
+        if isinstance(content, str) and content.startswith(BAD_ANSWER):
+            return "failed"  # it answered, with something that is not an answer
         return "unreachable"
     if str(entry.get("returnCode")) != "200":
         return "failed"

@@ -20,11 +20,12 @@ from deploy.orders import (
     HostResult,
     Order,
     ResponseError,
-    answered,
     bad_answer,
     build_request,
     cant_connect,
     hung_up,
+    result_of,
+    send_failed,
     split_host,
     timed_out,
     unanswered,
@@ -59,8 +60,8 @@ class Exchange:
         self.connect_deadline = _NO_DEADLINE
         self.sock: socket.socket | None = None
         self.connected = False
-        self.outgoing = build_request(order, options, host, time.time())
-        self.reader = AnswerReader()
+        self.outgoing = build_request(order, options, host, time.time(), port)
+        self.reader = AnswerReader(options.answer_limit(order.order), order=order.order)
 
     def connect_next(self, now: float) -> bool:
         """Start connecting to the next address; False once none is left."""
@@ -255,7 +256,7 @@ def fan_out_plain(
             finish(ex, unanswered(ex.spec, ex.order, bad_answer(ex.host, ex.port, e)))
             return
         if answer is not None:
-            finish(ex, answered(ex.spec, ex.order, answer))
+            finish(ex, result_of(ex.spec, ex.order, answer, ex.host, ex.port))
 
     def closed(ex: Exchange) -> None:
         try:
@@ -264,7 +265,7 @@ def fan_out_plain(
             finish(ex, unanswered(ex.spec, ex.order, bad_answer(ex.host, ex.port, e)))
             return
         if answer is not None:
-            finish(ex, answered(ex.spec, ex.order, answer))
+            finish(ex, result_of(ex.spec, ex.order, answer, ex.host, ex.port))
         else:
             finish(ex, unanswered(ex.spec, ex.order, hung_up(ex.host, ex.port)))
 
@@ -290,10 +291,17 @@ def fan_out_plain(
                 ex = key.data
                 if ex not in active or ex.sock is None or key.fileobj is not ex.sock:
                     continue  # finished, or moved to another address, earlier in this round
-                if events & selectors.EVENT_WRITE:
-                    writable(ex)
-                else:
-                    readable(ex)
+                try:
+                    if events & selectors.EVENT_WRITE:
+                        writable(ex)
+                    else:
+                        readable(ex)
+                except Exception as e:
+                    # A bug here is this host's error, as fan_out makes it one: the other
+                    # hosts' results are not lost.
+                    if ex not in active:
+                        raise
+                    finish(ex, send_failed(ex.spec, ex.order, e))
             expire(clock())
         lookups.close()
     return FanOutResult({h: results[h] for h in hosts})

@@ -72,7 +72,7 @@ class SyncBoard:
     def update(self, event: SyncEvent) -> None:
         sync = self.syncs.setdefault(event.key, _Sync())
         sync.state = event.state
-        if event.state == RUNNING and event.progress:
+        if event.state == RUNNING and isinstance(event.progress, Mapping):
             done = _number(event.progress.get("bytes"))
             percent = _number(event.progress.get("percent"))
             if done is not None:
@@ -186,7 +186,7 @@ class ProgressLine:
 def progress_event(event: SyncEvent) -> dict[str, Any]:
     """The NDJSON line of a running sync: `{"host", "event": "progress", "percent", "bytes",
     "eta", "elapsed"}` (and `via` through a proxy)."""
-    progress = event.progress or {}
+    progress = event.progress if isinstance(event.progress, Mapping) else {}
     line: dict[str, Any] = {"host": event.host}
     if event.via is not None:
         line["via"] = event.via

@@ -4,7 +4,8 @@ an order to the granted agents through `deploy.client` (bounded, per-host timeou
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from typing import Any
 
 from twisted.internet import defer
@@ -12,9 +13,11 @@ from twisted.logger import Logger
 
 from deploy import auth, logs
 from deploy.access import AllowedHosts
+from deploy.answers import PROXY_ANSWER_LIMITS, PROXY_ANSWERS_TOTAL, AnswerAccount, AnswerBudget
 from deploy.client import ClientOptions, Order, OrderClient, fan_out, parse_budget, result_map
 from deploy.config import DEFAULT_KEY_CIPHER, ClientSettings, ProxyConfig
-from deploy.errors import BadHostSelection, BadRequest, NotGranted, UnknownOrder
+from deploy.errors import BadHostSelection, BadRequest, NotGranted, NotPermitted, UnknownOrder
+from deploy.keyring import ApiKeys
 from deploy.message import ORDERS
 from deploy.wire import TEXT_TYPE, Request, RequestFactory, Response, ServiceRequestReceiver
 
@@ -27,14 +30,23 @@ class ProxyRequest:
     api_key: str
     batch: str | None
     max_fail: str | None
+    release: str = ""  # release mode: the label of a new release
 
 
 class ProxyService:
-    """What every proxy connection shares: the API grants, auth state and the agent client."""
+    """What every proxy connection shares: the API grants, auth state, the agent client and
+    the budget of the agents' answers held at once (`answers_total` bytes, each host's answer
+    at most `answer_limits[order]`)."""
 
     log = Logger()
 
-    def __init__(self, config: ProxyConfig, reactor: Any) -> None:
+    def __init__(
+        self,
+        config: ProxyConfig,
+        reactor: Any,
+        answer_limits: Mapping[str, int] = PROXY_ANSWER_LIMITS,
+        answers_total: int = PROXY_ANSWERS_TOTAL,
+    ) -> None:
         self.config = config
         self.reactor = reactor
         self.clock = reactor  # what the request deadline runs on
@@ -51,7 +63,9 @@ class ProxyService:
             else None
         )
         self.allowed_hosts = AllowedHosts(config.allow_hosts)
-        self.client = OrderClient(reactor, client_options(config.client))
+        self.api_keys = ApiKeys(config.keys, config.policies)
+        self.options = replace(client_options(config.client), answer_limits=answer_limits)
+        self.answers = AnswerBudget(answers_total)
 
     # -- checks
 
@@ -66,7 +80,8 @@ class ProxyService:
         names = [n.strip() for n in names_text.split(",") if n.strip()]
         if not names:
             raise BadHostSelection(args)
-        groups = self.config.keys.get(api_key) if api_key else None
+        found = self.api_keys.find(api_key)
+        groups = found.granted_groups() if found is not None else None
         if groups is None:
             raise NotGranted(names_text)
         servers = self.config.servers
@@ -80,13 +95,13 @@ class ProxyService:
             return list(dict.fromkeys(hosts))
         known = list(dict.fromkeys(h for members in servers.values() for h in members))
         reachable = {h for g in groups for h in servers.get(g, ())}
-        found = []
+        named = []
         for name in names:
             host = matching_name(name, known)
             if host not in reachable:
                 raise NotGranted(name)
-            found.append(host)
-        return list(dict.fromkeys(found))
+            named.append(host)
+        return list(dict.fromkeys(named))
 
     # -- the order
 
@@ -99,6 +114,8 @@ class ProxyService:
             raise BadRequest(str(e)) from None
         # What the agents get: the same order, options and args; the API key stays here.
         order = Order(request.order, request.options, request.args, "")
+        if request.release:
+            order.extra["release"] = request.release
         self.log.info(
             "{order} {options!r} for {args} ({count} hosts) from {peer}",
             order=request.order,
@@ -107,13 +124,18 @@ class ProxyService:
             count=len(hosts),
             peer=peer,
         )
+        # The agents' answers are held until the order is answered: in this order's account.
+        account = AnswerAccount(self.answers)
+        settings = self.config.client
         d = fan_out(
-            self.client,
+            OrderClient(self.reactor, self.options, account),
             hosts,
             order,
-            max_parallel=self.config.client.max_parallel,
+            max_parallel=settings.max_parallel,
             batch=request.batch,
             max_fail=request.max_fail,
+            deadline=settings.deadline or None,
+            clock=self.reactor,
         )
 
         def answer(result: Any) -> Response:
@@ -126,7 +148,11 @@ class ProxyService:
                 self.log.warn("rollout of {order} stopped at its failure budget", order=order.order)
             return Response(200, body.encode("utf-8") + b"\n", TEXT_TYPE)
 
-        return d.addCallback(answer)
+        def release(result: Any) -> Any:
+            account.close()
+            return result
+
+        return d.addCallback(answer).addBoth(release)
 
 
 def matching_name(name: str, names: list[str]) -> str:
@@ -160,6 +186,8 @@ def client_options(settings: ClientSettings) -> ClientOptions:
     return ClientOptions(
         port=settings.port,
         key_cipher=settings.key_cipher or DEFAULT_KEY_CIPHER,
+        key_id=settings.key_id,
+        bind_host=settings.bind_host,
         legacy_auth=settings.legacy_auth,
         socket_timeout=settings.socket_timeout,
         thread_timeout=settings.thread_timeout,
@@ -192,8 +220,15 @@ class ProxyProtocol(ServiceRequestReceiver):
             api_key=fields.get("api_key", ""),
             batch=fields.get("batch") or None,
             max_fail=fields.get("max_fail") or None,
+            release=fields.get("release", ""),
         )
         self.audit.update(logs.proxy_audit(proxy_request, service.granted_hosts))
+        key_id, decision = service.api_keys.decide(
+            proxy_request.api_key, proxy_request.order, proxy_request.options
+        )
+        self.audit.update(keyId=key_id, decision=decision.verdict)
+        if not decision.allowed:
+            raise NotPermitted(decision.reason)
         return service.handle(proxy_request, request.peer)
 
 

@@ -1,5 +1,6 @@
 """`twistd deploy-proxy`: the proxy's command-line options (the original's, plus ours) and
-`makeService`. Options beat the config file, which beats the defaults."""
+`makeService`. Options beat the config file, which beats the defaults; a bad config stops the
+daemon before it listens (`--check-config` only checks it); SIGHUP reloads it."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from typing import Any
 from twisted.application import service
 from twisted.python import usage
 
-from deploy import daemon
+from deploy import daemon, reload
+from deploy.checkconfig import check_proxy
 from deploy.config import ProxyConfig, load_proxy_config
 
 DEFAULT_PATH = "/etc/deploy/deploy_proxy.ini"
@@ -46,7 +48,8 @@ CLIENT_PARAMETERS: list[list[Any]] = [
 ]
 
 
-class Options(usage.Options):
+class Options(daemon.DaemonOptions):
+    program = "deploy-proxy"
     synopsis = "[options]"
     longdesc = (
         "Run a deploy proxy: it takes orders with an API key, checks which agents the key may "
@@ -56,6 +59,7 @@ class Options(usage.Options):
         ["debug", None, "running debug mode (log level debug)"],
         ["legacy-auth", None, "also accept the original one-time auth_key"],
         ["client-legacy-auth", None, "send agents the original one-time auth_key"],
+        daemon.CHECK_FLAG,
     ]
     optParameters = [
         ["path", None, DEFAULT_PATH, "server configuration file"],
@@ -71,9 +75,9 @@ class Options(usage.Options):
                 overrides[name.replace("-", "_")] = self[name]
         if self["client-legacy-auth"]:
             overrides["client_legacy_auth"] = True
-        self.config: ProxyConfig = daemon.load_config(
+        self.config: ProxyConfig = self.load_config(
             load_proxy_config,
-            self["path"],
+            check_proxy,
             overrides,
             uses_tls=lambda c: c.server.ssl or c.client.uses_tls,
         )
@@ -84,6 +88,7 @@ def build_service(options: Options, reactor: Any) -> service.MultiService:
     from deploy.proxy import ProxyFactory, ProxyService
 
     config = options.config
+    warnings = options.refuse_problems(config)
     try:
         proxy = ProxyService(config, reactor)
     except TLSConfigError as e:
@@ -97,7 +102,14 @@ def build_service(options: Options, reactor: Any) -> service.MultiService:
     factory = ProxyFactory(proxy)
     # From here on the error log keeps what is logged, for its file once the daemon starts.
     logs = daemon.setup_logging(config.server, factory, daemon="proxy")
+    daemon.log_warnings(warnings)
     drop = daemon.run_as(config.server, logs)
+    metrics = None
+    if config.server.metrics_port:
+        from deploy.metrics import ProxyMetrics
+
+        metrics = ProxyMetrics()
+        metrics.watch(factory)
     # The proxy runs no child processes: the agent's process limits mean nothing here.
     daemon.log_ignored_options(config.server, (*daemon.IGNORED_OPTIONS, *PROXY_UNUSED_OPTIONS))
     for name in CLIENT_IGNORED_OPTIONS:
@@ -108,7 +120,17 @@ def build_service(options: Options, reactor: Any) -> service.MultiService:
                 name=name,
                 value=value,
             )
-    return daemon.assemble(reactor, config.server, factory, logs, drop)
+    reloader = reload.ConfigReloader(
+        path=options["path"],
+        load_again=options.load_again,
+        current=lambda: proxy.config,
+        apply=lambda new: reload.swap_proxy(proxy, new),
+        changes=reload.proxy_changes,
+        reopen_logs=logs.reopen,
+    )
+    return daemon.assemble(
+        reactor, config.server, factory, logs, drop, metrics=metrics, reloader=reloader
+    )
 
 
 makeService = daemon.service_maker("deploy-proxy", build_service)

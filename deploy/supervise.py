@@ -359,6 +359,15 @@ class Supervisor:
         stderr_text: str = "",
     ) -> int:
         stats = parser.stats
+        # release mode (deploy.release_steps): rename, switch, after_activate, check
+        release, release_id = self.state.get("release"), self.state.get("releaseId")
+        if isinstance(release, dict) and isinstance(release_id, str):
+            from deploy.release_steps import after_sync
+
+            outcome, more = after_sync(
+                release, release_id, outcome, stats.files, stats.total_file_size
+            )
+            message = f"{message}; {more}" if message and more else message or more
         try:
             self.save(
                 state=STATE_ENDED,

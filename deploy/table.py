@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime
+import math
 import textwrap
 import time
 from typing import Any
@@ -42,7 +43,9 @@ def human_bytes(value: Any) -> str:
     """`80000` → `78.1K`; `-` when there is no number."""
     try:
         n = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an int of 400 digits
+        return "-"
+    if not math.isfinite(n):
         return "-"
     for unit in ("", "K", "M", "G", "T"):
         if abs(n) < 1024 or unit == "T":
@@ -106,7 +109,8 @@ def message_of(row: Row) -> str:
         elif row.order == "exec" and isinstance(content.get("content"), str):
             text = _decoded(content["content"])
         elif content.get("alreadyRsync") == "true":
-            progress = content.get("progress") or {}
+            progress = content.get("progress")
+            progress = progress if isinstance(progress, dict) else {}
             text = "running"
             if progress.get("percent") is not None:
                 text += f" {progress['percent']}%"
@@ -140,6 +144,19 @@ def _decoded(b64: str) -> str:
         return b64
 
 
+def release_of(row: Row) -> str:
+    """The release an answer names (release mode): the live one of status, releases, activate
+    and rollback, the new one of rsync; `ID (LABEL)`, or ""."""
+    content = row.entry.get("content")
+    release = content.get("release") if isinstance(content, dict) else None
+    if isinstance(release, str):
+        return release
+    if not isinstance(release, dict) or not release.get("id"):
+        return ""
+    label = release.get("label")
+    return f"{release['id']} ({label})" if label else str(release["id"])
+
+
 def render_table(
     rows: list[Row], stopped: bool = False, *, wide: bool = False, now: float | None = None
 ) -> str:
@@ -149,14 +166,18 @@ def render_table(
     with_last = any(
         r.order != "rsync" and isinstance(r.content, dict) and last_rsync(r.content) for r in rows
     )
-    head = ["HOST", *(["VIA"] if with_via else []), "ORDER", "OUTCOME", "FILES", "BYTES"]
-    head += ["DELETES", "EXIT", "TIME", *(["LAST"] if with_last else []), "MESSAGE"]
+    releases = [release_of(r) for r in rows]  # release mode
+    with_release = any(releases)
+    head = ["HOST", *(["VIA"] if with_via else []), "ORDER", "OUTCOME"]
+    head += ["RELEASE"] * with_release + ["FILES", "BYTES", "DELETES", "EXIT", "TIME"]
+    head += [*(["LAST"] if with_last else []), "MESSAGE"]
     lines = [head]
     messages: list[list[str]] = [[]]
-    for r in rows:
+    for r, release in zip(rows, releases, strict=True):
         own = _own(r)
         files, deletes, code = own.get("transferFilesCount"), _deletes(r, own), own.get("exitCode")
         cells = [r.host, *([r.via or "-"] if with_via else []), r.order, r.outcome]
+        cells += [release or "-"] * with_release
         cells += [
             "-" if files is None else str(files),
             human_bytes(own.get("transferFilesSize")),

@@ -6,7 +6,8 @@ certificates. The files are read by `deploy.tls_keys`; the daemons' endpoint is
 from __future__ import annotations
 
 import datetime
-from collections.abc import Callable
+import hashlib
+from collections.abc import Callable, Collection, Sequence
 from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
@@ -40,7 +41,7 @@ from deploy.tls_keys import (
     PrivateKeyTypes,
     fingerprint,
     load_certificates,
-    load_pinned_key,
+    load_pins,
     load_private_key,
     self_signed_certificate,
     spki_der,
@@ -52,6 +53,7 @@ if TYPE_CHECKING:
     from deploy.config import ServerSettings
 
 MINIMUM_TLS_VERSION = TLSVersion.TLSv1_2
+ALPN_PROTOCOL = b"http/1.1"
 
 log = Logger()
 
@@ -131,7 +133,18 @@ def server_context_factory(
         )
     options = CertificateOptions(raiseMinimumTo=MINIMUM_TLS_VERSION, **kwargs)
     files = ", ".join(p for p in (private_key_path, certificate_path, client_ca_path) if p)
-    return _built(options, files)
+    built = _built(options, files)
+    # Twisted's own ALPN callback answers b"" when it shares no protocol with the client, which
+    # OpenSSL turns into an "internal error" alert: curl, `openssl s_client -alpn` and most
+    # monitoring probes could not connect. Select http/1.1 when offered, else go on without.
+    built.getContext().set_alpn_select_callback(select_alpn)
+    return built
+
+
+def select_alpn(connection: SSL.Connection, offered: list[bytes]) -> Any:
+    """The server's ALPN choice: `http/1.1` (what the daemons speak) when the client offers it,
+    else no protocol (the handshake goes on, as with a client that offers none)."""
+    return ALPN_PROTOCOL if ALPN_PROTOCOL in offered else SSL.NO_OVERLAPPING_PROTOCOLS
 
 
 def server_context_from_settings(server: ServerSettings) -> IOpenSSLServerConnectionCreator | None:
@@ -151,13 +164,15 @@ def server_context_from_settings(server: ServerSettings) -> IOpenSSLServerConnec
 _Check = Callable[[X509, int, int, bool], str | None]
 
 
-def _pin_check(pinned_der: bytes, path: str) -> _Check:
+def _pin_check(pins: Collection[bytes], path: str) -> _Check:
+    """Passes a leaf whose key's sha256 is one of `pins` (several: a key and its backup)."""
+
     def check(certificate: X509, errno: int, depth: int, ok: bool) -> str | None:
         # The pin is the identity: the chain and the host name do not matter, only the leaf's key.
         if depth != 0:
             return None
         server_der = spki_der(certificate.to_cryptography().public_key())
-        if server_der == pinned_der:
+        if hashlib.sha256(server_der).digest() in pins:
             return None
         return (
             f"server key does not match pinned public key {path} "
@@ -267,13 +282,19 @@ class VerifyingClientCreator:
 
 def client_context_factories(
     *,
-    public_key_path: str | None = None,
+    public_key_path: str | Sequence[str] | None = None,
     ca_path: str | None = None,
     cert_path: str | None = None,
     key_path: str | None = None,
 ) -> Callable[[str], IOpenSSLClientConnectionCreator]:
     """Load the files once and return ``hostname -> creator``; what a fan-out over many hosts
-    wants (the proxy, the client). Arguments and checks as for :func:`client_context_factory`."""
+    wants (the proxy, the client). Arguments and checks as for :func:`client_context_factory`;
+    ``public_key_path`` may name several pin files (a server matching any pin passes)."""
+    pin_paths = (
+        [public_key_path] if isinstance(public_key_path, str) else [*(public_key_path or ())]
+    )
+    # From here on, the pin files as messages name them.
+    public_key_path = ", ".join(pin_paths) or None
     if public_key_path is None and ca_path is None:
         raise TLSConfigError(NEEDS_VERIFICATION_MESSAGE)
     if (cert_path is None) != (key_path is None):
@@ -287,8 +308,8 @@ def client_context_factories(
             [Certificate(_openssl_certificate(c)) for c in cas]
         )
     pin = None
-    if public_key_path is not None:
-        pin = _pin_check(load_pinned_key(public_key_path), public_key_path)
+    if pin_paths:
+        pin = _pin_check({d for p in pin_paths for d in load_pins(p)}, public_key_path or "")
     options = CertificateOptions(raiseMinimumTo=MINIMUM_TLS_VERSION, **kwargs)
     files = ", ".join(p for p in (public_key_path, ca_path, cert_path, key_path) if p)
     # One context for every host: what differs per host (SNI, host name check) is set per

@@ -3,9 +3,12 @@ certificates and pinned public keys; and a self-signed certificate for a key."""
 
 from __future__ import annotations
 
+import base64
+import binascii
 import datetime
 import hashlib
 import ipaddress
+import re
 import secrets
 
 from cryptography import x509
@@ -148,6 +151,50 @@ def load_pinned_key(path: str) -> bytes:
             f"{path} is not a PEM public key or certificate "
             f"(openssl rsa -in private.pem -pubout > public.pem): {e}"
         ) from e
+
+
+PIN_PREFIX = b"sha256//"
+_PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----.*?-----END \1-----", re.S)
+
+
+def _block_spki(block: bytes, kind: bytes, path: str) -> bytes:
+    try:
+        if kind == b"CERTIFICATE":
+            return spki_der(x509.load_pem_x509_certificate(block).public_key())
+        if kind.endswith(b"PUBLIC KEY"):
+            return spki_der(serialization.load_pem_public_key(block))
+    except (ValueError, UnsupportedAlgorithm) as e:
+        raise TLSConfigError(f"{path}: a PEM block is not a public key or certificate: {e}") from e
+    raise TLSConfigError(
+        f"{path} holds a {kind.decode()}; a pin file holds public keys, certificates or "
+        "sha256//<base64> pins"
+    )
+
+
+def load_pins(path: str) -> list[bytes]:
+    """The sha256 digests of the keys a pin file names: one or several PEM public keys or
+    certificates, and/or ``sha256//<base64>`` lines (RFC 7469 pin-sha256 values, as
+    ``openssl pkey -pubin -outform DER | openssl dgst -sha256 -binary | base64`` prints them)."""
+    data = _read(path, "public key")
+    pins: list[bytes] = []
+    for number, line in enumerate(data.splitlines(), start=1):
+        line = line.strip()
+        if line.startswith(PIN_PREFIX):
+            try:
+                digest = base64.b64decode(line[len(PIN_PREFIX) :], validate=True)
+            except (binascii.Error, ValueError):
+                digest = b""
+            if len(digest) != hashlib.sha256().digest_size:
+                raise TLSConfigError(f"{path}:{number}: not a sha256//<base64> pin")
+            pins.append(digest)
+    blocks = list(_PEM_BLOCK.finditer(data))
+    if not pins and len(blocks) <= 1:
+        # One key: the messages of the single-key reader say what to fix.
+        return [hashlib.sha256(load_pinned_key(path)).digest()]
+    if b"PRIVATE KEY-----" in data:
+        load_pinned_key(path)  # raises with the message that says what to give instead
+    pins += [hashlib.sha256(_block_spki(b[0], b[1], path)).digest() for b in blocks]
+    return pins
 
 
 # A check looks at one certificate of the server's chain as OpenSSL's verify callback sees it

@@ -4,7 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# --test: also what the test suite uses (systemd-analyze to verify the unit files, ss).
+# --test: also what the test suite uses (systemd-analyze to verify the unit files, ss, and
+# Debian's prometheus: a real server scraping the daemons, promtool checking their metrics).
 with_tests=0
 [ "${1:-}" = "--test" ] && with_tests=1
 
@@ -25,6 +26,13 @@ if [ ${#need[@]} -gt 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
     apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+if [ "$with_tests" = 1 ] && ! command -v promtool >/dev/null 2>&1; then
+    echo "setup: installing prometheus" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    # Without its recommends (a node exporter, a web UI): the tests start the server themselves.
+    apt-get install -y -qq --no-install-recommends prometheus >/dev/null
 fi
 
 python3 - <<'PY'

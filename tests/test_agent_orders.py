@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+import deploy
 from deploy.auth import sign_request
 from tests.conftest import JOBS, Daemons
 from tests.harness import (
@@ -212,6 +213,7 @@ def test_status_counts_match_the_tree(env: Env) -> None:
         "transferFilesCount": "40",
         "transferFilesSize": "80000",
         "transferDeleteCount": "0",
+        "agentVersion": deploy.__version__,
     }
 
 

@@ -21,6 +21,7 @@ ELSEWHERE = {
     "procmon.py",  # Twisted's, as a model
     "runprocess.py",
     "sitecustomize.py",
+    "client.ini",  # the operator's ~/.config/deploy/client.ini
 }
 
 

@@ -42,6 +42,7 @@ class FakeClient:
         self.outcomes = outcomes or {}
         self.delays = delays or {}
         self.sent: list[tuple[float, str]] = []
+        self.cancelled: list[tuple[float, str]] = []
         self.in_flight = 0
         self.peak = 0
 
@@ -49,7 +50,14 @@ class FakeClient:
         self.sent.append((self.clock.seconds(), host))
         self.in_flight += 1
         self.peak = max(self.peak, self.in_flight)
-        d: defer.Deferred[HostResult] = defer.Deferred()
+
+        def cancel(_d: defer.Deferred[HostResult]) -> None:
+            # as OrderClient drops the connection
+            self.in_flight -= 1
+            self.cancelled.append((self.clock.seconds(), host))
+            call.cancel()
+
+        d: defer.Deferred[HostResult] = defer.Deferred(cancel)
 
         def answer() -> None:
             self.in_flight -= 1
@@ -59,7 +67,7 @@ class FakeClient:
             else:
                 d.callback(result_for(host, order, outcome))
 
-        self.clock.callLater(self.delays.get(host, 1.0), answer)
+        call = self.clock.callLater(self.delays.get(host, 1.0), answer)
         return d
 
     @property

@@ -310,10 +310,15 @@ def test_agent_title_backlog_and_ignored_options_under_twistd(daemons, tmp_path)
         return Path(f"/proc/{agent.pid}/cmdline").read_bytes().rstrip(b"\0").decode()
 
     assert wait_until(lambda: title() == "deploy::agent: master process" or None, 10)
-    listening = subprocess.run(
-        ["ss", "-Hltn", f"sport = :{agent.port}"], capture_output=True, text=True, check=True
-    ).stdout.split()
-    assert listening[:3] == ["LISTEN", "0", "17"], listening
+    def listening() -> list[str]:
+        return subprocess.run(
+            ["ss", "-Hltn", f"sport = :{agent.port}"], capture_output=True, text=True, check=True
+        ).stdout.split()
+
+    # The title is set before the reactor's first turn: the connection that saw the port
+    # listen may still wait in the accept queue (Recv-Q 1) for a moment.
+    wait_until(lambda: listening()[:2] == ["LISTEN", "0"], 10, what="an empty accept queue")
+    assert listening()[:3] == ["LISTEN", "0", "17"], listening()
     text = agent.log_text()
     for name, value in (
         ("max_requests_per_child", "10"),
@@ -372,13 +377,16 @@ def test_unit_passes_systemd_analyze_verify(name, tmp_path):
 
 @pytest.mark.parametrize("name", ["deploy-agent.service", "deploy-proxy.service"])
 def test_unit_runs_twistd_in_the_foreground_and_restarts_on_failure(name):
-    """twistd -n (no fork, no pid file, its log on stdout for the journal), Restart=on-failure;
-    the agent's unit stops only twistd so background syncs survive a restart."""
+    """twistd -n (no fork, no pid file, its log on stdout for the journal), Type=notify with a
+    watchdog, reload by SIGHUP, Restart=on-failure; the agent's unit stops only twistd so
+    background syncs survive a restart."""
     unit = read_unit(UNITS / name)
     argv = exec_start(name)
     assert argv[1:4] == ["--nodaemon", "--pidfile=", "--logfile=-"]
     assert argv[4] == name.removesuffix(".service")
-    assert unit_value(unit, "Service", "Type") == "simple"
+    assert unit_value(unit, "Service", "Type") == "notify"
+    assert unit_value(unit, "Service", "ExecReload") == "/bin/kill -HUP $MAINPID"
+    assert unit_value(unit, "Service", "WatchdogSec") == "30s"
     assert unit_value(unit, "Service", "Restart") == "on-failure"
     assert unit_value(unit, "Install", "WantedBy") == "multi-user.target"
     want = "process" if name == "deploy-agent.service" else None

@@ -16,7 +16,8 @@ import pytest_twisted
 from twisted.internet import defer, reactor, threads
 from twisted.internet.utils import getProcessOutputAndValue
 
-from deploy.client import MAX_HEAD, ClientOptions, HostResult, Order, OrderClient
+from deploy import orders
+from deploy.client import MAX_HEAD, ClientOptions, HostResult, Order, OrderClient, fan_out
 from deploy.plainclient import fan_out_plain
 from tests.harness import run_client, tool
 from tests.test_client import (
@@ -32,6 +33,7 @@ from tests.test_client import (
     response,
 )
 
+NESTED = b"[" * 200_000  # once a RecursionError that lost every host's answer
 OK = json_response({"return": "true", "alreadyRsync": "false", "transferFilesCount": "0"})
 NOT_FOUND = response(400, b"exec[x] not found!", "text/plain; charset=utf-8")
 PROXY_OK = response(
@@ -65,6 +67,7 @@ CASES: dict[str, tuple[Script | None, str, tuple[str, ...], str]] = {
         '"127.0.0.9"',
     ),
     "400": (answer(NOT_FOUND), "127.0.0.1", (), "exec[x] not found!"),
+    "nested": (answer(response(200, NESTED)), "127.0.0.1", (), "nested more than 64 levels"),
     "ipv6": (answer(OK), "::1", (), '"return": "true"'),
 }
 
@@ -97,6 +100,8 @@ ANSWERS = {
     "cut": answer(response(200, b'{"return": "true"}', length="500")),
     "huge-head": answer(b"HTTP/1.1 200 OK\r\nX: " + b"x" * (MAX_HEAD + 10)),
     "beyond-length": answer(response(200, b'{"return": "true"}') + b"GARBAGE"),
+    "nested": answer(response(200, NESTED)),
+    "json-that-is-not": answer(response(200, b'{"return": ')),
 }
 
 
@@ -105,20 +110,69 @@ def plain(hosts: list[str], order: Order, options: ClientOptions) -> defer.Defer
     return threads.deferToThread(fan_out_plain, hosts, lambda _h: order, options)
 
 
-@pytest.mark.parametrize("name", list(ANSWERS))
-@pytest_twisted.ensureDeferred
-async def test_plain_client_reads_answers_as_the_twisted_client_does(name: str) -> None:
-    """Answers in pieces, without Content-Length, cut, too large or with trailing bytes: the
-    same HostResult from both clients."""
-    agent = FakeAgent(ANSWERS[name])
-    options = ClientOptions(thread_timeout=5, socket_timeout=2)
+async def both_clients(script: Script, options: ClientOptions) -> tuple[HostResult, HostResult]:
+    """What the Twisted client and the plain client make of one agent's answer to a status."""
+    agent = FakeAgent(script)
     order = Order("status", "web")
     try:
         twisted = await OrderClient(reactor, options).send(agent.address, order)
         fan = await plain([agent.address], order, options)
     finally:
         await agent.stop()
-    assert fan.results[agent.address] == twisted
+    return twisted, fan.results[agent.address]
+
+
+@pytest.mark.parametrize("name", list(ANSWERS))
+@pytest_twisted.ensureDeferred
+async def test_plain_client_reads_answers_as_the_twisted_client_does(name: str) -> None:
+    """Answers in pieces, without Content-Length, cut, too large or with trailing bytes: the
+    same HostResult from both clients."""
+    twisted, plain_result = await both_clients(
+        ANSWERS[name], ClientOptions(thread_timeout=5, socket_timeout=2)
+    )
+    assert plain_result == twisted
+
+
+@pytest_twisted.ensureDeferred
+async def test_both_clients_keep_an_answer_within_its_orders_limit() -> None:
+    """With per-order limits (the proxy's), an answer over its order's limit is the same
+    `bad answer` from both clients."""
+    script = answer(json_response({"return": "true", "content": "x" * 2000}))
+    twisted, plain_result = await both_clients(
+        script, ClientOptions(answer_limits={"status": 1000})
+    )
+    assert plain_result == twisted
+    assert twisted.server_status == 0
+    assert twisted.content.endswith(": a status answer larger than 1000 bytes")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_bug_reading_one_answer_is_that_hosts_error_in_both_clients(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An exception while making one host's result (a bug in the client, not the host's
+    fault) is that host's result in both clients, in the same words; the other host's answer
+    is kept."""
+    decode = orders.decode_measured
+
+    def buggy(headers: dict[str, str], body: bytes) -> tuple[Any, int]:
+        if b"BUG" in body:
+            raise KeyError("boom")
+        return decode(headers, body)
+
+    monkeypatch.setattr(orders, "decode_measured", buggy)
+    agents = [FakeAgent(answer(json_response({"return": "BUG"}))), FakeAgent(answer(OK))]
+    addresses = [a.address for a in agents]
+    order = Order("status", "web")
+    try:
+        twisted = await fan_out(OrderClient(reactor, ClientOptions()), addresses, order)
+        fan = await plain(addresses, order, ClientOptions())
+    finally:
+        for a in agents:
+            await a.stop()
+    assert fan.results == twisted.results
+    assert fan.results[addresses[0]].content == f"{addresses[0]}: 'boom'"
+    assert fan.results[addresses[1]].succeeded
 
 
 @pytest_twisted.ensureDeferred

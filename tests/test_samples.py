@@ -58,6 +58,15 @@ def test_agent_sample_documents_every_key():
         "queue_path",
         "max_delete",
         "allow_empty_source",
+        # release mode
+        "releases",
+        "releases_path",
+        "activate",
+        "link_dest",
+        "after_activate",
+        "check",
+        "check_timeout",
+        "rollback_on_failed_check",
     }
     assert (
         set(RsyncGroup.__dataclass_fields__) - {"name", "line", "options", "excludes", "includes"}
@@ -82,6 +91,9 @@ def test_agent_sample_with_every_example_uncommented_loads(tmp_path):
     assert config.jobs["service:nginx"] == "/etc/init.d/nginx %s"
     assert config.server.ssl_private_key == "/etc/deploy/private.pem"
     assert config.server.state_path == "/var/lib/deploy" and config.server.rkill_grace == 5
+    assert config.access.server_names == ["web1.example.com", "10.0.0.11"]
+    assert set(config.access.keys) == {"ci", "deployer", "old"}
+    assert config.access.policies["deployer"].jobs == ("service:nginx*",)
 
 
 def test_jobs_sample_loads_as_shipped():

@@ -19,6 +19,7 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
 
+import deploy
 from deploy import agent_orders
 from deploy.access import PathNotAllowed
 from deploy.agent import AgentFactory, AgentService
@@ -751,6 +752,7 @@ def test_status_answers_counts_as_strings(agent_env: dict[str, Any]) -> None:
         "transferFilesCount": "12",
         "transferFilesSize": "3145747",
         "transferDeleteCount": "1",
+        "agentVersion": deploy.__version__,
     }
     assert service.orders.children == 0
 

@@ -1,0 +1,364 @@
+"""The release history of a release-mode target, kept in the agent's state directory (never in the
+served tree), and every transition of its releases: staging, completion, switch, rollback,
+cleanup. Each runs under an flock of the history and writes its intent before it acts;
+`reconcile` completes or drops whatever a killed process (agent or supervisor) left."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from deploy.jobstate import OUTCOME_OK, OUTCOME_WARNING, read_state, write_state
+from deploy.release_layout import (
+    PARTIAL,
+    SPARE,
+    ReleaseError,
+    ReleaseLayout,
+    default_releases_path,
+    new_release_id,
+)
+
+STATE_LIVE = "live"
+STATE_STAGED = "staged"
+STATE_GOOD = "good"
+STATE_BAD = "bad"
+STATE_PARTIAL = "partial"
+OUTCOME_CHECK_FAILED = "check_failed"
+
+
+class ReleaseConflict(ReleaseError):
+    """The order cannot be done in the releases' present state (409): no earlier good release,
+    no staged one, a bad or unknown release named."""
+
+
+@dataclass
+class ReleaseSpec:
+    """A group's release mode as the agent and the supervisor both need it (JSON in the job's
+    record). `after_activate`/`check` are argv lists already built from the jobs file."""
+
+    src: str
+    releases_path: str
+    history: str
+    keep: int
+    activate: str = "auto"
+    link_dest: bool = True
+    after_activate: list[str] | None = None
+    check: list[str] | None = None
+    check_timeout: float = 30.0
+    rollback_on_failed_check: bool = True
+    label: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ReleaseSpec:
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def history_file(state_dir: str, checksum: str) -> str:
+    return os.path.join(state_dir, f"releases-{checksum}.json")
+
+
+def spec_paths(src: str, releases_path: str | None) -> str:
+    return releases_path or default_releases_path(src)
+
+
+# -- pure rules over the records
+
+
+def previous_good(records: list[dict[str, Any]], live: str | None) -> str | None:
+    """The rollback target: the good release other than the live one activated last."""
+    good = [r for r in records if r["state"] == STATE_GOOD and r["id"] != live]
+    good.sort(key=lambda r: (r.get("activated") or 0, r["id"]))
+    return good[-1]["id"] if good else None
+
+
+def cleanup_plan(records: list[dict[str, Any]], live: str | None, keep: int) -> list[str]:
+    """The releases to delete: good ones beyond the `keep` newest (the live one counts), bad ones
+    but the newest, staged ones older than the live one; never the live release, the rollback
+    target, or a partial."""
+    protected = {live, previous_good(records, live)}
+    newest_first = sorted(records, key=lambda r: r["id"], reverse=True)
+    good = [r["id"] for r in newest_first if r["state"] == STATE_GOOD or r["id"] == live]
+    bad = [r["id"] for r in newest_first if r["state"] == STATE_BAD and r["id"] != live]
+    staged = [
+        r["id"]
+        for r in newest_first
+        if r["state"] == STATE_STAGED and r["id"] != live and live is not None and r["id"] < live
+    ]
+    doomed = good[keep:] + bad[1:] + staged
+    return sorted(i for i in doomed if i not in protected)
+
+
+# -- the history file
+
+
+class ReleaseHistory:
+    """One target's releases: the history file (with its lock) and the layout it describes."""
+
+    def __init__(self, spec: ReleaseSpec) -> None:
+        self.spec = spec
+        self.layout = ReleaseLayout(spec.src, spec.releases_path)
+
+    @contextmanager
+    def locked(self) -> Iterator[dict[str, Any]]:
+        """The reconciled history, held under an exclusive lock; the caller `save`s changes. The
+        lock goes with the process that holds it, killed or not."""
+        directory = os.path.dirname(self.spec.history) or "."
+        os.makedirs(directory, exist_ok=True)
+        fd = os.open(self.spec.history + ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            data = read_state(self.spec.history) or {}
+            data.setdefault("releases", [])
+            data.setdefault("pending", None)
+            data["src"], data["releasesPath"] = self.spec.src, self.spec.releases_path
+            if self.reconcile(data):
+                self.save(data)
+            yield data
+        finally:
+            os.close(fd)
+
+    def save(self, data: dict[str, Any]) -> None:
+        write_state(self.spec.history, data)
+
+    def reconcile(self, data: dict[str, Any]) -> bool:
+        """Make the history agree with the directories and the symlink (which are the truth);
+        True when it changed."""
+        before = repr(data)
+        layout = self.layout
+        layout.clear_switch_leftovers()
+        live = layout.live_id()
+        records: list[dict[str, Any]] = data["releases"]
+        pending = data.get("pending")
+        if pending:
+            # A switch was under way: it happened exactly when the symlink says so.
+            if live == pending.get("to"):
+                self._switched(data, pending)
+            data["pending"] = None
+        partials = set(layout.partials())
+        dirs = set(layout.release_dirs())
+        kept = []
+        for r in records:
+            if r["state"] == STATE_PARTIAL and r["id"] in dirs and r["id"] not in partials:
+                r["state"] = STATE_STAGED  # renamed after rsync ended ok, then the process died
+                r["outcome"] = r.get("outcome") or OUTCOME_OK
+            on_disk = r["id"] in (partials if r["state"] == STATE_PARTIAL else dirs)
+            if on_disk or r["id"] == live:
+                kept.append(r)
+        if live is not None and not any(r["id"] == live for r in kept):
+            kept.append(_record(live, "", "unknown (history lost)", None, None))
+        for r in kept:
+            if r["id"] == live and r["state"] != STATE_GOOD:
+                r["state"] = STATE_GOOD
+        kept.sort(key=lambda r: r["id"])
+        data["releases"] = kept
+        return repr(data) != before
+
+    # -- transitions (each with the lock held: `data` comes from `locked`)
+
+    def begin(self, data: dict[str, Any], now: float, run_id: str, source: str) -> str:
+        """Stage a new release: convert a live directory into the first release, then prepare
+        `.partial-<id>` from a leftover partial, a release cleanup would delete next, or
+        nothing. Answers the id."""
+        layout = self.layout
+        layout.ensure_root()
+        if layout.src_is_directory():
+            self._convert(data, now)
+        elif os.path.lexists(layout.src) and layout.live_id() is None:
+            raise ReleaseError(
+                f"{layout.src} is neither a directory nor a symlink into {layout.root}: "
+                "release mode will not replace it"
+            )
+        release_id = _next_id(data, now)
+        records: list[dict[str, Any]] = data["releases"]
+        leftovers = layout.partials()
+        if leftovers:
+            # rsync resumes into the newest leftover; the others go.
+            layout.rename_partial(leftovers[-1], release_id)
+            for old in leftovers[:-1]:
+                layout.doom(PARTIAL + old)
+            data["releases"] = records = [r for r in records if r["id"] not in leftovers]
+        elif layout.spares():
+            layout.recycle(layout.spares()[-1], release_id)
+        else:
+            os.mkdir(layout.partial(release_id), 0o755)
+        records.append(_record(release_id, self.spec.label, source, now, None))
+        records[-1].update(state=STATE_PARTIAL, runId=run_id)
+        self.save(data)
+        return release_id
+
+    def rsync_extras(self) -> list[str]:
+        """Options the sync into a partial adds: --link-dest to the live release."""
+        live = self.layout.live_id()
+        if self.spec.link_dest and live is not None:
+            return [f"--link-dest={self.layout.path(live)}"]
+        return []
+
+    def complete(
+        self, data: dict[str, Any], release_id: str, outcome: str, files: Any, size: Any, now: float
+    ) -> tuple[bool, str | None]:
+        """Record how the sync into `.partial-<id>` ended; after ok/warning it becomes `<id>`, and
+        is switched to with `activate = auto`. Answers (switched, the release live before)."""
+        record = self.record(data, release_id)
+        if record is None:
+            raise ReleaseError(f"release {release_id} is not in the history")
+        record.update(outcome=outcome, files=files, bytes=size)
+        if outcome not in (OUTCOME_OK, OUTCOME_WARNING):
+            self.save(data)
+            return False, None
+        self.layout.stage_to_release(release_id)
+        record["state"] = STATE_STAGED
+        self.save(data)
+        if self.spec.activate != "auto":
+            return False, None
+        return True, self.switch(data, release_id, now)
+
+    def switch(
+        self, data: dict[str, Any], to: str, now: float, mark_bad: str | None = None
+    ) -> str | None:
+        """Make `to` live (intent first, then the rename, then the record), cleanup after; answers
+        the release that was live before."""
+        before = self.layout.live_id()
+        data["pending"] = {"to": to, "from": before, "at": now, "markBad": mark_bad}
+        self.save(data)
+        self.layout.switch(to)
+        self._switched(data, data["pending"])
+        data["pending"] = None
+        self._cleanup(data, to)
+        data["releases"] = [
+            r
+            for r in data["releases"]
+            if r["state"] == STATE_PARTIAL or self.layout.exists(r["id"])
+        ]
+        self.save(data)
+        return before
+
+    def activate(self, data: dict[str, Any], release_id: str | None, now: float) -> str | None:
+        """Switch to `release_id` (staged or good), default the newest staged one."""
+        records = data["releases"]
+        if release_id is None:
+            staged = [r["id"] for r in records if r["state"] == STATE_STAGED]
+            if not staged:
+                raise ReleaseConflict("no staged release to activate")
+            release_id = staged[-1]
+        record = self.record(data, release_id)
+        if record is None or record["state"] not in (STATE_STAGED, STATE_GOOD):
+            state = "unknown" if record is None else record["state"]
+            raise ReleaseConflict(f"release {release_id} is {state}: cannot activate it")
+        return self.switch(data, release_id, now)
+
+    def rollback(self, data: dict[str, Any], release_id: str | None, now: float) -> str:
+        """Switch to the previous good release (or `release_id`); the release left is bad.
+        Answers the release switched to."""
+        live = self.layout.live_id()
+        if release_id is None:
+            release_id = previous_good(data["releases"], live)
+            if release_id is None:
+                raise ReleaseConflict("no earlier good release to roll back to")
+        record = self.record(data, release_id)
+        if record is None or record["state"] not in (STATE_GOOD, STATE_STAGED):
+            state = "unknown" if record is None else record["state"]
+            raise ReleaseConflict(f"release {release_id} is {state}: cannot roll back to it")
+        if release_id == live:
+            raise ReleaseConflict(f"release {release_id} is already live")
+        self.switch(data, release_id, now, mark_bad=live)
+        return release_id
+
+    # -- questions
+
+    def record(self, data: dict[str, Any], release_id: str) -> dict[str, Any] | None:
+        return next((r for r in data["releases"] if r["id"] == release_id), None)
+
+    def listing(self, data: dict[str, Any]) -> list[dict[str, Any]]:
+        """Newest first, each with its state as shown (`live` for the live one)."""
+        live = self.layout.live_id()
+        out = []
+        for r in sorted(data["releases"], key=lambda r: r["id"], reverse=True):
+            shown = {k: r.get(k) for k in ("id", "label", "created", "activated", "files")}
+            shown.update(bytes=r.get("bytes"), outcome=r.get("outcome"), source=r.get("source"))
+            shown["state"] = STATE_LIVE if r["id"] == live else r["state"]
+            out.append(shown)
+        return out
+
+    def live(self, data: dict[str, Any]) -> dict[str, Any] | None:
+        live = self.layout.live_id()
+        record = self.record(data, live) if live else None
+        if record is None:
+            return None
+        return {"id": live, "label": record.get("label", ""), "activated": record.get("activated")}
+
+    # -- internals
+
+    def _switched(self, data: dict[str, Any], pending: dict[str, Any]) -> None:
+        record = self.record(data, pending["to"])
+        if record is not None:
+            record.update(state=STATE_GOOD, activated=pending.get("at"))
+        bad = self.record(data, pending["markBad"]) if pending.get("markBad") else None
+        if bad is not None:
+            bad["state"] = STATE_BAD
+
+    def _cleanup(self, data: dict[str, Any], live: str) -> None:
+        """Take the releases `cleanup_plan` names out of the set: the newest becomes the spare
+        the next sync starts from (replacing an older spare), the others are doomed."""
+        doomed = [i for i in cleanup_plan(data["releases"], live, self.spec.keep)]
+        doomed = [i for i in doomed if self.layout.exists(i)]
+        if not doomed:
+            return
+        for old in self.layout.spares():
+            self.layout.doom(SPARE + old)
+        self.layout.make_spare(doomed[-1])
+        for release_id in doomed[:-1]:
+            self.layout.doom(release_id)
+
+    def _convert(self, data: dict[str, Any], now: float) -> None:
+        release_id = new_release_id(now)
+        record = _record(release_id, "converted", "the live directory", now, now)
+        data["releases"].append(record)
+        data["pending"] = {"to": release_id, "from": None, "at": now, "markBad": None}
+        self.save(data)
+        try:
+            self.layout.convert(release_id)
+        except BaseException:
+            data["releases"].remove(record)
+            data["pending"] = None
+            self.save(data)
+            raise
+        self._switched(data, data["pending"])
+        data["pending"] = None
+        self.save(data)
+
+
+def _next_id(data: dict[str, Any], now: float) -> str:
+    """A new id that sorts after every recorded one (a clock that steps back, or two in the
+    same microsecond)."""
+    newest = max((r["id"] for r in data["releases"]), default="")
+    created = [r["created"] for r in data["releases"] if isinstance(r.get("created"), int | float)]
+    now = max([now, *(c + 0.000001 for c in created)])
+    release_id = new_release_id(now)
+    while release_id <= newest:
+        now += 0.000001
+        release_id = new_release_id(now)
+    return release_id
+
+
+def _record(
+    release_id: str, label: str, source: str, created: float | None, activated: float | None
+) -> dict[str, Any]:
+    return {
+        "id": release_id,
+        "label": label,
+        "created": created,
+        "activated": activated,
+        "source": source,
+        "files": None,
+        "bytes": None,
+        "outcome": None,
+        "state": STATE_GOOD,
+    }

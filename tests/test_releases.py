@@ -1,0 +1,144 @@
+"""The release rules and layout without a reactor: ids, cleanup over runs of failed deploys, the
+rollback target, reconcile after a process killed mid-switch or mid-rename, and the conversion of
+a live directory (including one interrupted between its exchanges)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from deploy.release_layout import ReleaseLayout, exchange, is_release_id, new_release_id
+from deploy.releases import (
+    ReleaseConflict,
+    ReleaseHistory,
+    ReleaseSpec,
+    cleanup_plan,
+    previous_good,
+)
+
+
+def rec(i: int, state: str, activated: float | None = None) -> dict[str, Any]:
+    return {"id": f"2026{i:02d}", "state": state, "activated": activated}
+
+
+def test_ids_are_sortable_and_unique() -> None:
+    """Ids sort by time and differ within the same microsecond."""
+    a, b = new_release_id(1000.0), new_release_id(1000.0)
+    assert a != b and is_release_id(a) and new_release_id(999.0) < a < new_release_id(1001.0)
+
+
+def test_cleanup_keeps_n_good_never_live_or_rollback_target_and_newest_bad() -> None:
+    """Bad releases never count toward N, the newest bad one is kept, the live and the
+    rollback target survive even when they are the oldest."""
+    records = [rec(1, "good", 1), rec(2, "good", 5), rec(3, "bad"), rec(4, "bad")]
+    records += [rec(5, "good", 2), rec(6, "good", 3), rec(7, "good", 4)]
+    # live is 202601 (rolled back to the oldest); 202602 was activated last before it
+    assert previous_good(records, "202601") == "202602"
+    assert cleanup_plan(records, "202601", 2) == ["202603", "202605"]
+    # the live 202607 counts toward N; 202602, activated last before it, is the rollback target
+    assert cleanup_plan(records, "202607", 3) == ["202601", "202603"]
+
+
+def test_cleanup_after_many_failed_deploys_deletes_no_good_release() -> None:
+    """Twenty bad releases in a row: all good ones stay, only the newest bad one is kept."""
+    records = [rec(1, "good", 1), rec(2, "good", 2)] + [rec(i, "bad") for i in range(3, 23)]
+    doomed = cleanup_plan(records, "202602", 2)
+    assert "202601" not in doomed and "202602" not in doomed and "202622" not in doomed
+    assert len(doomed) == 19
+
+
+def spec(tmp_path: Path, **kw: Any) -> ReleaseSpec:
+    return ReleaseSpec(
+        src=str(tmp_path / "web"),
+        releases_path=str(tmp_path / "web.releases"),
+        history=str(tmp_path / "state" / "h.json"),
+        keep=2,
+        **kw,
+    )
+
+
+def stage(history: ReleaseHistory, now: float, text: str) -> str:
+    with history.locked() as data:
+        release_id = history.begin(data, now, "run", "src")
+    Path(history.layout.partial(release_id), "VERSION").write_text(text)
+    with history.locked() as data:
+        history.complete(data, release_id, "ok", 1, 3, now)
+    return release_id
+
+
+def test_conversion_keeps_the_old_tree_as_first_release(tmp_path: Path) -> None:
+    """A live directory becomes release 1 behind the symlink, with the same inode."""
+    (tmp_path / "web").mkdir()
+    (tmp_path / "web" / "VERSION").write_text("old")
+    inode = os.stat(tmp_path / "web").st_ino
+    history = ReleaseHistory(spec(tmp_path))
+    new = stage(history, 1000.0, "new")
+    assert (tmp_path / "web" / "VERSION").read_text() == "new"
+    with history.locked() as data:
+        assert [r["state"] for r in history.listing(data)] == ["live", "good"]
+        old = history.rollback(data, None, 1001.0)
+    assert os.stat(history.layout.path(old)).st_ino == inode
+    assert (tmp_path / "web" / "VERSION").read_text() == "old"
+    with history.locked() as data, pytest.raises(ReleaseConflict):
+        history.rollback(data, None, 1002.0)
+    assert new not in history.layout.partials()
+
+
+def test_interrupted_conversion_is_completed_with_src_resolving(tmp_path: Path) -> None:
+    """Killed between the two exchanges: src already resolves (through the forwarding link),
+    and the next reconcile moves the tree under releases_path."""
+    (tmp_path / "web").mkdir()
+    (tmp_path / "web" / "VERSION").write_text("old")
+    layout = ReleaseLayout(str(tmp_path / "web"), str(tmp_path / "web.releases"))
+    release_id = new_release_id(1000.0)
+    layout.ensure_root()
+    hold = tmp_path / f".web.convert-{release_id}"
+    os.symlink(hold, layout.path(release_id))
+    os.symlink(layout.path(release_id), hold)
+    exchange(layout.src, str(hold))  # step 2 done, then "killed"
+    assert (tmp_path / "web" / "VERSION").read_text() == "old"
+    layout.clear_switch_leftovers()
+    assert layout.exists(release_id) and layout.live_id() == release_id
+    assert not os.path.lexists(hold)
+    assert (tmp_path / "web" / "VERSION").read_text() == "old"
+
+
+def test_reconcile_finishes_a_switch_and_a_rename_a_dead_process_left(tmp_path: Path) -> None:
+    """A switch whose intent was written and whose rename happened is recorded; a partial
+    renamed after rsync ended ok is staged; a switch that never happened is dropped."""
+    history = ReleaseHistory(spec(tmp_path, activate="manual"))
+    first = stage(history, 1000.0, "1")
+    with history.locked() as data:
+        data["pending"] = {"to": first, "from": None, "at": 5.0, "markBad": None}
+        history.save(data)
+    history.layout.switch(first)  # then "killed" before recording
+    with history.locked() as data:
+        record = history.record(data, first)
+        assert record is not None and record["activated"] == 5.0 and data["pending"] is None
+        second = history.begin(data, 1001.0, "run2", "src")
+    history.layout.stage_to_release(second)  # then "killed" before recording
+    with history.locked() as data:
+        data["pending"] = {"to": second, "from": first, "at": 6.0, "markBad": None}
+        history.save(data)  # then "killed" before the rename
+    with history.locked() as data:
+        states = {r["id"]: r["state"] for r in history.listing(data)}
+        assert states == {first: "live", second: "staged"} and data["pending"] is None
+
+
+def test_a_leftover_partial_is_reused_and_a_spare_recycled(tmp_path: Path) -> None:
+    """The next sync resumes into a leftover partial; cleanup keeps a removed release as the
+    spare the next sync starts from (its files are there already)."""
+    history = ReleaseHistory(spec(tmp_path))
+    ids = [stage(history, 1000.0 + n, f"v{n}") for n in range(3)]
+    assert history.layout.spares() == [ids[0]]
+    with history.locked() as data:
+        partial = history.begin(data, 2000.0, "run", "src")
+    assert Path(history.layout.partial(partial), "VERSION").read_text() == "v0"
+    with history.locked() as data:
+        history.complete(data, partial, "failed", None, None, 2000.0)
+        again = history.begin(data, 2001.0, "run", "src")
+    assert history.layout.partials() == [again]
+    assert Path(history.layout.partial(again), "VERSION").read_text() == "v0"
