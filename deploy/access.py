@@ -18,8 +18,8 @@ MAX_PATH_LENGTH = 4096
 class PathNotAllowed(Exception):
     """A local path is outside every allowed root; the message is what the user reads."""
 
-    def __init__(self, path: str) -> None:
-        super().__init__(f"{path} is not allowed!")
+    def __init__(self, path: str, why: str = "") -> None:
+        super().__init__(f"{path} is not allowed!" + (f" ({why})" if why else ""))
         self.path = path
 
 

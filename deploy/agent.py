@@ -4,26 +4,34 @@ request, check its peer, path and signature, and hand it to its order."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
-from deploy import auth
+from deploy import auth, privileges
 from deploy.access import AllowedHosts, AllowedPaths
 from deploy.agent_orders import AgentOrders
 from deploy.config import AgentConfig, agent_key_cipher
-from deploy.errors import BadRequest, NotPermitted, UnknownOrder
-from deploy.jobs import JobRegistry, check_state_dir
+from deploy.errors import BadRequest, ClientGone, NotPermitted, UnknownOrder
+from deploy.jobs import JobRegistry
 from deploy.message import ORDERS
 from deploy.policy import Policies
+from deploy.process import trusted_uids
 from deploy.release_orders import RELEASE_ORDERS, ReleaseOrders
+from deploy.sources import AllowedSources
+from deploy.statedir import probe, secure_state_dir
 from deploy.targets import TargetResolver
 from deploy.wire import Request, RequestFactory, Response, ServiceRequestReceiver
 
 MAX_OPTIONS = 8192
+# Orders whose child process only serves the answer: it is stopped when the client hangs up.
+DRY_RUN_ORDERS = ("status", "rlist")
 DEFAULT_STATE_DIR = "/var/lib/deploy"
 LEGACY_REFUSED = (
     "legacy auth_key refused: this agent needs a signed request (or legacy_auth = true in [server])"
@@ -56,9 +64,19 @@ class AgentService:
         )
         self.policies = Policies(access.policies)
         self.allowed_hosts = AllowedHosts(config.allow_hosts)
-        self.targets = TargetResolver(config.groups, AllowedPaths(config.allow_paths))
+        sources = AllowedSources(
+            config.allow_sources, allow_remote_shell=server.allow_inline_remote_shell
+        )
+        self.targets = TargetResolver(config.groups, AllowedPaths(config.allow_paths), sources)
         self.state_dir = server.state_path or DEFAULT_STATE_DIR
-        self.jobs = JobRegistry(reactor, self.state_dir, grace=server.rkill_grace, clock=self.clock)
+        self.identity = _identity(server.user, server.group)
+        self.jobs = JobRegistry(
+            reactor,
+            self.state_dir,
+            grace=server.rkill_grace,
+            clock=self.clock,
+            owners=trusted_uids(self.identity.uid if self.identity else None),
+        )
         self.release_orders = ReleaseOrders(
             config,
             reactor,
@@ -77,17 +95,47 @@ class AgentService:
         )
 
     def startup(self) -> None:
-        """Checks that must pass before the agent listens, and jobs a previous agent left."""
-        # A sync must be able to record itself: refuse to run with a state dir that cannot.
+        """Checks that must pass before the agent listens, and jobs a previous agent left.
+        Raises OSError (UnsafeStateDir) with one line naming what to fix."""
+        # A sync must be able to record itself, in a directory no other local user can write:
+        # refuse to run with a state dir that is not so (a full one is only warned about).
+        identity = self.identity
+        uid = identity.uid if identity else os.geteuid()
+        gid = identity.gid if identity else os.getegid()
         group_dirs = [g.queue_path for g in self.config.groups.values() if g.queue_path]
+        private = []
         for directory in dict.fromkeys([self.state_dir, *group_dirs]):
-            check_state_dir(directory)
+            state_dir = probe(
+                secure_state_dir(directory, owners=self.jobs.owners, uid=uid, gid=gid)
+            )
+            if state_dir.private:
+                private.append(state_dir.path)
+                self.log.info(
+                    "{configured} is shared (sticky, writable by others): the agent keeps its "
+                    "records in {path}, made for it alone",
+                    configured=directory,
+                    path=state_dir.path,
+                )
+            self.jobs.use_dir(state_dir)
         for name in self.allowed_hosts.unresolved:
             self.log.warn("allow::hosts entry {name} does not resolve; ignored", name=name)
         if not self.config.allow_hosts:
             self.log.warn("[allow::hosts] is empty: every request will be refused")
         self.jobs.recover(group_dirs)
         self.release_orders.startup()
+        if identity is not None and privileges.is_switch(identity):
+            # Records rewritten by recover() as root go to the user the agent is becoming.
+            for path in private:
+                privileges.hand_over(path, identity)
+
+
+def _identity(user: str | None, group: str | None) -> privileges.Identity | None:
+    """Who the agent will run as (`user`/`group`), None when it stays as it is; a bad name is
+    reported by the daemon's start-up, not here."""
+    try:
+        return privileges.resolve_identity(user, group)
+    except privileges.PrivilegeError:
+        return None
 
 
 class AgentProtocol(ServiceRequestReceiver):
@@ -95,6 +143,9 @@ class AgentProtocol(ServiceRequestReceiver):
 
     # `factory` stays untyped: annotating it with our factory class would make this protocol
     # not the kind of protocol Twisted's generic Factory expects (mypy).
+
+    # A dry run answering this request, stopped if the client hangs up before its answer.
+    dry_run: defer.Deferred[Response] | None = None
 
     def handleRequest(self, request: Request) -> Response | defer.Deferred[Response]:
         service: AgentService = self.factory.service
@@ -121,7 +172,21 @@ class AgentProtocol(ServiceRequestReceiver):
             return service.orders.order_rsync(options, label=fields.get("release", ""))
         owner = service.release_orders if order in RELEASE_ORDERS else service.orders
         handler: Callable[[str], Any] = getattr(owner, "order_" + order)
-        return handler(options)
+        result = handler(options)
+        if order in DRY_RUN_ORDERS and isinstance(result, defer.Deferred):
+            self.dry_run = result.addErrback(_client_gone)
+        return result
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        super().connectionLost(reason)
+        dry_run, self.dry_run = self.dry_run, None
+        if dry_run is not None and not dry_run.called:
+            dry_run.cancel()  # nobody will read its answer: its canceller stops the child
+
+
+def _client_gone(failure: Failure) -> Response:
+    failure.trap(defer.CancelledError)
+    raise ClientGone()
 
 
 class AgentFactory(RequestFactory):

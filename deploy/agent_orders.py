@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import shlex
 import time
-from collections.abc import Generator
 from typing import Any
 
 from twisted.internet import defer
@@ -24,12 +23,13 @@ from deploy.commands import (
 )
 from deploy.config import AgentConfig, RsyncGroup
 from deploy.errors import CapacityExceeded, InvalidTarget, RequestError
-from deploy.jobs import Job, JobError, JobRegistry, deletes_on_target
+from deploy.jobs import Job, JobError, JobRegistry, deletes_on_target, target_key
 from deploy.jobstate import OUTCOME_OK, OUTCOME_WARNING, error_message
 from deploy.process import KILL_GRACE, GroupStopper
 from deploy.release_orders import ReleaseOrders
 from deploy.rsync import (
     RsyncOutputParser,
+    RsyncResult,
     RsyncTarget,
     build_argv,
     display_name,
@@ -78,12 +78,20 @@ class AgentOrders:
 
     # -- dry runs
 
-    @defer.inlineCallbacks
+    def dry_run_limit(self) -> float:
+        """How long a dry run may take: the smaller of dry_run_timeout and max_process_timeout
+        (0 is no limit), so a dry run is bounded even when commands are not."""
+        server = self.config.server
+        limits = [t for t in (server.dry_run_timeout, server.max_process_timeout) if t > 0]
+        return min(limits, default=0.0)
+
     def dry_run(
         self, target: RsyncTarget, keep_lists: bool
-    ) -> Generator[defer.Deferred[Any], Any, tuple[RsyncOutputParser, int | None, str]]:
+    ) -> defer.Deferred[tuple[RsyncOutputParser, int | None, str]]:
         """Run rsync --dry-run on `target`; fires (parser, exit code, stderr text). A run past
-        max_process_timeout is stopped: TERM to its process group, KILL after KILL_GRACE."""
+        dry_run_limit() is stopped, and so is one whose Deferred is cancelled (its client hung
+        up: nobody will read the answer): TERM to its process group, KILL after KILL_GRACE. The
+        child counts against max_prefork until it has ended."""
         try:
             argv = build_argv(target, dry_run=True)
         except ValueError as e:
@@ -92,21 +100,29 @@ class AgentOrders:
         try:
             proto, transport = run_rsync(self.reactor, [*self.prefix, *argv], parser)
         except (OSError, FileNotFoundError) as e:
-            return parser, 127, f"cannot run {target.rsync}: {e}"
+            return defer.succeed((parser, 127, f"cannot run {target.rsync}: {e}"))
         self.children += 1
         stopper = GroupStopper(self.clock, transport.pid, KILL_GRACE, leader=transport)
-        timeout = self.config.server.max_process_timeout
-        if timeout:
-            stopper.stop_after(timeout)
-        try:
-            result = yield proto.ended
-        finally:
+        limit = self.dry_run_limit()
+        if limit:
+            stopper.stop_after(limit)
+        answer: defer.Deferred[tuple[RsyncOutputParser, int | None, str]] = defer.Deferred(
+            lambda _: stopper.stop()
+        )
+
+        def ended(result: RsyncResult) -> None:
             self.children -= 1
             stopper.cancel()
-        code = result.exit_code
-        if stopper.requested and code != 0:
-            return parser, code, f"Process Timeout({timeout:g})!"
-        return parser, code, result.stderr
+            if answer.called:
+                return  # cancelled: its client went away
+            code = result.exit_code
+            if stopper.requested and code != 0:
+                answer.callback((parser, code, f"Process Timeout({limit:g})!"))
+            else:
+                answer.callback((parser, code, result.stderr))
+
+        proto.ended.addCallback(ended)
+        return answer
 
     # -- orders
 
@@ -114,7 +130,7 @@ class AgentOrders:
     def order_status(self, options: str) -> defer.Deferred[Response]:
         target, group = self.targets.resolve(options)
         state_dir = group_state_dir(group)
-        job = self.jobs.running(target.checksum, state_dir)
+        job = self.jobs.running(job_key(target, group), state_dir)
         if job is not None:
             body = self._running_answer(job, with_progress=True)
             self._add_live_release(body, target, group)
@@ -137,7 +153,7 @@ class AgentOrders:
                     "transferDeleteCount": str(parser.delete_count),
                 }
             # How the last sync ended matters most when the target cannot even be compared.
-            last = self.jobs.last_result(target.checksum, state_dir)
+            last = self.jobs.last_result(job_key(target, group), state_dir)
             if last:
                 body["lastRsync"] = last
             self._add_live_release(body, target, group)
@@ -176,7 +192,7 @@ class AgentOrders:
     def order_rsync(self, options: str, label: str = "") -> defer.Deferred[Response]:
         target, group = self.targets.resolve(options)
         state_dir = group_state_dir(group)
-        job = self.jobs.running(target.checksum, state_dir)
+        job = self.jobs.running(job_key(target, group), state_dir)
         if job is not None:
             return defer.succeed(Response.json(self._running_answer(job, with_progress=False)))
         self.check_capacity()
@@ -224,7 +240,7 @@ class AgentOrders:
 
     def order_rkill(self, options: str) -> Response:
         target, group = self.targets.resolve(options)
-        pids = self.jobs.kill(target.checksum, group_state_dir(group))
+        pids = self.jobs.kill(job_key(target, group), group_state_dir(group))
         return Response.json({"return": "true", "process": [str(p) for p in pids]})
 
     def order_exec(self, options: str) -> defer.Deferred[Response]:
@@ -275,6 +291,13 @@ class AgentOrders:
                 code=result.exit_code,
                 secs=time.monotonic() - started,
             )
+            if result.left_running:
+                self.log.warn(
+                    "exec {name} exited while {pids} it started still held its output: "
+                    "answered without waiting for them",
+                    name=name,
+                    pids=result.left_running,
+                )
             return Response.json(body)
 
         return d.addBoth(finished).addCallbacks(answer, could_not_run)
@@ -312,3 +335,8 @@ def _rsync_failure(code: int | None, stderr: str) -> dict[str, Any]:
     if code is not None:
         body["exitCode"] = code
     return body
+
+
+def job_key(target: RsyncTarget, group: RsyncGroup | None) -> str:
+    """The registry key of `target`'s syncs (deploy.jobs.target_key), release mode or not."""
+    return target_key(target, release_mode=group is not None and group.releases is not None)

@@ -100,7 +100,8 @@ def build_service(options: Options, reactor: Any) -> service.MultiService:
         logs,
         drop,
         metrics=metrics,
-        writable=[agent.state_dir],
+        # where the records really are (a private subdirectory of a shared one, deploy.statedir)
+        writable=[agent.jobs.directory(agent.state_dir)],
         reloader=reloader,
     )
 

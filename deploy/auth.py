@@ -205,6 +205,10 @@ class HmacVerifier:
         self._nonces: dict[str, float] = {}
         self._expiries: list[tuple[float, str]] = []
 
+    def carry_nonces(self, running: HmacVerifier) -> None:
+        """Take over the nonces `running` has seen: a reload must not reopen the replay window."""
+        self._nonces, self._expiries = running._nonces, running._expiries
+
     def verify(self, header: str | None, method: str, path: str, body: bytes) -> str | None:
         """Accept the request (and remember its nonce) or raise AuthError; the answer is the id
         of the key that signed it (None: the unnamed key, ``key_cipher``)."""

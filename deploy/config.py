@@ -30,8 +30,10 @@ from deploy.ini import (  # noqa: F401  (ConfigError and parse_ini re-exported f
     parse_ini,
     shown,
 )
+from deploy.jobsfile import jobs_from_sections, load_jobs  # noqa: F401  (load_jobs re-exported)
 from deploy.keyring import AgentAccess, check_api_keys, split_agent_access
 from deploy.policy import Policy, split_policies
+from deploy.sources import SourceRule
 
 _GROUP_PREFIX = "rsync::group::"
 
@@ -64,6 +66,11 @@ class ServerSettings:
     group: str | None = None
     state_path: str | None = None
     rkill_grace: float = 5.0
+    # agent: bounds on what a request may start (issue 12): how long a dry run (status, rlist)
+    # may take even when max_process_timeout is 0, and whether an inline source may be HOST:path
+    # (rsync then runs the remote shell, ssh, as the agent's user)
+    dry_run_timeout: float = 300.0
+    allow_inline_remote_shell: bool = False
     # accepted for the original's configs; an event loop has no use for them
     worker_method: str | None = None
     ipc_path: str | None = None
@@ -108,6 +115,8 @@ class AgentConfig:
     jobs: dict[str, str]
     # [keys], [policy::*] and server_names (deploy.keyring)
     access: AgentAccess = field(default_factory=AgentAccess)
+    # [allow::sources]: when not empty, the only inline sources a request may name
+    allow_sources: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -240,6 +249,19 @@ def _absolute_paths(section: IniSection, path: str) -> list[str]:
     return paths
 
 
+def _allowed_sources(section: IniSection, path: str) -> list[str]:
+    """[allow::sources]: each entry a host name, an address or network, or HOST::MODULE[/path];
+    one that is none of these is an error here, not an inline source silently refused later."""
+    sources = _list_section(section, "source", path)
+    for entry in section.entries.values():
+        for value, line in entry.pairs():
+            try:
+                SourceRule.parse(value)
+            except ValueError as e:
+                raise ConfigError(f"source[]: {e}", path, line) from None
+    return sources
+
+
 def _only_path(section: IniSection, path: str, base: str) -> tuple[str | None, int | None]:
     """The `path` of an [api]/[jobs] section, resolved against the config's directory."""
     value: str | None = None
@@ -320,6 +342,7 @@ def load_agent_config(
     server_lines: dict[str, int | None] = {}
     allow_hosts: list[str] = []
     allow_paths: list[str] = []
+    allow_sources: list[str] = []
     groups: dict[str, RsyncGroup] = {}
     jobs_path: str | None = None
     jobs_line: int | None = None
@@ -335,6 +358,8 @@ def load_agent_config(
             allow_hosts = _list_section(section, "host", path)
         elif name == "allow::paths":
             allow_paths = _absolute_paths(section, path)
+        elif name == "allow::sources":
+            allow_sources = _allowed_sources(section, path)
         elif name.startswith(_GROUP_PREFIX):
             # The original's sample ships `[rsync::group::groupname]` with every key commented
             # out; a group section with no entries is such a placeholder, not a group.
@@ -350,7 +375,7 @@ def load_agent_config(
     jobs: dict[str, str] = {}
     if jobs_path is not None:
         assert path is not None and jobs_line is not None
-        jobs = _jobs(load_ini(jobs_path, "jobs file", (path, jobs_line)), jobs_path)
+        jobs = jobs_from_sections(load_ini(jobs_path, "jobs file", (path, jobs_line)), jobs_path)
     return AgentConfig(
         path=path,
         server=server,
@@ -360,39 +385,8 @@ def load_agent_config(
         jobs_path=jobs_path,
         jobs=jobs,
         access=access,
+        allow_sources=allow_sources,
     )
-
-
-def load_jobs(path: str) -> dict[str, str]:
-    """Job name -> command template from a jobs file: `name = template` in any section."""
-    return _jobs(load_ini(path, "jobs file"), path)
-
-
-def _jobs(sections: Mapping[str, IniSection], path: str) -> dict[str, str]:
-    # Section names only group jobs for the reader; names share one namespace, so a name set
-    # twice anywhere is refused at its second line rather than silently overridden.
-    definitions = sorted(
-        (line, entry)
-        for section in sections.values()
-        for entry in section.entries.values()
-        for line in entry.lines
-    )
-    jobs: dict[str, str] = {}
-    first: dict[str, int] = {}
-    for line, entry in definitions:
-        name = entry.key
-        if isinstance(entry.value, list):
-            raise ConfigError(f"job {name!r}: write '{name} = command', not '{name}[]'", path, line)
-        if name in first:
-            raise ConfigError(
-                f"job {name!r} is defined twice (first at line {first[name]})", path, line
-            )
-        first[name] = line
-        jobs[name] = entry.value
-    for name, template in jobs.items():
-        if not template:
-            raise ConfigError(f"job {name!r}: empty command", path, first[name])
-    return jobs
 
 
 def load_proxy_config(

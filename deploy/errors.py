@@ -7,7 +7,7 @@ from __future__ import annotations
 from deploy.access import PathNotAllowed
 from deploy.auth import AuthError
 from deploy.commands import CommandError
-from deploy.jobs import JobError
+from deploy.jobs import JobError, StateFull
 from deploy.release_layout import ReleaseError
 from deploy.releases import ReleaseConflict
 
@@ -77,6 +77,14 @@ class CapacityExceeded(Exception):
         self.limit = limit
 
 
+class ClientGone(Exception):
+    """The client hung up before its answer, and what ran only to answer it was stopped. Nobody
+    reads this answer: its status (nginx's 499) is for the logs."""
+
+    def __init__(self) -> None:
+        super().__init__("the client closed the connection before the answer")
+
+
 STATUS: dict[type, int] = {
     BadRequest: 400,
     CommandError: 400,
@@ -89,7 +97,9 @@ STATUS: dict[type, int] = {
     JobError: 500,
     ReleaseConflict: 409,
     ReleaseError: 500,
+    StateFull: 503,
     CapacityExceeded: 503,
+    ClientGone: 499,
 }
 
 

@@ -1,46 +1,41 @@
-"""Background syncs: at most one per target (job id = the target's checksum), each run by a
-`deploy.supervise` process that outlives the agent; their pids, progress, stopping and last
-result, read back from the persisted state (and /proc) so an agent restart loses nothing."""
+"""The agent's background syncs, at most one per local target however the target is spelled (the
+lock is the realpath of the local directory): whether a target's sync runs, its pids and
+progress, its last result, stopping it, and re-finding the syncs a previous agent left. The state
+records are the truth; a record alone never makes the agent signal a process."""
 
 from __future__ import annotations
 
-import datetime
 import functools
+import hashlib
 import os
 import signal
 import sys
-import time
-import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from twisted.internet import defer, protocol
+from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorProcess, IReactorTime
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
+from deploy.jobends import SyncEnds, summary
+from deploy.jobstart import ANSWER_WITHIN, JobError, StateFull, SyncStarter
 from deploy.jobstate import (
-    OUTCOME_FAILED,
-    OUTCOME_KILLED,
-    OUTCOME_LOST,
     STATE_ENDED,
     STATE_RUNNING,
     STATE_STARTING,
+    UntrustedFile,
     read_state,
-    write_state,
 )
-from deploy.process import (
-    GROUP_GONE_WITHIN,
-    GROUP_POLL,
-    ProcessTable,
-    Stopper,
-    StopPolicy,
-)
-from deploy.rsync import DEFAULT_FLAGS, RsyncTarget, build_argv
+from deploy.process import ProcessTable, Stopper, StopPolicy, trusted_uids
+from deploy.rsync import DEFAULT_FLAGS, RsyncTarget
+from deploy.statedir import StateDir, remove_stale_temp
 
-# start() answers by then even if the supervisor has not said `ready` (e.g. a slow source listing).
-ANSWER_WITHIN = 5.0
+if TYPE_CHECKING:
+    from deploy.jobstart import SupervisorProtocol
+
+__all__ = ["ANSWER_WITHIN", "Job", "JobError", "JobRegistry", "StateFull", "target_key"]
+
 # A `starting` record nobody has taken up (its agent died between writing it and spawning the
 # supervisor) counts as running this long, then as lost.
 STARTING_GRACE = 30.0
@@ -48,13 +43,22 @@ STARTING_GRACE = 30.0
 # KILLs rsync's group itself, and then (every KILL_MARGIN) the supervisor if it still has not
 # recorded the end.
 KILL_MARGIN = 2.0
-# A temp file of write_state this old was left by a process killed mid-write.
-STALE_TEMP = 3600.0
-MAX_LINE = 1024
+# How many untrusted files are warned about by name (each once); beyond, they are ignored quietly.
+MAX_WARNED = 1000
 
 
-class JobError(Exception):
-    """A sync that could not be started; the message is for the user."""
+def target_key(target: RsyncTarget, *, release_mode: bool = False) -> str:
+    """The job key of `target`: its local directory resolved (realpath), so `/srv/www/big`,
+    `/srv/www/big/` and `/srv/www//big` are one target whatever the source. The answers keep the
+    original's `checksum` (md5 of dest + src) beside it. In release mode the live path is our own
+    symlink, switched from release to release: only the directory holding it is resolved, so
+    the key stays the same across switches."""
+    if release_mode:
+        path = os.path.normpath(target.src)
+        local = os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
+    else:
+        local = os.path.realpath(target.src)
+    return hashlib.sha256(local.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
 def deletes_on_target(target: RsyncTarget) -> bool:
@@ -67,7 +71,7 @@ def deletes_on_target(target: RsyncTarget) -> bool:
 class Job:
     """One sync of one target: its record on disk and what this agent knows beyond it."""
 
-    checksum: str
+    key: str
     state_file: str
     state: dict[str, Any] = field(default_factory=dict)
     run_id: str | None = None
@@ -80,6 +84,14 @@ class Job:
     ending: IDelayedCall | None = None  # the wait for rsync's group to go before recording
     answer_timer: IDelayedCall | None = None
     started: defer.Deferred[Job] = field(default_factory=defer.Deferred)
+    refused: set[int] = field(default_factory=set)  # pids its record names that are not ours
+    retry_at: float = 0.0  # when an end that could not be written is tried again
+
+    @property
+    def checksum(self) -> str:
+        """The original's job id (md5 of dest + src as the sync was asked for)."""
+        checksum = self.state.get("checksum")
+        return checksum if isinstance(checksum, str) else self.key
 
     @property
     def rsync_pid(self) -> int | None:
@@ -90,32 +102,8 @@ class Job:
         return self.state_file[: -len(".json")] + ".log"
 
 
-class SupervisorProtocol(protocol.ProcessProtocol):
-    """Thin: forwards the supervisor's stdout lines (`pid N`, `ready`, `ended`) and its end to
-    the registry."""
-
-    def __init__(self, registry: JobRegistry, job: Job) -> None:
-        self.registry = registry
-        self.job = job
-        self.ended = False
-        self._buffer = b""
-
-    def outReceived(self, data: bytes) -> None:
-        self._buffer += data
-        *lines, self._buffer = self._buffer.split(b"\n")
-        for line in lines:
-            self.registry._told(self.job, line[:MAX_LINE].decode("ascii", "replace").strip())
-        self._buffer = self._buffer[-MAX_LINE:]
-
-    def processEnded(self, reason: Failure) -> None:
-        if self.ended:
-            return
-        self.ended = True
-        self.registry._supervisor_ended(self.job)
-
-
 class JobRegistry:
-    """The agent's background syncs, keyed by checksum; the state files are the truth."""
+    """The agent's background syncs, keyed by target_key; the state files are the truth."""
 
     log = Logger()
 
@@ -128,19 +116,56 @@ class JobRegistry:
         python: str = sys.executable,
         clock: IReactorTime | None = None,
         processes: ProcessTable | None = None,
+        owners: Collection[int] | None = None,
     ) -> None:
         self.reactor = reactor
         self.clock: IReactorTime = clock or reactor  # type: ignore[assignment]
         self.state_dir = state_dir
         self.grace = grace
-        self.python = python
-        self.processes = processes or ProcessTable()
+        self.owners = frozenset(owners) if owners is not None else trusted_uids()
+        self.processes = processes or ProcessTable(self.owners)
+        self.starter = SyncStarter(self, python)
+        self.ends = SyncEnds(self)
         self._jobs: dict[str, Job] = {}
         # Told of every sync whose end is recorded (the metrics count them).
         self.ended_observers: list[Callable[[Job], None]] = []
+        # configured state/queue directory -> where its records are kept
+        self._dirs: dict[str, str] = {os.path.abspath(state_dir): os.path.abspath(state_dir)}
+        self._warned: set[str] = set()
 
-    def state_file(self, checksum: str, state_dir: str | None = None) -> str:
-        return os.path.join(state_dir or self.state_dir, checksum + ".json")
+    # -- directories and records
+
+    def use_dir(self, state_dir: StateDir) -> None:
+        """Keep the records of `state_dir.configured` in `state_dir.path` (a private subdirectory
+        of a shared directory)."""
+        self._dirs[os.path.abspath(state_dir.configured)] = state_dir.path
+        if state_dir.full:
+            self.ends.disk_full(state_dir.path, None)
+
+    def directory(self, state_dir: str | None = None) -> str:
+        configured = os.path.abspath(state_dir or self.state_dir)
+        return self._dirs.setdefault(configured, configured)
+
+    def state_file(self, key: str, state_dir: str | None = None) -> str:
+        return os.path.join(self.directory(state_dir), key + ".json")
+
+    def read(self, path: str) -> dict[str, Any] | None:
+        """The record at `path` if it is one the agent trusts; a file planted there (a link, a
+        FIFO, another user's, a huge one) is ignored, with a warning the first time."""
+        return read_state(path, self.owners, refused=self._refused)
+
+    def _refused(self, error: UntrustedFile) -> None:
+        text = str(error)
+        if text not in self._warned and len(self._warned) < MAX_WARNED:
+            self._warned.add(text)
+            self.log.warn("ignored, not a sync record of this agent: {why}", why=text)
+
+    def _paths(self, key: str, state_dir: str | None) -> list[str]:
+        """Where a record of `key` may be: the given directory first, then every other one (a
+        target spelled once as a group and once inline has its records in two)."""
+        first = self.directory(state_dir)
+        dirs = [first, *(d for d in dict.fromkeys(self._dirs.values()) if d != first)]
+        return [os.path.join(d, key + ".json") for d in dirs]
 
     # -- start-up
 
@@ -148,22 +173,18 @@ class JobRegistry:
         """Adopt the syncs a previous agent started that still run (in our state dir and in
         `state_dirs`, the groups' own); record the dead ones as lost."""
         found = []
-        seen = set()
-        for directory in (self.state_dir, *state_dirs):
-            if os.path.abspath(directory) in seen:
-                continue
-            seen.add(os.path.abspath(directory))
+        for directory in dict.fromkeys(self.directory(d) for d in (self.state_dir, *state_dirs)):
             try:
                 names = sorted(os.listdir(directory))
             except OSError:
                 continue
             for name in names:
                 if name.startswith(".tmp-"):
-                    self._remove_stale_temp(os.path.join(directory, name))
+                    remove_stale_temp(os.path.join(directory, name))
                     continue
                 if not name.endswith(".json") or name.startswith("."):
                     continue
-                state = read_state(os.path.join(directory, name))
+                state = self.read(os.path.join(directory, name))
                 if not state or state.get("state") not in (STATE_STARTING, STATE_RUNNING):
                     continue
                 job = self._adopt(name[: -len(".json")], os.path.join(directory, name), state)
@@ -173,57 +194,56 @@ class JobRegistry:
 
     # -- questions
 
-    def running(self, checksum: str, state_dir: str | None = None) -> Job | None:
+    def running(self, key: str, state_dir: str | None = None) -> Job | None:
         """The target's sync if one runs (or is starting), else None."""
-        job = self._jobs.get(checksum)
+        job = self._jobs.get(key)
         if job is None:
+            if self.ends.retry(key):
+                return None  # it ended; its end waits for space to be recorded
             # Not one we know of: its record (and /proc) still decide, so a target never gets
             # a second rsync because this agent missed the first.
-            path = self.state_file(checksum, state_dir)
-            state = read_state(path)
-            if state and state.get("state") in (STATE_STARTING, STATE_RUNNING):
-                self._adopt(checksum, path, state)
+            for path in self._paths(key, state_dir):
+                state = self.read(path)
+                if state and state.get("state") in (STATE_STARTING, STATE_RUNNING):
+                    self._adopt(key, path, state)
+                    break
         else:
-            self._refresh(job)
+            self.refresh(job)
             if job.state.get("state") == STATE_ENDED or not self._alive(job):
-                self._ended(job)
+                self.ends.ended(job)
         # A sync whose end waits for rsync's group to go still runs.
-        return self._jobs.get(checksum)
+        return self._jobs.get(key)
 
     def running_count(self) -> int:
-        return sum(1 for checksum in list(self._jobs) if self.running(checksum))
+        self.ends.retry_due()
+        return sum(1 for key in list(self._jobs) if self.running(key))
 
     def pids(self, job: Job) -> list[int]:
         """The running rsync processes (rsync forks a receiver: usually two)."""
-        self._refresh(job)
-        pid = job.rsync_pid
-        if pid and self.processes.same(pid, job.state.get("rsyncStart")):
-            return self.processes.group(pid)
-        return []
+        self.refresh(job)
+        pid = self.proven(job, "rsyncPid", "rsyncStart")
+        return self.processes.group(pid) if pid else []
 
     def progress(self, job: Job) -> dict[str, Any] | None:
         """The last `--info=progress2` record the supervisor wrote: bytes, percent, rate, eta."""
-        self._refresh(job)
+        self.refresh(job)
         progress = job.state.get("progress")
         return progress if isinstance(progress, dict) else None
 
-    def last_result(self, checksum: str, state_dir: str | None = None) -> dict[str, Any] | None:
+    def last_result(self, key: str, state_dir: str | None = None) -> dict[str, Any] | None:
         """The `lastRsync` record of the target's last finished sync, if there was one."""
-        state = read_state(self.state_file(checksum, state_dir))
-        if not state or state.get("state") != STATE_ENDED:
-            return None
-        return {
-            "checksum": checksum,
-            "runId": state.get("runId"),
-            "outcome": state.get("outcome"),
-            "exitCode": state.get("exitCode"),
-            "started": _iso(state.get("started")),
-            "ended": _iso(state.get("ended")),
-            "transferFilesCount": state.get("transferFilesCount"),
-            "transferFilesSize": state.get("transferFilesSize"),
-            "transferDeleteCount": state.get("transferDeleteCount"),
-            "message": state.get("message") or "",
-        }
+        unwritten = self.ends.retry(key)
+        if unwritten is not None:
+            return summary(key, unwritten.state)
+        found = None
+        for path in self._paths(key, state_dir):
+            state = self.read(path)
+            if state and state.get("state") == STATE_ENDED:
+                ended = state.get("ended")
+                ended = ended if isinstance(ended, int | float) else 0
+                if found is None or ended > found[0]:
+                    found = (ended, state)
+        return summary(key, found[1]) if found else None
 
     # -- orders
 
@@ -237,71 +257,21 @@ class JobRegistry:
     ) -> defer.Deferred[Job]:
         """Start the sync of `target` under a supervisor; fires once rsync is under way, has
         already ended (e.g. the rsync daemon is down, or the sync was refused), or after
-        ANSWER_WITHIN seconds. Raises JobError when it cannot start, ValueError for a bad
-        target."""
-        checksum = target.checksum
-        if self.running(checksum, state_dir):
-            raise JobError(f"a sync of {checksum} is already running")
-        # release mode (deploy.release_orders): rsync fills `release["sync"]`, a staging dir
-        sync = release["sync"] if release is not None else target
-        argv = build_argv(sync, dry_run=False, progress=True)
-        directory = state_dir or self.state_dir
-        path = self.state_file(checksum, state_dir)
-        run_id = release["runId"] if release is not None else uuid.uuid4().hex
-        state = {
-            "checksum": checksum,
-            "state": STATE_STARTING,
-            "runId": run_id,
-            "created": self.clock.seconds(),
-            "dest": target.dest,
-            "src": target.src,
-            "argv": argv,
-        }
-        if release is not None:
-            state.update(release=release["spec"], releaseId=release["id"])
-        job = Job(checksum, path, state, run_id)
-        log_fd = -1
-        try:
-            os.makedirs(directory, exist_ok=True)
-            # The log first: once the starting record exists, every way out must end it.
-            log_fd = os.open(job.log_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            write_state(path, state)
-        except OSError as e:
-            if log_fd >= 0:
-                os.close(log_fd)
-            raise JobError(f"cannot record the sync in {directory}: {e.strerror or e}") from e
-        proto = SupervisorProtocol(self, job)
-        job.supervisor = proto
-        cmd = [self.python, "-m", "deploy.supervise", "--state", path, "--run", run_id]
-        cmd += ["--grace", str(self.grace)]
-        if refuse_empty:
-            cmd.append("--refuse-empty")
-        cmd += ["--", *argv]
-        try:
-            transport = self.reactor.spawnProcess(
-                proto,
-                self.python,
-                cmd,
-                env=_child_env(),
-                usePTY=False,
-                childFDs={0: "w", 1: "r", 2: log_fd},
-            )
-        except OSError as e:
-            job.supervisor = None
-            self._record_end(job, OUTCOME_FAILED, f"cannot start the sync supervisor: {e}")
-            raise JobError(f"cannot start the sync supervisor: {e}") from e
-        finally:
-            os.close(log_fd)
-        transport.closeStdin()
-        self._jobs[checksum] = job
-        job.answer_timer = self.clock.callLater(ANSWER_WITHIN, self._answer, job)
+        ANSWER_WITHIN seconds. Raises JobError when it cannot start (StateFull when the state
+        file system is full), ValueError for a bad target."""
+        key = target_key(target, release_mode=release is not None)
+        if self.running(key, state_dir):
+            raise JobError(f"a sync of {target.checksum} is already running")
+        job = Job(key, self.state_file(key, state_dir))
+        self.starter.start(job, target, refuse_empty, release)
+        self._jobs[key] = job
         return job.started
 
-    def kill(self, checksum: str, state_dir: str | None = None) -> list[int]:
+    def kill(self, key: str, state_dir: str | None = None) -> list[int]:
         """Stop the target's sync: its supervisor TERMs rsync's process group and KILLs it after
         the grace period (the agent KILLs it itself a little later, should the supervisor be
         gone or stuck). Answers the rsync pids that were running."""
-        job = self.running(checksum, state_dir)
+        job = self.running(key, state_dir)
         if job is None:
             return []
         pids = self.pids(job)
@@ -310,56 +280,79 @@ class JobRegistry:
             policy = StopPolicy(self.grace + KILL_MARGIN, repeat=KILL_MARGIN)
             job.stopper = Stopper(self.clock, policy, functools.partial(self._signal_sync, job))
             job.stopper.stop()
-        self.log.info("rkill of sync {checksum}: pids {pids}", checksum=checksum, pids=pids)
+        self.log.info("rkill of sync {key}: pids {pids}", key=key, pids=pids)
         return pids
 
     # -- what the supervisor tells
 
-    def _told(self, job: Job, line: str) -> None:
+    def told(self, job: Job, line: str) -> None:
         word, _, arg = line.partition(" ")
         if word == "pid" and arg.isdigit():
             job.state["rsyncPid"] = int(arg)
         elif word in ("ready", "ended"):
-            self._answer(job)
+            self.answer(job)
 
-    def _supervisor_ended(self, job: Job) -> None:
-        self._ended(job)
-        self._answer(job)
+    def supervisor_ended(self, job: Job) -> None:
+        self.ends.ended(job)
+        self.answer(job)
 
-    def _answer(self, job: Job) -> None:
+    def answer(self, job: Job) -> None:
         if job.answer_timer is not None and job.answer_timer.active():
             job.answer_timer.cancel()
         job.answer_timer = None
         if not job.started.called:
-            self._refresh(job)
+            self.refresh(job)
             job.started.callback(job)
 
-    # -- internals
+    # -- what the records say, and what /proc proves
 
-    def _adopt(self, checksum: str, path: str, state: dict[str, Any]) -> Job | None:
+    def proven(self, job: Job, pid_field: str, start_field: str) -> int | None:
+        """The pid the record names in `pid_field` if /proc proves it a process of this sync
+        (start time, owner, and our tag with its run id); else None, logged once per pid when
+        the pid is alive (a record naming another process is planted or stale)."""
+        pid, start = job.state.get(pid_field), job.state.get(start_field)
+        if not isinstance(pid, int) or pid <= 1:
+            return None
+        if self.processes.ours(pid, start, job.run_id):
+            return pid
+        if pid not in job.refused and self.processes.same(pid, start):
+            job.refused.add(pid)
+            self.log.warn(
+                "sync {key}: its record names pid {pid}, which is not a sync this agent "
+                "started: it is not signalled",
+                key=job.key,
+                pid=pid,
+            )
+        return None
+
+    def _adopt(self, key: str, path: str, state: dict[str, Any]) -> Job | None:
         """Watch a sync a previous agent (or this one, unknowingly) started; None when it is not
         running any more."""
-        job = Job(checksum, path, state, state.get("runId"))
-        self._jobs[checksum] = job
+        job = Job(key, path, state, state.get("runId"))
+        self._jobs[key] = job
         if not self._alive(job):
             self.log.warn(
-                "sync {checksum} was {state} but its supervisor is gone",
-                checksum=checksum,
+                "sync {key} was {state} but its supervisor is gone",
+                key=key,
                 state=state.get("state"),
             )
-            self._ended(job)
+            self.ends.ended(job)
             return None
         self.log.info(
-            "watching sync {checksum} again (supervisor pid {supervisor}, rsync pid {pid})",
-            checksum=checksum,
+            "watching sync {key} again (supervisor pid {supervisor}, rsync pid {pid})",
+            key=key,
             supervisor=state.get("supervisorPid"),
             pid=job.rsync_pid,
         )
         job.started.callback(job)
         return job
 
-    def _refresh(self, job: Job) -> None:
-        state = read_state(job.state_file)
+    def refresh(self, job: Job) -> None:
+        """Take up what the job's record says now; an end known here but not written yet (a
+        full disk) is not undone by the older record."""
+        if job.state.get("state") == STATE_ENDED and job.key in self.ends.unwritten:
+            return
+        state = self.read(job.state_file)
         if state is not None and (job.run_id is None or state.get("runId") == job.run_id):
             job.state = state
 
@@ -367,7 +360,7 @@ class JobRegistry:
         if job.supervisor is not None:
             return not job.supervisor.ended
         state = job.state
-        if self.processes.same(state.get("supervisorPid"), state.get("supervisorStart")):
+        if self.proven(job, "supervisorPid", "supervisorStart"):
             return True
         if state.get("state") == STATE_STARTING and not state.get("supervisorPid"):
             # Its supervisor may still be on its way: give it a while to take the record up.
@@ -377,131 +370,40 @@ class JobRegistry:
             )
         return False
 
-    def _supervisor_pid(self, job: Job) -> int | None:
+    def supervisor_pid(self, job: Job) -> int | None:
         if job.supervisor is not None:
             if job.supervisor.ended:
                 return None
             return getattr(job.supervisor.transport, "pid", None)
-        pid = job.state.get("supervisorPid")
-        return pid if self.processes.same(pid, job.state.get("supervisorStart")) else None
+        return self.proven(job, "supervisorPid", "supervisorStart")
 
-    def _ended(self, job: Job) -> None:
-        """A sync ended (its record says so, or its supervisor is gone): make sure its record
-        says how, then forget it."""
-        if job.finished:
-            return  # seen in its record first, then again when our child exited
-        job.finished = True
-        if job.stopper is not None:
-            job.stopper.cancel()
-        self._refresh(job)
-        if job.state.get("state") == STATE_ENDED:
-            self._forget(job)
-        elif job.kill_requested:
-            self._abandon(job, OUTCOME_KILLED, "stopped by rkill")
-        elif job.supervisor is not None:
-            self._abandon(
-                job, OUTCOME_FAILED, "the sync's supervisor ended without recording an outcome"
-            )
-        else:
-            self._abandon(job, OUTCOME_LOST)
-
-    def _forget(self, job: Job) -> None:
-        if self._jobs.get(job.checksum) is job:
-            del self._jobs[job.checksum]
+    def forget(self, job: Job) -> None:
+        if self._jobs.get(job.key) is job:
+            del self._jobs[job.key]
         if job.stopper is not None:
             job.stopper.cancel()
         if job.ending is not None and job.ending.active():
             job.ending.cancel()
         job.ending = None
         self.log.info(
-            "sync {checksum} ended: {outcome} (exit code {exitCode})",
-            checksum=job.checksum,
+            "sync {key} ended: {outcome} (exit code {exitCode})",
+            key=job.key,
             outcome=job.state.get("outcome"),
             exitCode=job.state.get("exitCode"),
         )
         for observer in self.ended_observers:
             observer(job)
 
-    def _abandon(self, job: Job, outcome: str, message: str | None = None) -> None:
-        """Record the end of a sync whose supervisor died without recording it, once no process
-        of rsync's group is left: an rsync it left behind is KILLed (nobody would record that
-        one's end) and its group waited for (at most GROUP_GONE_WITHIN)."""
-        self._refresh(job)
-        if job.state.get("state") == STATE_ENDED:
-            self._forget(job)
-            return  # it recorded its end after all
-        if message is None:
-            message = "the sync's supervisor is gone and left no outcome"
-        if job.supervisor is not None:
-            detail = _last_line(job.log_file)
-            if detail:
-                message += f": {detail}"
-        rsync = job.rsync_pid
-        if rsync and self.processes.same(rsync, job.state.get("rsyncStart")):
-            self.log.warn(
-                "sync {checksum}: rsync {pid} outlived its supervisor; KILL",
-                checksum=job.checksum,
-                pid=rsync,
-            )
-            self.processes.signal_group(rsync, signal.SIGKILL)
-            message += " (its rsync was stopped)"
-            self._record_when_gone(job, rsync, outcome, message, self.clock.seconds())
-        else:
-            self._record_end(job, outcome, message)
-            self._forget(job)
-
-    def _record_when_gone(
-        self, job: Job, pgid: int, outcome: str, message: str, since: float
-    ) -> None:
-        """Record the end once process group `pgid` (a KILLed rsync's) is empty: rsync's forked
-        receiver can outlive it for a moment."""
-        job.ending = None
-        left = self.processes.group(pgid)
-        if left and self.clock.seconds() - since < GROUP_GONE_WITHIN:
-            job.ending = self.clock.callLater(
-                GROUP_POLL, self._record_when_gone, job, pgid, outcome, message, since
-            )
-            return
-        if left:
-            self.log.warn(
-                "sync {checksum}: rsync's processes {pids} would not go",
-                checksum=job.checksum,
-                pids=left,
-            )
-        self._record_end(job, outcome, message)
-        self._forget(job)
-
-    def _record_end(self, job: Job, outcome: str, message: str) -> None:
-        state = dict(job.state)
-        state.update(state=STATE_ENDED, outcome=outcome, ended=self.clock.seconds())
-        state["message"] = message
-        job.state = state
-        current = read_state(job.state_file)
-        if current is not None and job.run_id is not None and current.get("runId") != job.run_id:
-            return  # the record is another run's now
-        try:
-            write_state(job.state_file, state)
-        except OSError as e:
-            self.log.error(
-                "cannot record the end of sync {checksum} ({outcome}: {message}): {e}",
-                checksum=job.checksum,
-                outcome=outcome,
-                message=message,
-                e=e,
-            )
-
     def _signal_sync(self, job: Job, sig: int) -> bool:
         """rkill's signals. TERM goes to the supervisor, which stops rsync's group with the grace
         period itself (to rsync's group when there is no supervisor); KILL to rsync's group while
         rsync runs, else to a supervisor that still has not recorded the end. False once the end
-        is recorded or nothing is left to stop."""
-        self._refresh(job)
+        is recorded or nothing is left to stop. Only pids proven ours are signalled."""
+        self.refresh(job)
         if job.state.get("state") == STATE_ENDED:
             return False
-        rsync = job.rsync_pid
-        if not (rsync and self.processes.same(rsync, job.state.get("rsyncStart"))):
-            rsync = None
-        supervisor = self._supervisor_pid(job)
+        rsync = self.proven(job, "rsyncPid", "rsyncStart")
+        supervisor = self.supervisor_pid(job)
         if sig == signal.SIGTERM:
             if supervisor:
                 self.processes.signal(supervisor, sig)
@@ -509,60 +411,11 @@ class JobRegistry:
                 self.processes.signal_group(rsync, sig)
             return True
         if rsync:
-            self.log.warn("sync {checksum} outlived its grace period: KILL", checksum=job.checksum)
+            self.log.warn("sync {key} outlived its grace period: KILL", key=job.key)
             self.processes.signal_group(rsync, sig)
             return True
         if supervisor:
-            self.log.warn("the supervisor of sync {checksum} is stuck: KILL", checksum=job.checksum)
+            self.log.warn("the supervisor of sync {key} is stuck: KILL", key=job.key)
             self.processes.signal(supervisor, sig)
             return True
         return False
-
-    @staticmethod
-    def _remove_stale_temp(path: str) -> None:
-        try:
-            if time.time() - os.stat(path).st_mtime > STALE_TEMP:
-                os.unlink(path)
-        except OSError:
-            pass
-
-
-def check_state_dir(directory: str) -> None:
-    """Create `directory` if needed and prove a state record can be written there; raises
-    OSError saying which directory failed."""
-    try:
-        os.makedirs(directory, exist_ok=True)
-        probe = os.path.join(directory, ".probe.json")
-        write_state(probe, {"probe": True})
-        os.unlink(probe)
-    except OSError as e:
-        raise OSError(e.errno, f"{directory} is not a writable directory: {e.strerror or e}") from e
-
-
-def _last_line(path: str, limit: int = 4096) -> str:
-    """The last non-empty line of a (log) file, or ""."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            f.seek(max(0, size - limit))
-            tail = f.read()
-    except OSError:
-        return ""
-    lines = [line.strip() for line in tail.decode("utf-8", "replace").splitlines()]
-    lines = [line for line in lines if line]
-    return lines[-1][:500] if lines else ""
-
-
-def _iso(t: float | None) -> str | None:
-    if not isinstance(t, int | float):
-        return None
-    return datetime.datetime.fromtimestamp(t, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _child_env() -> dict[str, str]:
-    env = dict(os.environ)
-    # The supervisor imports `deploy` the way this process did, installed or from a checkout.
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
-    return env

@@ -81,11 +81,12 @@ def listening_check(is_listening: Callable[[], bool], what: str) -> Callable[[],
 
 def writable_check(directory: str) -> Callable[[], str | None]:
     """A health check: a state record can be written in `directory`."""
-    from deploy.jobs import check_state_dir
+    from deploy.statedir import StateDir, probe
 
     def check() -> str | None:
         try:
-            check_state_dir(directory)
+            if probe(StateDir(directory, directory)).full:
+                return f"the state file system of {directory} is full"
         except OSError as e:
             return str(e.strerror or e)
         return None

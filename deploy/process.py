@@ -1,13 +1,13 @@
 """Stopping child processes, in one place: reading /proc (is this pid still the process we started,
-who is in a process group), signalling a process group or a process (gone already is fine), and the
-stop policy — TERM, a grace period, KILL — as a plain state machine that a Twisted clock
-(`Stopper`, `GroupStopper`) and a polling loop (the sync supervisor) drive alike."""
+is it a sync we started, who is in a process group), signalling a process group or a process (gone
+already is fine), and the stop policy — TERM, a grace period, KILL — as a plain state machine that
+a Twisted clock (`Stopper`, `GroupStopper`) and a polling loop (the sync supervisor) drive alike."""
 
 from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -20,6 +20,11 @@ KILL_GRACE = 2.0
 # ran in it is recorded anyway (a process in uninterruptible sleep), and how often to look.
 GROUP_GONE_WITHIN = 10.0
 GROUP_POLL = 0.05
+# The environment variable that marks a sync supervisor, and the rsync it starts, as the agent's:
+# its value is the sync's run id. A record names pids; only this tag (with the pid's start time
+# and owner) proves that one of them is a sync the agent started and may signal.
+SYNC_TAG = "DEPLOY_SYNC_RUN"
+MAX_ENVIRON = 1 << 20
 
 
 # --------------------------------------------------------------------------- /proc
@@ -82,10 +87,79 @@ def is_same_process(pid: int | None, start_ticks: int | None) -> bool:
     return stat is not None and stat.alive and stat.start_ticks == start_ticks
 
 
+def process_uids(pid: int) -> tuple[int, ...] | None:
+    """The real, effective, saved and file-system uids of `pid` (from /proc/PID/status, not the
+    owner of /proc/PID, which a process that made itself undumpable shows as root)."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            text = f.read(65536)
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith(b"Uid:"):
+            try:
+                return tuple(int(field) for field in line.split()[1:])
+            except ValueError:
+                return None
+    return None
+
+
+def carries_tag(pid: int, name: str, value: str) -> bool:
+    """True when the environment `pid` was started with holds `name=value` exactly."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            environ = f.read(MAX_ENVIRON)
+    except OSError:
+        return False
+    return f"{name}={value}".encode("utf-8", "surrogateescape") in environ.split(b"\0")
+
+
+def is_our_sync(
+    pid: int | None, start_ticks: int | None, run_id: str | None, owners: Collection[int]
+) -> bool:
+    """True when `pid` is a process of the sync `run_id` that this agent started: the same
+    process (pid and start time), run by one of `owners` (every uid of it), and carrying the
+    SYNC_TAG of that run in its environment. A record alone never proves this."""
+    if not run_id or not is_same_process(pid, start_ticks):
+        return False
+    assert pid is not None
+    uids = process_uids(pid)
+    return (
+        bool(uids)
+        and all(uid in owners for uid in uids or ())
+        and carries_tag(pid, SYNC_TAG, run_id)
+        and is_same_process(pid, start_ticks)  # still the same one once its environ was read
+    )
+
+
 def process_group_pids(pgid: int) -> list[int]:
     """Every live (not zombie) pid in process group `pgid`, the leader first."""
     pids = [s.pid for s in all_processes() if s.pgid == pgid and s.alive]
     return sorted(pids, key=lambda p: (p != pgid, p))
+
+
+def pipe_holders(inodes: Collection[int], *, since_ticks: int = 0) -> list[ProcStat]:
+    """Every live process, started at or after `since_ticks`, that holds one of the pipes
+    `inodes` open (its /proc/PID/fd): a process holding a child's output pipe was started by that
+    child (or handed it), so it is the child's even after the child is gone."""
+    wanted = {f"pipe:[{inode}]" for inode in inodes}
+    holders = []
+    for stat in all_processes():
+        if not stat.alive or stat.start_ticks < since_ticks or stat.pid == os.getpid():
+            continue
+        try:
+            fds = os.listdir(f"/proc/{stat.pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                link = os.readlink(f"/proc/{stat.pid}/fd/{fd}")
+            except OSError:
+                continue
+            if link in wanted:
+                holders.append(stat)
+                break
+    return holders
 
 
 def has_exited(pid: int) -> bool:
@@ -95,6 +169,12 @@ def has_exited(pid: int) -> bool:
         return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
     except ChildProcessError:
         return True
+
+
+def trusted_uids(*more: int | None) -> frozenset[int]:
+    """The uids whose files and processes the agent trusts: root, itself, and `more` (the user it
+    is about to run as)."""
+    return frozenset({0, os.geteuid(), *(uid for uid in more if uid is not None)})
 
 
 # --------------------------------------------------------------------------- signals
@@ -125,10 +205,18 @@ def signal_pid(pid: int, sig: int) -> bool:
 
 class ProcessTable:
     """The /proc look-ups and signals a job registry needs, behind one object so tests can give it
-    a fake /proc."""
+    a fake /proc. `owners` are the uids a sync of this agent may run as (root, and the user the
+    agent runs as)."""
+
+    def __init__(self, owners: Collection[int] | None = None) -> None:
+        self.owners = frozenset(owners) if owners is not None else trusted_uids()
 
     def same(self, pid: int | None, start_ticks: int | None) -> bool:
         return is_same_process(pid, start_ticks)
+
+    def ours(self, pid: int | None, start_ticks: int | None, run_id: str | None) -> bool:
+        """`pid` is a process of the sync `run_id` that this agent started (is_our_sync)."""
+        return is_our_sync(pid, start_ticks, run_id, self.owners)
 
     def group(self, pgid: int) -> list[int]:
         return process_group_pids(pgid)

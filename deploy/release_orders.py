@@ -19,7 +19,7 @@ from deploy.access import AllowedPaths, PathNotAllowed
 from deploy.commands import CommandError, CommandResult, build_command, run_command
 from deploy.config import AgentConfig, ConfigError, RsyncGroup
 from deploy.errors import InvalidTarget
-from deploy.jobs import JobRegistry
+from deploy.jobs import JobRegistry, target_key
 from deploy.jobstate import OUTCOME_OK
 from deploy.release_layout import default_releases_path
 from deploy.release_steps import switch_back
@@ -120,12 +120,13 @@ class ReleaseOrders:
     # -- what the rsync and status orders ask
 
     def spec_for(self, target: RsyncTarget, group: RsyncGroup, label: str = "") -> ReleaseSpec:
-        state_dir = group_state_dir(group) or self.state_dir
+        # beside the sync records, in the same (maybe private, see deploy.statedir) directory
+        state_dir = self.jobs.directory(group_state_dir(group) or self.state_dir)
         jobs = self.config.jobs
         return ReleaseSpec(
             src=target.src.rstrip("/"),
             releases_path=group.releases_path or default_releases_path(target.src),
-            history=history_file(state_dir, target.checksum),
+            history=history_file(state_dir, target_key(target, release_mode=True)),
             keep=group.releases or 2,
             activate=group.activate,
             link_dest=group.link_dest,

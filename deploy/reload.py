@@ -179,14 +179,11 @@ def proxy_changes(old: Any, new: Any) -> list[str]:
 
 
 def _carry_authenticator(running: Any, fresh: Any) -> Any:
-    """The running authenticator when the key is the same (its replay cache must live on),
-    with the fresh one's window and legacy settings; else the fresh one."""
-    if running is None or fresh is None or running.key != fresh.key:
-        return fresh
-    for name in ("window", "legacy", "legacy_refusal"):
-        setattr(running, name, getattr(fresh, name))
-    running.verifier.window = fresh.window
-    return running
+    """The fresh authenticator (keys, names, window, legacy settings as now configured) with the
+    nonces the running one has seen, so that no request can be replayed across a reload."""
+    if running is not None and fresh is not None:
+        fresh.verifier.carry_nonces(running.verifier)
+    return fresh
 
 
 def _warn_unresolved(fresh: Any) -> None:
@@ -200,11 +197,13 @@ def swap_agent(agent: Any, config: Any) -> None:
     fresh = type(agent)(config, agent.reactor, clock=agent.clock)
     _warn_unresolved(fresh)
     agent.authenticator = _carry_authenticator(agent.authenticator, fresh.authenticator)
+    agent.policies = fresh.policies
     agent.allowed_hosts = fresh.allowed_hosts
     agent.targets = fresh.targets
     agent.config = config
-    agent.orders.config = config
-    agent.orders.targets = fresh.targets
+    for orders in (agent.orders, agent.release_orders):
+        orders.config = config
+        orders.targets = fresh.targets
     agent.jobs.grace = config.server.rkill_grace
 
 
@@ -215,6 +214,7 @@ def swap_proxy(proxy: Any, config: Any) -> None:
     _warn_unresolved(fresh)
     proxy.authenticator = _carry_authenticator(proxy.authenticator, fresh.authenticator)
     proxy.allowed_hosts = fresh.allowed_hosts
+    proxy.api_keys = fresh.api_keys
     if config.client != proxy.config.client:
-        proxy.client = fresh.client
+        proxy.options = fresh.options
     proxy.config = config

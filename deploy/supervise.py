@@ -6,7 +6,9 @@ ARGV...`. It runs only if FILE still holds the `starting` record of run ID, so a
 supervisor never runs a second sync. It speaks to its parent on stdout only until the sync is
 under way (`pid N`, then `ready` or `ended`), so an agent that dies or restarts costs the sync
 nothing. SIGTERM stops the sync: TERM to rsync's process group, KILL after the grace period. The
-end is recorded only once no process of that group is left."""
+end is recorded only once no process of that group is left; while the state file system is full,
+the supervisor stays and tries again until the end is written (the sync is reported with its real
+outcome once there is space, not as lost)."""
 
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from deploy.jobstate import (
     STATE_RUNNING,
     STATE_STARTING,
     error_message,
+    is_disk_full,
     read_state,
     write_state,
 )
@@ -50,6 +53,11 @@ LIST_TIMEOUT = 60.0
 # Once rsync itself has exited, how long its forked children may keep our pipes open.
 DRAIN_AFTER_EXIT = 2.0
 EXIT_VANISHED = 24
+# Writing the end on a full file system is tried again, every RECORD_RETRY_MAX seconds at most,
+# for RECORD_RETRY_FOR seconds before the supervisor gives up.
+RECORD_RETRY_FIRST = 0.25
+RECORD_RETRY_MAX = 2.0
+RECORD_RETRY_FOR = 24 * 3600.0
 
 # Options of the sync that the source listing needs too: how to reach the source, and the filters
 # that decide which of its files count.
@@ -368,25 +376,42 @@ class Supervisor:
                 release, release_id, outcome, stats.files, stats.total_file_size
             )
             message = f"{message}; {more}" if message and more else message or more
-        try:
-            self.save(
-                state=STATE_ENDED,
-                outcome=outcome,
-                exitCode=exit_code,
-                signal=sig,
-                ended=time.time(),
-                message=message,
-                stderrTail=stderr_text[-4096:],
-                transferFilesCount=stats.files_transferred,
-                transferFilesSize=stats.transferred_size,
-                transferDeleteCount=parser.delete_count if self.child is not None else None,
-            )
-        except OSError as e:
-            self.complain(f"cannot record the outcome ({outcome}: {message}): {e}")
+        if not self.save_end(
+            state=STATE_ENDED,
+            outcome=outcome,
+            exitCode=exit_code,
+            signal=sig,
+            ended=time.time(),
+            message=message,
+            stderrTail=stderr_text[-4096:],
+            transferFilesCount=stats.files_transferred,
+            transferFilesSize=stats.transferred_size,
+            transferDeleteCount=parser.delete_count if self.child is not None else None,
+        ):
             return 1
         self.tell("ended")
         self.hang_up()
         return 0
+
+    def save_end(self, **end: Any) -> bool:
+        """Record the end; a full file system is waited out (tried again, less and less often,
+        for RECORD_RETRY_FOR seconds), any other error gives up at once."""
+        delay = RECORD_RETRY_FIRST
+        give_up_at = time.monotonic() + RECORD_RETRY_FOR
+        said = False
+        while True:
+            try:
+                self.save(**end)
+                return True
+            except OSError as e:
+                if not is_disk_full(e) or time.monotonic() >= give_up_at:
+                    self.complain(f"cannot record the outcome ({end.get('outcome')}): {e}")
+                    return False
+                if not said:
+                    said = True
+                    self.complain(f"cannot record the outcome yet: {e}; trying again")
+            time.sleep(delay)
+            delay = min(delay * 2, RECORD_RETRY_MAX)
 
 
 def rsync_env() -> dict[str, str]:

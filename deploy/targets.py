@@ -1,6 +1,6 @@
 """What an order's `options` names: a group of the agent config or an inline
-`REMOTE_SOURCE,/local/path`, resolved into the `RsyncTarget` it syncs, inside the writable-path
-jail."""
+`REMOTE_SOURCE,/local/path`, resolved into the `RsyncTarget` it syncs: the local path inside the
+writable-path jail, the inline source one the config allows."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from deploy.access import AllowedPaths
 from deploy.config import RsyncGroup
 from deploy.errors import InvalidTarget, UnknownGroup
 from deploy.rsync import RsyncTarget
+from deploy.sources import AllowedSources, RemoteSource
 
 # rsync hands a `host:path` source to a remote shell (ssh), and before 3.2.4 (or with
 # RSYNC_OLD_ARGS set) unescaped: these would start commands on that host.
@@ -17,11 +18,13 @@ _SHELL_SPECIAL = frozenset(";&|`$<>()")
 
 
 def names_a_remote_host(source: str) -> bool:
-    """rsync's own rule: `rsync://...`, or a `:` before any `/` (`HOST::MODULE`, `HOST:PATH`)."""
-    if source.startswith("rsync://"):
-        return True
-    host, colon, _ = source.partition(":")
-    return bool(colon and host and "/" not in host)
+    """rsync's own rule: `rsync://...`, or a `:` before any `/` (`HOST::MODULE`, `HOST:PATH`),
+    with a well-formed host (and user) part."""
+    try:
+        RemoteSource.parse(source)
+    except ValueError:
+        return False
+    return True
 
 
 def group_state_dir(group: RsyncGroup | None) -> str | None:
@@ -31,11 +34,18 @@ def group_state_dir(group: RsyncGroup | None) -> str | None:
 
 class TargetResolver:
     """Turns `options` into a target; raises InvalidTarget/UnknownGroup (400) or
-    PathNotAllowed (403, a local path outside `allow::paths`)."""
+    PathNotAllowed (403: a local path outside `allow::paths`, an inline source the config does
+    not allow)."""
 
-    def __init__(self, groups: Mapping[str, RsyncGroup], allowed_paths: AllowedPaths) -> None:
+    def __init__(
+        self,
+        groups: Mapping[str, RsyncGroup],
+        allowed_paths: AllowedPaths,
+        sources: AllowedSources | None = None,
+    ) -> None:
         self.groups = groups
         self.allowed_paths = allowed_paths
+        self.sources = sources if sources is not None else AllowedSources(())
 
     def resolve(self, options: str) -> tuple[RsyncTarget, RsyncGroup | None]:
         """`options` is a group name, or inline `REMOTE_SOURCE,/local/path`."""
@@ -50,13 +60,12 @@ class TargetResolver:
                 or not _SHELL_SPECIAL.isdisjoint(dest)
             ):
                 raise InvalidTarget(f"bad remote source {dest!r}")
-            if not names_a_remote_host(dest):
-                # A local source would let a request copy any file the agent can read (its
-                # /etc) into an allowed directory: only the config may name one.
-                raise InvalidTarget(
-                    f"bad remote source {dest!r}: name a host "
-                    "(HOST::MODULE/path, rsync://HOST/MODULE/path or HOST:path)"
-                )
+            try:
+                # Only a host may be named: a local source would let a request copy any file
+                # the agent can read (its /etc) into an allowed directory.
+                self.sources.check(dest)
+            except ValueError as e:
+                raise InvalidTarget(f"bad remote source {dest!r}: {e}") from None
             group = None
             target = RsyncTarget(dest=dest, src=src)
         else:

@@ -93,6 +93,31 @@ def run_client(*args: str, timeout: float = 120.0, env: dict[str, str] | None = 
     return ClientRun(proc.returncode, proc.stdout.decode(), proc.stderr.decode())
 
 
+def refused_at_start(ini: Path, cwd: Path, port: int, plugin: str = "deploy-agent") -> str:
+    """Run `twistd -n PLUGIN --path INI` with a config it must refuse: it exits non-zero
+    without listening on `port` (127.0.0.1). Answers its output, to look for the reason in."""
+    proc = subprocess.run(
+        [tool("twistd"), "-n", "--pidfile=", "--logfile=-", plugin, "--path", str(ini)],
+        capture_output=True,
+        timeout=60,
+        cwd=cwd,
+    )
+    output = (proc.stdout + proc.stderr).decode()
+    assert proc.returncode != 0, output
+    assert "starting on" not in output
+    assert not can_connect("127.0.0.1", port)
+    return output
+
+
+def comm(pid: int) -> str:
+    """The command name of `pid` (/proc/PID/comm), or "" when it is gone."""
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
 class AgentClient:
     """Runs the real deploy-client against `self.agent`."""
 

@@ -31,12 +31,14 @@ from tests.harness import (
     RsyncDaemon,
     agent_ini,
     can_connect,
+    comm,
     free_port,
     jail,
     legacy_request,
     make_tree,
     parse_response,
     raw_request,
+    refused_at_start,
     run_client,
     tool,
     wait_until,
@@ -114,14 +116,6 @@ def alive(pid: int) -> bool:
             return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
     except (OSError, IndexError):
         return False
-
-
-def comm(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/comm") as f:
-            return f.read().strip()
-    except OSError:
-        return ""
 
 
 def odd_tree(root: Path) -> Path:
@@ -674,18 +668,9 @@ def test_config_error_stops_twistd_before_listening(env: Env) -> None:
     port = free_port()
     ini = env.work / "broken.ini"
     ini.write_text(f"[server]\naddr = 127.0.0.1\nport = {port}\nsocket_timeout = soon\n")
-    proc = subprocess.run(
-        [tool("twistd"), "-n", "--pidfile=", "--logfile=-", "deploy-agent", "--path", str(ini)],
-        capture_output=True,
-        timeout=60,
-        cwd=env.work,
-    )
-    output = (proc.stdout + proc.stderr).decode()
-    assert proc.returncode != 0
+    output = refused_at_start(ini, env.work, port)
     assert f"{ini}:4" in output, output
     assert "socket_timeout" in output
-    assert "starting on" not in output
-    assert not can_connect("127.0.0.1", port)
 
 
 def test_missing_config_file_is_an_error(env: Env) -> None:

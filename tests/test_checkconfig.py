@@ -18,7 +18,7 @@ from deploy.checkconfig import (
     host_problem,
     server_problem,
 )
-from deploy.config import RsyncGroup, load_agent_config, load_proxy_config
+from deploy.config import load_agent_config, load_proxy_config
 from deploy.logs import api_key_id
 from deploy.tls_keys import self_signed_certificate
 from tests.harness import free_port, tool
@@ -112,15 +112,6 @@ def test_agent_problems_are_found_and_located(tmp_path):
     )
 
 
-@dataclasses.dataclass
-class ReleaseGroup(RsyncGroup):
-    """A group with release mode's keys (the releases issue adds them to the config)."""
-
-    releases_path: str | None = None
-    after_activate: str | None = None
-    check: str | None = None
-
-
 def test_jobs_named_by_a_group_must_exist_and_releases_stay_in_the_jail(tmp_path):
     """A group's after_activate or check naming a job the jobs file lacks is an error; a
     releases_path outside [allow::paths] is reported like src."""
@@ -129,23 +120,18 @@ def test_jobs_named_by_a_group_must_exist_and_releases_stay_in_the_jail(tmp_path
     path = tmp_path / "agent.ini"
     text = (
         f"[server]\nstate_path = {tmp_path / 'state'}\n[allow::paths]\npath[] = {tmp_path}\n"
-        f"[rsync::group::web]\ndest = h::M/\nsrc = {tmp_path / 'web'}\n[jobs]\npath = {jobs}\n"
+        f"[rsync::group::web]\ndest = h::M/\nsrc = {tmp_path / 'web'}\nreleases = 3\n"
+        "releases_path = /var/elsewhere/releases\nafter_activate = service:reload,nginx\n"
+        f"check = health:web\n[jobs]\npath = {jobs}\n"
     )
     path.write_text(text)
     config = load_agent_config(str(path))
-    web = config.groups["web"]
-    config.groups["web"] = ReleaseGroup(
-        **dataclasses.asdict(web),
-        releases_path="/var/elsewhere/releases",
-        after_activate="service:reload,nginx",
-        check="health:web",
-    )
-    section_line = numbered(text)["[rsync::group::web]"]
+    line = numbered(text)
     assert [str(p) for p in check_agent(config)] == [
-        f"{path}:{section_line}: [rsync::group::web] releases_path: /var/elsewhere/releases is "
-        "outside [allow::paths]",
-        f"{path}:{section_line}: [rsync::group::web] check: job 'health:web' is not in the jobs "
-        f"file {jobs}",
+        f"{path}:{line['releases_path']}: [rsync::group::web] releases_path: "
+        "/var/elsewhere/releases is outside [allow::paths]",
+        f"{path}:{line['check']}: [rsync::group::web] check: job 'health:web' is not in the "
+        f"jobs file {jobs}",
     ]
 
 

@@ -4,30 +4,35 @@ arguments into an argv (never a shell), and running it with a timeout and an out
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor
+from twisted.internet import reactor, task
+from twisted.internet.task import Clock
 
 from deploy.commands import (
     MAX_ARG_LENGTH,
     MAX_ARGS,
     CommandError,
+    CommandStopper,
     build_command,
     check_argument,
     group_leader_prefix,
     run_command,
+    template_problem,
 )
-from tests.harness import wait_until
+from deploy.process import ProcStat, pipe_holders, proc_start_ticks, read_stat, signal_pid
+from tests.harness import comm, wait_until
 
 JOBS = {
     "service:echo": "/bin/echo %s",
     "service:false": "/bin/false %s",
     "app:true": "/bin/true",
-    "app:greet": "/bin/echo 'hello world' --name=%s",
+    "app:greet": "/bin/echo 'hello world' --name %s",
     "app:quoted": '/usr/bin/printf "%%s|%%s\\n" %s',
     "app:broken": "/bin/echo 'unclosed",
     "a.b": "/bin/echo dot",
@@ -70,13 +75,57 @@ def test_quotes_spaces_and_plus_are_plain_text() -> None:
 
 
 def test_template_is_split_like_a_shell_would() -> None:
-    """Quotes in the template group words (shlex); `%s` inside a word is replaced there."""
-    assert build_command(JOBS, "app:greet,bob")[1] == ["/bin/echo", "hello world", "--name=bob"]
+    """Quotes in the template group words (shlex); each argument replaces a whole `%s`."""
+    assert build_command(JOBS, "app:greet,bob")[1] == ["/bin/echo", "hello world", "--name", "bob"]
     assert build_command(JOBS, "app:greet,bob,al")[1] == [
         "/bin/echo",
         "hello world",
-        "--name=bob al",
+        "--name",
+        "bob",
+        "al",
     ]
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        "/bin/sh -c 'echo hello %s'",
+        "/bin/echo --name=%s",
+        "/bin/echo %s%%",
+        '/bin/bash -c "ls %s"',
+        "/usr/bin/ssh host 'rm -rf /srv/%s'",
+    ],
+)
+def test_percent_s_inside_an_argument_is_refused(template: str) -> None:
+    """A `%s` that is not a whole argv element (a shell would re-split, glob and ~-expand what
+    replaces it) is refused, naming the safe form; nothing is built."""
+    problem = template_problem(template)
+    assert problem is not None and "sh -c 'echo hello \"$1\"' sh %s" in problem
+    with pytest.raises(CommandError, match="positional parameter"):
+        build_command({"x": template}, "x,a")
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        "/bin/echo %s",
+        "/bin/sh -c 'echo hello \"$1\"' sh %s",
+        "/bin/echo '%s'",
+        "/bin/date +%%s",
+        '/usr/bin/printf "%%s|%%s\\n" %s',
+        "/bin/echo 'unclosed %s",
+    ],
+)
+def test_whole_percent_s_literal_percent_and_unsplittable_templates_pass(template: str) -> None:
+    """A whole-element `%s`, a literal `%%s` and a template shlex cannot split (build_command
+    reports that one) are no template problem."""
+    assert template_problem(template) is None
+
+
+def test_safe_form_passes_arguments_as_positional_parameters() -> None:
+    """The safe form hands the argument to the shell as `$1`: one word, never re-read."""
+    argv = build_command({"x": "/bin/sh -c 'echo hello \"$1\"' sh %s"}, "x,a b* ~")[1]
+    assert argv == ["/bin/sh", "-c", 'echo hello "$1"', "sh", "a b* ~"]
 
 
 def test_double_percent_is_a_literal_percent() -> None:
@@ -85,7 +134,7 @@ def test_double_percent_is_a_literal_percent() -> None:
     assert build_command({"d": "/bin/date +%%s"}, "d")[1] == ["/bin/date", "+%s"]
     with pytest.raises(CommandError, match="takes no arguments"):
         build_command({"d": "/bin/date +%%s"}, "d,x")
-    assert build_command({"p": "/bin/echo 100%% %s%%"}, "p,5")[1] == ["/bin/echo", "100%", "5%"]
+    assert build_command({"p": "/bin/echo 100%% %s"}, "p,5")[1] == ["/bin/echo", "100%", "5"]
 
 
 def test_empty_arguments_are_dropped() -> None:
@@ -126,6 +175,34 @@ def test_control_characters_are_refused(arg: str) -> None:
     """An argument holding a control character (`%0a` was the original's injection) is refused."""
     with pytest.raises(CommandError, match="control character"):
         build_command(JOBS, f"service:echo,{arg}")
+
+
+@pytest.mark.parametrize(
+    ("arg", "code"),
+    [
+        ("a\x80b", "0080"),
+        ("next\x85line", "0085"),
+        ("\x9b31m", "009B"),
+        ("\x9f", "009F"),
+        ("evil\u202atxt", "202A"),
+        ("gpj.\u202eexe", "202E"),
+        ("\u2066isolate", "2066"),
+        ("x\u2069", "2069"),
+        ("line\u2028sep", "2028"),
+        ("para\u2029sep", "2029"),
+    ],
+)
+def test_c1_controls_bidi_overrides_and_line_separators_are_refused(arg: str, code: str) -> None:
+    """C1 controls, bidi overrides/isolates and U+2028/U+2029 are refused like C0 controls (they
+    would reorder or break the line a log or terminal shows), naming the code point."""
+    with pytest.raises(CommandError, match=f"control character \\(U\\+{code}\\)"):
+        build_command(JOBS, f"service:echo,{arg}")
+
+
+@pytest.mark.parametrize("arg", ["\xa0nbsp", "\u00e9", "\u200bzero-width", "\u2030", "\u2065"])
+def test_printable_neighbours_of_the_refused_ranges_pass(arg: str) -> None:
+    """The code points just outside the refused ranges are ordinary text."""
+    assert build_command(JOBS, f"service:echo,{arg}")[1] == ["/bin/echo", arg]
 
 
 @pytest.mark.parametrize("arg", ["-n", "--help", "-", "--rsh=sh"])
@@ -267,6 +344,187 @@ async def test_run_leaves_no_timer_behind() -> None:
     result = await run_command(reactor, [PY, "-c", "pass"], timeout=30)
     assert result.ok
     assert len(reactor.getDelayedCalls()) == before
+
+
+def _leftover(output: bytes) -> int:
+    """The pid a test command printed (`echo $!`): a process it started and left running."""
+    return int(output.split()[-1])
+
+
+def _stop_leftover(pid: int, started_after: int) -> None:
+    """Stop a process our test command left running, once proven to be that one (a sleep that
+    started after the test did)."""
+    stat = read_stat(pid)
+    if stat is not None and stat.start_ticks >= started_after and comm(pid) == "sleep":
+        signal_pid(pid, 9)
+
+
+async def _gone(pid: int, timeout: float) -> None:
+    """Poll until `pid` is gone, letting the reactor run (its timers stop the process)."""
+    deadline = time.monotonic() + timeout
+    while _alive(pid):
+        assert time.monotonic() < deadline, f"{pid} still runs after {timeout:g}s"
+        await task.deferLater(reactor, 0.05, lambda: None)
+
+
+def _now_ticks() -> int:
+    ticks = proc_start_ticks(os.getpid())
+    assert ticks is not None
+    return ticks
+
+
+@pytest_twisted.ensureDeferred
+async def test_command_that_exits_while_a_child_holds_its_output_is_answered_at_once() -> None:
+    """`sh -c 'sleep 30 & echo $!'`: answered when sh exits (after the drain), with its status
+    and output, not when the sleep ends; the sleep is named as left running."""
+    since = _now_ticks()
+    started = time.monotonic()
+    result = await run_command(reactor, ["/bin/sh", "-c", "sleep 30 & echo $!"], drain=0.3)
+    elapsed = time.monotonic() - started
+    pid = _leftover(result.output)
+    try:
+        assert elapsed < 10, elapsed
+        assert result.exit_code == 0 and result.ok and not result.timed_out
+        assert result.left_running == [pid]
+        assert _alive(pid)  # no timeout: what it left is not ours to stop
+    finally:
+        _stop_leftover(pid, since)
+
+
+@pytest_twisted.ensureDeferred
+async def test_what_still_holds_the_output_is_stopped_at_the_timeout() -> None:
+    """With a timeout, the answer still comes when the command exits, and the child that kept
+    its output is stopped when the timeout comes (TERM to the command's group)."""
+    since = _now_ticks()
+    result = await run_command(
+        reactor, ["/bin/sh", "-c", "sleep 30 & echo $!"], timeout=3, drain=0.2
+    )
+    pid = _leftover(result.output)
+    try:
+        assert result.ok and not result.timed_out, result
+        assert result.left_running == [pid]
+        await _gone(pid, 20)
+    finally:
+        _stop_leftover(pid, since)
+
+
+@pytest_twisted.ensureDeferred
+async def test_timeout_kills_a_child_that_ignores_term_and_holds_the_output() -> None:
+    """A command still running at its timeout is answered `timed_out`; a child of it that
+    ignores TERM and keeps the output is KILLed after the grace, though the command is gone."""
+    since = _now_ticks()
+    script = '(trap "" TERM; exec sleep 30) & echo $!; sleep 30'
+    started = time.monotonic()
+    result = await run_command(reactor, ["/bin/sh", "-c", script], timeout=0.5, drain=0.2)
+    pid = _leftover(result.output)
+    try:
+        assert time.monotonic() - started < 10
+        assert result.timed_out and not result.ok
+        assert result.left_running == [pid]
+        await _gone(pid, 20)
+    finally:
+        _stop_leftover(pid, since)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_child_that_let_go_of_the_output_is_left_alone() -> None:
+    """A child that does not hold the output (a daemon that redirected it) is not waited for,
+    and no timer is left to stop it: a `service restart` that starts one keeps it running."""
+    since = _now_ticks()
+    before = len(reactor.getDelayedCalls())
+    result = await run_command(
+        reactor, ["/bin/sh", "-c", "sleep 30 >/dev/null 2>&1 & echo $!"], timeout=30
+    )
+    pid = _leftover(result.output)
+    try:
+        assert result.ok and result.left_running == []
+        assert len(reactor.getDelayedCalls()) == before
+        assert _alive(pid)
+    finally:
+        _stop_leftover(pid, since)
+
+
+class _Signals:
+    """Records the signals a stopper sends instead of sending them."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.sent: list[tuple[str, int, int]] = []
+        monkeypatch.setattr(
+            "deploy.commands.signal_group", lambda g, sig: self.record("group", g, sig)
+        )
+        monkeypatch.setattr("deploy.commands.signal_pid", lambda p, sig: self.record("pid", p, sig))
+
+    def record(self, kind: str, target: int, sig: int) -> bool:
+        self.sent.append((kind, target, sig))
+        return True
+
+
+class _ReapedLeader:
+    """The transport of a command whose leader has exited and been reaped."""
+
+    pid = None
+
+
+def test_stopper_signals_nothing_it_cannot_prove_is_the_commands(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Once the command is reaped its group id could name another group: a leftover that is
+    gone or whose pid was reused (another start time) proves nothing, and nothing is sent."""
+    signals = _Signals(monkeypatch)
+    me = read_stat(os.getpid())
+    assert me is not None
+    ghost = ProcStat(me.pid, "S", me.ppid, me.pgid, me.start_ticks + 1)  # same pid, not the same
+    stopper = CommandStopper(Clock(), _ReapedLeader(), 2.0, lambda: [ghost])  # type: ignore[arg-type]
+    stopper.pgid = me.pgid
+    assert stopper.signal(15) is False
+    assert signals.sent == []
+
+
+def test_stopper_signals_a_leftovers_group_once_and_a_strays_pid(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Leftovers still in the command's group prove the group: it gets one signal; a leftover
+    that left the group (setsid) gets its own."""
+    signals = _Signals(monkeypatch)
+    leader = subprocess.Popen(["sleep", "30"], process_group=0)
+    children = [
+        leader,
+        subprocess.Popen(["sleep", "30"], process_group=leader.pid),
+        subprocess.Popen(["sleep", "30"], start_new_session=True),
+    ]
+    try:
+        in_group, mate, stray = (read_stat(child.pid) for child in children)
+        assert in_group is not None and mate is not None and stray is not None
+        assert in_group.pgid == mate.pgid == leader.pid != stray.pgid
+        leftovers = [in_group, mate, stray]
+        stopper = CommandStopper(Clock(), _ReapedLeader(), 2.0, lambda: leftovers)  # type: ignore[arg-type]
+        stopper.pgid = in_group.pgid
+        assert stopper.signal(15) is True
+        assert signals.sent == [("group", in_group.pgid, 15), ("pid", stray.pid, 15)]
+    finally:
+        for child in children:
+            child.kill()
+            child.wait()
+
+
+def test_pipe_holders_finds_the_processes_holding_a_pipe() -> None:
+    """A child given a pipe's write end holds it (and so is found by the pipe's inode); one
+    started without it is not; the caller itself is never listed."""
+    read_end, write_end = os.pipe()
+    holder = subprocess.Popen(["sleep", "30"], stdout=write_end)
+    other = subprocess.Popen(["sleep", "30"], stdout=subprocess.DEVNULL)
+    os.close(write_end)
+    try:
+        inode = os.fstat(read_end).st_ino
+        assert [s.pid for s in pipe_holders([inode])] == [holder.pid]
+        later = read_stat(other.pid)
+        assert later is not None
+        assert pipe_holders([inode], since_ticks=later.start_ticks + 10**9) == []
+    finally:
+        for child in (holder, other):
+            child.kill()
+            child.wait()
+        os.close(read_end)
 
 
 def test_group_leader_prefix_is_setsid() -> None:

@@ -776,3 +776,86 @@ def test_ssl_without_private_key_via_override(tmp_path):
     error = error_of(agent, tmp_path, "[server]\n", {"ssl": True})
     assert error.message == "ssl = true needs ssl_private_key"
     assert agent(tmp_path, "[server]\nssl_private_key = /k\n", {"ssl": True}).server.ssl
+
+
+# --------------------------------------------------------------------------- issue 12 keys
+
+
+@pytest.mark.parametrize(
+    ("template", "token"),
+    [
+        ("/bin/sh -c 'echo hello %s'", "echo hello %s"),
+        ('/bin/bash -c "tar xf %s"', "tar xf %s"),
+        ("/usr/bin/env --name=%s", "--name=%s"),
+        ("/bin/echo %s%%", "%s%%"),
+    ],
+)
+def test_percent_s_inside_an_argument_is_refused_at_load(tmp_path, template, token):
+    """A `%s` that is not a whole argument of its template is refused when the jobs file loads,
+    naming the file, the line and the safe form (positional parameters)."""
+    path = write(tmp_path / "exec.ini", f"[service]\nok = /bin/echo %s\nbad = {template}\n")
+    error = error_of(load_jobs, path)
+    assert (error.path, error.line) == (path, 3)
+    assert error.message.startswith(f"job 'bad': %s inside the argument {token!r}")
+    assert "sh -c 'echo hello \"$1\"' sh %s" in error.message
+    assert f"{path}:3" in str(error)
+
+
+def test_percent_s_inside_an_argument_stops_the_agent_config_too(tmp_path):
+    """Through [jobs] of an agent config, the error names the jobs file and its line."""
+    jobs = write(tmp_path / "exec.ini", "greet = /bin/sh -c 'echo hello %s'\n")
+    error = error_of(agent, tmp_path, f"[jobs]\npath = {jobs}\n")
+    assert (error.path, error.line) == (jobs, 1)
+
+
+def test_whole_percent_s_and_the_safe_form_load(tmp_path):
+    """Whole-argument `%s` stays as it was; the safe shell form loads."""
+    path = write(
+        tmp_path / "exec.ini",
+        "a = /bin/echo %s\nb = /bin/sh -c 'echo hello \"$1\"' sh %s\nc = /bin/date +%%s\n",
+    )
+    assert load_jobs(path)["b"] == "/bin/sh -c 'echo hello \"$1\"' sh %s"
+
+
+def test_issue12_server_keys_defaults_and_values(tmp_path):
+    """dry_run_timeout defaults to 300 s and allow_inline_remote_shell to false; both read."""
+    assert ServerSettings().dry_run_timeout == 300
+    assert ServerSettings().allow_inline_remote_shell is False
+    config = agent(tmp_path, "[server]\ndry_run_timeout = 20\nallow_inline_remote_shell = true\n")
+    assert config.server.dry_run_timeout == 20 and config.server.allow_inline_remote_shell
+    assert agent(tmp_path, "[server]\ndry_run_timeout = 0\n").server.dry_run_timeout == 0
+    error = error_of(agent, tmp_path, "[server]\n\ndry_run_timeout = soon\n")
+    assert error.line == 3 and "dry_run_timeout" in error.message
+
+
+def test_allow_sources_section(tmp_path):
+    """[allow::sources] lists names, networks and HOST::MODULE prefixes; absent, it is empty."""
+    assert agent(tmp_path, "[server]\n").allow_sources == []
+    config = agent(
+        tmp_path,
+        "[allow::sources]\nsource[] = rsync.example.com\nsource[] = 10.0.0.0/8\n"
+        "source[] = fd00::/8\nsource[] = release.example.com::www/current\n",
+    )
+    assert config.allow_sources == [
+        "rsync.example.com",
+        "10.0.0.0/8",
+        "fd00::/8",
+        "release.example.com::www/current",
+    ]
+
+
+@pytest.mark.parametrize(
+    "entry",
+    ["-oProxyCommand=x", "user@host", "host:/path", "host::", "host::m/../etc", "a b", "h;x"],
+)
+def test_bad_allow_sources_entry_names_its_line(tmp_path, entry):
+    """An [allow::sources] entry that is no host, network or HOST::MODULE is an error at its
+    line, not a rule that silently allows nothing."""
+    error = error_of(agent, tmp_path, f"[allow::sources]\nsource[] = h\nsource[] = {entry}\n")
+    assert error.line == 3 and error.message.startswith("source[]:")
+
+
+def test_allow_sources_takes_only_source_entries(tmp_path):
+    """Another key in [allow::sources] is an unknown key."""
+    error = error_of(agent, tmp_path, "[allow::sources]\nhost[] = h\n")
+    assert error.line == 2 and "unknown key 'host'" in error.message

@@ -92,8 +92,8 @@ def env(module_daemons: Daemons) -> Env:
     jobs.write_text(
         JOBS
         + f"service:touch           =   {TOUCH} %s\n"
-        # A template carried over from the original, where templates ran in a shell.
-        + "service:shell           =   /bin/sh -c 'echo %s'\n"
+        # A template that runs a shell, in the safe form (`sh -c 'echo %s'` is refused at load).
+        + "service:shell           =   /bin/sh -c 'echo \"$1\"' sh %s\n"
     )
     rsyncd = daemons.rsyncd({"DEST": tree})
     agent = daemons.agent(
@@ -420,7 +420,11 @@ def test_shell_metacharacters_would_reach_a_remote_shell_so_they_are_refused(
     targets.mkdir()
     monkeypatch.setenv("RSYNC_RSH", str(fake_ssh))
     monkeypatch.setenv("RSYNC_OLD_ARGS", "1")
-    agent = daemons.agent(state=tmp_path / "state", allow_paths=[targets])
+    agent = daemons.agent(
+        state=tmp_path / "state",
+        allow_paths=[targets],
+        server={"allow_inline_remote_shell": "true"},  # HOST:path sources are off by default
+    )
     env = Env(tmp_path, release, targets, tmp_path, tmp_path, None, agent)  # type: ignore[arg-type]
     for source in (
         f"127.0.0.1:{release}/;touch {marker}",

@@ -20,7 +20,6 @@ from twisted.internet import task
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.python.failure import Failure
 
-from deploy import jobs as jobs_module
 from deploy.agent import AgentService
 from deploy.config import AgentConfig, RsyncGroup, ServerSettings
 from deploy.jobs import (
@@ -30,22 +29,26 @@ from deploy.jobs import (
     Job,
     JobError,
     JobRegistry,
-    check_state_dir,
     deletes_on_target,
+    target_key,
 )
+from deploy.jobstart import child_env
 from deploy.jobstate import error_message, read_state, write_state
 from deploy.process import (
     GROUP_GONE_WITHIN,
     GROUP_POLL,
+    SYNC_TAG,
     proc_start_ticks,
     process_group_pids,
     read_stat,
 )
 from deploy.rsync import RsyncTarget
+from deploy.statedir import probe, secure_state_dir
 from tests.harness import wait_until
 
 TARGET = RsyncTarget(dest="127.0.0.1::DEST/", src="/srv/www")
 OTHER = RsyncTarget(dest="127.0.0.1::OTHER/", src="/srv/other")
+KEY = target_key(TARGET)
 GRACE = 3.0
 
 
@@ -111,10 +114,16 @@ class FakeProcesses:
         self.alive: dict[int, int] = {}
         self.groups: dict[int, list[int]] = {}
         self.lingering: set[int] = set()
+        self.strangers: set[int] = set()
         self.sent: list[tuple[str, int, int]] = []
 
     def same(self, pid: int | None, start_ticks: int | None) -> bool:
         return bool(pid) and start_ticks is not None and self.alive.get(pid) == start_ticks
+
+    def ours(self, pid: int | None, start_ticks: int | None, run_id: str | None) -> bool:
+        """A live process of ours, unless a test put it in `strangers` (not tagged as a sync
+        of this agent)."""
+        return bool(run_id) and self.same(pid, start_ticks) and pid not in self.strangers
 
     def group(self, pgid: int) -> list[int]:
         return [p for p in self.groups.get(pgid, [pgid]) if p in self.alive]
@@ -132,6 +141,15 @@ class FakeProcesses:
             for pid in pids:
                 if pid not in self.lingering:
                     self.alive.pop(pid, None)
+
+
+def fake_registry(tmp_path: Path) -> tuple[JobRegistry, FakeProcessReactor, FakeProcesses]:
+    """A registry on a fake process reactor (at a plausible wall-clock time) and a fake /proc,
+    its state in tmp_path/state."""
+    reactor, procs = FakeProcessReactor(), FakeProcesses()
+    reactor.advance(1_700_000_000)
+    registry = JobRegistry(reactor, str(tmp_path / "state"), python="/py", processes=procs)
+    return registry, reactor, procs
 
 
 @pytest.fixture
@@ -285,15 +303,15 @@ def test_start_fires_on_early_end_with_outcome(registry, reactor, procs):
     spawned.proto.outReceived(b"ended\n")
     ended(spawned.proto)
     assert fired[0].state["outcome"] == "failed"
-    assert registry.running(TARGET.checksum) is None
-    assert registry.last_result(TARGET.checksum)["exitCode"] == 10
+    assert registry.running(KEY) is None
+    assert registry.last_result(KEY)["exitCode"] == 10
 
 
 def test_second_start_of_running_target_refused(registry, reactor):
     """While a target's sync is starting or running, a second start is refused and no
     second supervisor is spawned (the agent answers alreadyRsync before that)."""
     job, _ = started_job(registry, reactor)
-    assert registry.running(TARGET.checksum) is job
+    assert registry.running(KEY) is job
     with pytest.raises(JobError, match="already running"):
         registry.start(TARGET)
     assert len(reactor.spawned) == 1
@@ -310,7 +328,7 @@ def test_start_in_unwritable_state_dir_is_a_clear_error(reactor, procs, tmp_path
     with pytest.raises(JobError, match=f"cannot record the sync in {blocker}/state"):
         registry.start(TARGET)
     assert reactor.spawned == []
-    assert registry.running(TARGET.checksum) is None
+    assert registry.running(KEY) is None
 
 
 def test_spawn_failure_records_failed(registry, reactor):
@@ -318,9 +336,9 @@ def test_spawn_failure_records_failed(registry, reactor):
     reactor.fail = OSError(2, "No such file or directory")
     with pytest.raises(JobError, match="cannot start the sync supervisor"):
         registry.start(TARGET)
-    last = registry.last_result(TARGET.checksum)
+    last = registry.last_result(KEY)
     assert last["outcome"] == "failed" and "cannot start" in last["message"]
-    assert registry.running(TARGET.checksum) is None
+    assert registry.running(KEY) is None
 
 
 def test_bad_target_raises_value_error_before_any_record(registry, reactor, tmp_path):
@@ -334,7 +352,7 @@ def test_start_uses_group_state_dir(registry, reactor, tmp_path):
     """A group's queue_path holds that group's record, not the server's state dir."""
     queue = tmp_path / "queue"
     job, _ = started_job(registry, reactor, state_dir=str(queue))
-    assert job.state_file == str(queue / f"{TARGET.checksum}.json")
+    assert job.state_file == str(queue / f"{KEY}.json")
     assert read_state(job.state_file)["state"] == "starting"
 
 
@@ -349,11 +367,11 @@ def test_supervisor_end_gives_last_result(registry, reactor, procs):
     assert registry.pids(job) == [7100, 7101]
     supervisor_records_end(job, procs, outcome="warning", exit_code=24, message="file has vanished")
     # The record decides, even before our child's exit is seen ...
-    assert registry.running(TARGET.checksum) is None
+    assert registry.running(KEY) is None
     ended(spawned.proto)
     # ... and that exit changes nothing after it.
-    assert registry.running(TARGET.checksum) is None
-    assert registry.last_result(TARGET.checksum) == {
+    assert registry.running(KEY) is None
+    assert registry.last_result(KEY) == {
         "checksum": TARGET.checksum,
         "runId": job.run_id,  # issue 15: the run, beside the target's checksum
         "outcome": "warning",
@@ -369,10 +387,10 @@ def test_supervisor_end_gives_last_result(registry, reactor, procs):
 
 def test_last_result_none_while_running_or_never_run(registry, reactor, procs):
     """lastRsync exists only for an ended sync."""
-    assert registry.last_result(TARGET.checksum) is None
+    assert registry.last_result(KEY) is None
     job, _ = started_job(registry, reactor)
     supervisor_runs(registry, job, procs)
-    assert registry.last_result(TARGET.checksum) is None
+    assert registry.last_result(KEY) is None
 
 
 def test_supervisor_crash_records_failed_with_its_last_words(registry, reactor, procs):
@@ -384,13 +402,13 @@ def test_supervisor_crash_records_failed_with_its_last_words(registry, reactor, 
         f.write("Traceback (most recent call last):\nMemoryError: boom\n")
     procs.alive.pop(7000)
     ended(spawned.proto, code=1)
-    last = registry.last_result(TARGET.checksum)
+    last = registry.last_result(KEY)
     assert last["outcome"] == "failed"
     assert (
         "without recording an outcome" in last["message"] and "MemoryError: boom" in last["message"]
     )
     assert ("group", 7100, signal.SIGKILL) in procs.sent
-    assert registry.running(TARGET.checksum) is None
+    assert registry.running(KEY) is None
 
 
 def test_abandoned_sync_is_recorded_only_once_rsyncs_group_is_gone(registry, reactor, procs):
@@ -404,14 +422,14 @@ def test_abandoned_sync_is_recorded_only_once_rsyncs_group_is_gone(registry, rea
     ended(spawned.proto, code=1)
     assert ("group", 7100, signal.SIGKILL) in procs.sent
     reactor.advance(1)
-    assert registry.last_result(TARGET.checksum) is None
-    assert registry.running(TARGET.checksum) is job
+    assert registry.last_result(KEY) is None
+    assert registry.running(KEY) is job
     with pytest.raises(JobError, match="already running"):
         registry.start(TARGET)
     procs.alive.pop(7101)
     reactor.advance(GROUP_POLL)
-    assert registry.last_result(TARGET.checksum)["outcome"] == "failed"
-    assert registry.running(TARGET.checksum) is None
+    assert registry.last_result(KEY)["outcome"] == "failed"
+    assert registry.running(KEY) is None
     assert reactor.getDelayedCalls() == []
 
 
@@ -420,14 +438,14 @@ def test_killed_sync_whose_supervisor_was_killed_waits_for_rsyncs_group(registry
     not before."""
     job, spawned = started_job(registry, reactor)
     supervisor_runs(registry, job, procs)
-    registry.kill(TARGET.checksum)
+    registry.kill(KEY)
     procs.lingering.add(7101)
     procs.alive.pop(7000)
     ended(spawned.proto, code=9)
-    assert registry.last_result(TARGET.checksum) is None
+    assert registry.last_result(KEY) is None
     procs.alive.pop(7101)
     reactor.advance(GROUP_POLL)
-    assert registry.last_result(TARGET.checksum)["outcome"] == "killed"
+    assert registry.last_result(KEY)["outcome"] == "killed"
     assert reactor.getDelayedCalls() == []
 
 
@@ -441,9 +459,9 @@ def test_group_that_will_not_go_holds_the_record_back_a_while(registry, reactor,
     ended(spawned.proto, code=1)
     steps = round(GROUP_GONE_WITHIN / GROUP_POLL)
     reactor.pump([GROUP_POLL] * (steps - 2))
-    assert registry.last_result(TARGET.checksum) is None
+    assert registry.last_result(KEY) is None
     reactor.pump([GROUP_POLL] * 3)
-    assert registry.last_result(TARGET.checksum)["outcome"] == "failed"
+    assert registry.last_result(KEY)["outcome"] == "failed"
     assert reactor.getDelayedCalls() == []
 
 
@@ -471,7 +489,7 @@ def test_kill_terms_supervisor_and_it_records_killed(registry, reactor, procs):
     records `killed` in time, the agent sends nothing more and leaves no timer."""
     job, spawned = started_job(registry, reactor)
     supervisor_runs(registry, job, procs)
-    assert registry.kill(TARGET.checksum) == [7100, 7101]
+    assert registry.kill(KEY) == [7100, 7101]
     assert procs.sent == [("pid", spawned.transport.pid, signal.SIGTERM)]
     supervisor_records_end(job, procs, outcome="killed", exit_code=None, message="stopped by rkill")
     reactor.advance(1)
@@ -479,7 +497,7 @@ def test_kill_terms_supervisor_and_it_records_killed(registry, reactor, procs):
     assert reactor.getDelayedCalls() == []
     reactor.advance(GRACE + KILL_MARGIN * 2)
     assert procs.sent == [("pid", spawned.transport.pid, signal.SIGTERM)]
-    assert registry.last_result(TARGET.checksum)["outcome"] == "killed"
+    assert registry.last_result(KEY)["outcome"] == "killed"
 
 
 def test_kill_escalates_when_rsync_outlives_grace(registry, reactor, procs):
@@ -488,7 +506,7 @@ def test_kill_escalates_when_rsync_outlives_grace(registry, reactor, procs):
     recorded `killed`."""
     job, spawned = started_job(registry, reactor)
     supervisor_runs(registry, job, procs)
-    registry.kill(TARGET.checksum)
+    registry.kill(KEY)
     reactor.advance(GRACE + KILL_MARGIN - 0.01)
     assert ("group", 7100, signal.SIGKILL) not in procs.sent
     reactor.advance(0.01)
@@ -498,7 +516,7 @@ def test_kill_escalates_when_rsync_outlives_grace(registry, reactor, procs):
     reactor.advance(KILL_MARGIN)
     assert ("pid", spawned.transport.pid, signal.SIGKILL) in procs.sent
     ended(spawned.proto, code=9)
-    assert registry.last_result(TARGET.checksum)["outcome"] == "killed"
+    assert registry.last_result(KEY)["outcome"] == "killed"
     assert reactor.getDelayedCalls() == []
 
 
@@ -506,22 +524,22 @@ def test_kill_while_starting_terms_our_child(registry, reactor, procs):
     """rkill before the supervisor wrote its pid still reaches it (the agent knows its
     child's pid); a supervisor that then dies leaves `killed`."""
     job, spawned = started_job(registry, reactor)
-    assert registry.kill(TARGET.checksum) == []
+    assert registry.kill(KEY) == []
     assert procs.sent == [("pid", spawned.transport.pid, signal.SIGTERM)]
     ended(spawned.proto, code=15)
-    assert registry.last_result(TARGET.checksum)["outcome"] == "killed"
+    assert registry.last_result(KEY)["outcome"] == "killed"
 
 
 def test_kill_of_idle_target_answers_no_pids(registry, procs):
     """rkill of a target with nothing running answers [] and signals nothing."""
-    assert registry.kill(TARGET.checksum) == []
+    assert registry.kill(KEY) == []
     assert procs.sent == []
 
 
 def test_recover_stops_rsync_orphaned_by_its_supervisor(registry, reactor, procs, tmp_path):
     """A recovered sync whose supervisor is gone but whose rsync runs is recorded lost at
     recovery, its rsync KILLed: it can never run unaccounted for."""
-    path = tmp_path / "state" / f"{TARGET.checksum}.json"
+    path = tmp_path / "state" / f"{KEY}.json"
     path.parent.mkdir()
     write_state(
         str(path),
@@ -537,7 +555,7 @@ def test_recover_stops_rsync_orphaned_by_its_supervisor(registry, reactor, procs
     procs.alive[51] = 2
     assert registry.recover() == []
     assert ("group", 51, signal.SIGKILL) in procs.sent
-    last = registry.last_result(TARGET.checksum)
+    last = registry.last_result(KEY)
     assert last["outcome"] == "lost" and "rsync was stopped" in last["message"]
 
 
@@ -611,14 +629,14 @@ def test_adopted_sync_reports_its_real_outcome(registry, reactor, procs, tmp_pat
     """An adopted sync is running while its supervisor lives; once that one records its end
     and exits, lastRsync carries the real outcome and exit code, not `lost`."""
     progress = {"bytes": 5, "percent": 1, "rate": "1kB/s", "eta": "0:09:00"}
-    record(tmp_path / "state", TARGET.checksum, **LEFT_RUNNING, progress=progress)
+    record(tmp_path / "state", KEY, **LEFT_RUNNING, progress=progress)
     procs.alive.update({100: 5, 101: 6})
     (job,) = registry.recover()
     assert registry.progress(job)["bytes"] == 5
-    assert registry.running(TARGET.checksum) is job
+    assert registry.running(KEY) is job
     supervisor_records_end(job, procs, outcome="failed", exit_code=23, message="rsync: link_stat")
-    assert registry.running(TARGET.checksum) is None
-    last = registry.last_result(TARGET.checksum)
+    assert registry.running(KEY) is None
+    last = registry.last_result(KEY)
     assert (last["outcome"], last["exitCode"], last["message"]) == (
         "failed",
         23,
@@ -628,27 +646,25 @@ def test_adopted_sync_reports_its_real_outcome(registry, reactor, procs, tmp_pat
 
 def test_adopted_sync_whose_supervisor_vanishes_is_lost(registry, reactor, procs, tmp_path):
     """An adopted sync whose supervisor dies without an outcome is recorded `lost`."""
-    record(
-        tmp_path / "state", TARGET.checksum, state="running", supervisorPid=100, supervisorStart=5
-    )
+    record(tmp_path / "state", KEY, state="running", supervisorPid=100, supervisorStart=5)
     procs.alive[100] = 5
     registry.recover()
     procs.alive.pop(100)
-    assert registry.running(TARGET.checksum) is None
-    assert registry.last_result(TARGET.checksum)["outcome"] == "lost"
+    assert registry.running(KEY) is None
+    assert registry.last_result(KEY)["outcome"] == "lost"
 
 
 def test_kill_of_adopted_sync_terms_recorded_supervisor(registry, reactor, procs, tmp_path):
     """rkill after a restart TERMs the recorded supervisor (verified by start time); a
     supervisor that then dies without an outcome is recorded `killed`."""
-    record(tmp_path / "state", TARGET.checksum, **LEFT_RUNNING)
+    record(tmp_path / "state", KEY, **LEFT_RUNNING)
     procs.alive.update({100: 5, 101: 6})
     registry.recover()
-    assert registry.kill(TARGET.checksum) == [101]
+    assert registry.kill(KEY) == [101]
     assert procs.sent == [("pid", 100, signal.SIGTERM)]
     procs.alive.clear()
-    assert registry.running(TARGET.checksum) is None
-    assert registry.last_result(TARGET.checksum)["outcome"] == "killed"
+    assert registry.running(KEY) is None
+    assert registry.last_result(KEY)["outcome"] == "killed"
     assert reactor.getDelayedCalls() == []
 
 
@@ -656,10 +672,10 @@ def test_running_finds_a_sync_recover_missed(registry, reactor, procs, tmp_path)
     """A live sync in a dir recover() did not scan is still found when its target is asked
     about, so it never gets a second rsync."""
     queue = tmp_path / "queue"
-    record(queue, TARGET.checksum, state="running", supervisorPid=100, supervisorStart=5)
+    record(queue, KEY, state="running", supervisorPid=100, supervisorStart=5)
     procs.alive[100] = 5
     registry.recover()
-    assert registry.running(TARGET.checksum, str(queue)) is not None
+    assert registry.running(KEY, str(queue)) is not None
     with pytest.raises(JobError):
         registry.start(TARGET, state_dir=str(queue))
 
@@ -711,8 +727,8 @@ def test_check_state_dir_names_the_bad_dir(tmp_path):
     and left without probe files."""
     (tmp_path / "file").write_text("")
     with pytest.raises(OSError, match="file/state is not a writable directory"):
-        check_state_dir(str(tmp_path / "file" / "state"))
-    check_state_dir(str(tmp_path / "ok"))
+        probe(secure_state_dir(str(tmp_path / "file" / "state"), owners={0}, uid=0))
+    probe(secure_state_dir(str(tmp_path / "ok"), owners={0}, uid=0))
     assert list((tmp_path / "ok").iterdir()) == []
 
 
@@ -741,19 +757,27 @@ def test_agent_startup_recovers_group_queue_path(tmp_path, monkeypatch):
     syncs recorded there."""
     queue = tmp_path / "queue"
     group = RsyncGroup("web", TARGET.dest, TARGET.src, 1, queue_path=str(queue))
-    record(
-        queue,
-        TARGET.checksum,
-        state="running",
-        supervisorPid=os.getpid(),
-        supervisorStart=proc_start_ticks(os.getpid()),
-    )
-    service = AgentService(agent_config(tmp_path / "state", {"web": group}), FakeProcessReactor())
-    service.startup()
-    assert (tmp_path / "state").is_dir()
-    # counted before anyone asks about the target: found by startup, not on demand
-    assert service.jobs.running_count() == 1
-    assert service.jobs.running(TARGET.checksum, str(queue)) is not None
+    # A live process tagged as this record's sync stands for its supervisor.
+    supervisor = subprocess.Popen(["sleep", "60"], env={SYNC_TAG: "run-" + KEY})
+    try:
+        record(
+            queue,
+            KEY,
+            state="running",
+            supervisorPid=supervisor.pid,
+            supervisorStart=proc_start_ticks(supervisor.pid),
+        )
+        service = AgentService(
+            agent_config(tmp_path / "state", {"web": group}), FakeProcessReactor()
+        )
+        service.startup()
+        assert (tmp_path / "state").is_dir()
+        # counted before anyone asks about the target: found by startup, not on demand
+        assert service.jobs.running_count() == 1
+        assert service.jobs.running(KEY, str(queue)) is not None
+    finally:
+        supervisor.kill()
+        supervisor.wait()
 
 
 # --------------------------------------------------------------------------- jobstate
@@ -794,7 +818,7 @@ def test_write_state_process_killed_mid_write_keeps_old_record(tmp_path):
         "os.fsync = lambda fd: os._exit(9)\n"
         f"j.write_state({str(path)!r}, {{'outcome': 'failed', 'pad': 'x' * 100000}})\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], env=jobs_module._child_env())
+    proc = subprocess.run([sys.executable, "-c", code], env=child_env())
     assert proc.returncode == 9
     assert read_state(str(path)) == {"outcome": "ok"}
     assert any(p.name.startswith(".tmp-") for p in tmp_path.iterdir())
@@ -912,7 +936,7 @@ def supervise(
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=open(tmp_path / "job.log", "wb"),
-        env=jobs_module._child_env(),
+        env=child_env(),
     )
     run = SupervisorRun(proc, state, marker)
     _RUNS.append(run)

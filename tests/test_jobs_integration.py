@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from deploy.jobs import target_key
 from deploy.jobstate import read_state
 from deploy.process import read_stat
 from deploy.rsync import RsyncTarget
@@ -86,6 +87,11 @@ class JobSite:
     def checksum(self, group: str) -> str:
         g = self.groups[group]
         return RsyncTarget(dest=str(g["dest"]), src=str(g["src"])).checksum
+
+    def key(self, group: str) -> str:
+        """The name of the group's sync record: its local target's key."""
+        g = self.groups[group]
+        return target_key(RsyncTarget(dest=str(g["dest"]), src=str(g["src"])))
 
     def restart_agent(self, sig: int = signal.SIGKILL) -> AgentProcess:
         """Stop the agent with `sig`, start a new one on the same address and config."""
@@ -217,7 +223,7 @@ def test_restarted_agent_finds_the_running_sync(jobsite):
     now belongs to another process is found lost, not running."""
     agent = jobsite.agent
     # A leftover record naming a live pid (ours) with another start time: a reused pid.
-    reused = jobsite.state / f"{jobsite.checksum('maxdel')}.json"
+    reused = jobsite.state / f"{jobsite.key('maxdel')}.json"
     reused.write_text(
         json.dumps(
             {
@@ -249,7 +255,7 @@ def test_restarted_agent_finds_the_running_sync(jobsite):
     assert (last["outcome"], last["exitCode"]) == ("ok", 0)
     assert last["transferFilesCount"] == BIG_FILES
     assert files(jobsite.targets / "slow") == files(jobsite.big)
-    assert read_state(str(jobsite.queue / f"{jobsite.checksum('slow')}.json"))["outcome"] == "ok"
+    assert read_state(str(jobsite.queue / f"{jobsite.key('slow')}.json"))["outcome"] == "ok"
 
 
 def test_supervisor_killed_mid_sync_is_failed_and_rsync_stopped(jobsite):
@@ -258,7 +264,7 @@ def test_supervisor_killed_mid_sync_is_failed_and_rsync_stopped(jobsite):
     agent = jobsite.agent
     assert ask(agent, "rsync", "slow2")[0] == 200
     pids = [int(p) for p in wait_progress(agent, "slow2")["process"]]
-    record = read_state(str(jobsite.state / f"{jobsite.checksum('slow2')}.json"))
+    record = read_state(str(jobsite.state / f"{jobsite.key('slow2')}.json"))
     os.kill(record["supervisorPid"], signal.SIGKILL)
     last = last_rsync(agent, "slow2", timeout=10)
     assert last["outcome"] == "failed"
@@ -342,7 +348,7 @@ def test_max_delete_stops_deletions(jobsite):
     assert (last["outcome"], last["exitCode"]) == ("failed", 25)
     assert "--max-delete limit" in last["message"]
     assert len(list(target.glob("old_*"))) == 3
-    argv = read_state(str(jobsite.state / f"{jobsite.checksum('maxdel')}.json"))["argv"]
+    argv = read_state(str(jobsite.state / f"{jobsite.key('maxdel')}.json"))["argv"]
     assert "--max-delete=2" in argv
 
 

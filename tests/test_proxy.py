@@ -704,7 +704,7 @@ def test_proxy_needs_a_way_to_verify_agents_when_client_tls_is_on(tmp_path):
 
 SAMPLE = REPO / "etc" / "deploy_proxy.ini"
 SAMPLE_API = REPO / "etc" / "deploy_proxy_api.ini"
-AGENT_ONLY = {"state_path", "rkill_grace"}
+AGENT_ONLY = {"state_path", "rkill_grace", "dry_run_timeout", "allow_inline_remote_shell"}
 
 
 def test_etc_samples_load_as_shipped():

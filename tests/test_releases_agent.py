@@ -12,7 +12,9 @@ from typing import Any
 
 import pytest
 
+from deploy.jobs import target_key
 from deploy.jobstate import read_state
+from deploy.rsync import RsyncTarget
 from tests.conftest import Daemons
 from tests.harness import AgentProcess, ask, make_tree, run_client, wait_until
 
@@ -49,6 +51,10 @@ class Rel:
     def checksum(self) -> str:
         return hashlib.md5((self.rsyncd.url("DEST") + str(self.src)).encode()).hexdigest()
 
+    def key(self) -> str:
+        """The name of the group's sync record and history (deploy.jobs.target_key)."""
+        return target_key(RsyncTarget(dest="", src=str(self.src)), release_mode=True)
+
     def sync(self, label: str = "", expect: str = "ok") -> dict[str, Any]:
         """One release sync, waited for to its end; answers the rsync answer."""
         status, body = ask_with(self.agent, "rsync", "web", release=label)
@@ -57,7 +63,7 @@ class Rel:
         run = body["runId"]
 
         def ended() -> dict[str, Any] | None:
-            record = read_state(str(self.state / f"{self.checksum()}.json")) or {}
+            record = read_state(str(self.state / f"{self.key()}.json")) or {}
             ok = record.get("runId") == run and record.get("state") == "ended"
             return record if ok else None
 
@@ -122,7 +128,7 @@ def test_first_sync_converts_the_live_directory_and_rollback_returns_to_it(rel: 
     status, answer = ask(rel.agent, "rollback", "web")
     assert status == 409 and "no earlier good release" in answer
     # history lives in the agent's state dir, not in the served tree
-    assert (rel.state / f"releases-{rel.checksum()}.json").exists()
+    assert (rel.state / f"releases-{rel.key()}.json").exists()
     assert not any("releases-" in p.name for p in Path(os.path.realpath(rel.src)).iterdir())
 
 
@@ -247,7 +253,7 @@ def test_readers_see_no_gap_and_no_mix_during_many_switches(rel: Rel, tmp_path: 
 
 def _history_says_live(rel: Rel) -> None:
     """The raw history names the live release (activated), or a switch to it under way."""
-    history = read_state(str(rel.state / f"releases-{rel.checksum()}.json")) or {}
+    history = read_state(str(rel.state / f"releases-{rel.key()}.json")) or {}
     live = os.path.basename(os.readlink(rel.src))
     record = next((r for r in history.get("releases", []) if r["id"] == live), None)
     pending = history.get("pending") or {}
@@ -270,7 +276,7 @@ def test_random_kills_never_leave_src_dangling_partial_or_unrecorded(
     rounds = int(os.environ.get("RELEASE_KILLS", "6"))
     rng = random.Random(os.environ.get("RELEASE_KILL_SEED", "17"))
     ini = rel.agent.ini.read_text()
-    record_path = rel.state / f"{rel.checksum()}.json"
+    record_path = rel.state / f"{rel.key()}.json"
     rel.sync("base")
     for n in range(rounds):
         set_version(rel.tree, f"round{n}")

@@ -94,6 +94,13 @@ def test_agent_sample_with_every_example_uncommented_loads(tmp_path):
     assert config.access.server_names == ["web1.example.com", "10.0.0.11"]
     assert set(config.access.keys) == {"ci", "deployer", "old"}
     assert config.access.policies["deployer"].jobs == ("service:nginx*",)
+    assert config.server.dry_run_timeout == 300 and not config.server.allow_inline_remote_shell
+    assert config.allow_sources == [
+        "rsync.example.com",
+        "10.0.0.0/8",
+        "release.example.com::www/current",
+    ]
+    assert config.jobs["app:greet"] == "/bin/sh -c 'echo hello \"$1\"' sh %s"
 
 
 def test_jobs_sample_loads_as_shipped():
