@@ -150,6 +150,7 @@ class AgentOrders:
                     "alreadyRsync": "false",
                     "transferFilesCount": str(stats.files_transferred or 0),
                     "transferFilesSize": str(stats.transferred_size or 0),
+                    "transferDeleteCount": str(parser.delete_count),
                 }
             # How the last sync ended matters most when the target cannot even be compared.
             last = self.jobs.last_result(job_key(target, group), state_dir)
@@ -319,7 +320,7 @@ class AgentOrders:
             "process": [str(p) for p in self.jobs.pids(job)],
             "checksum": job.checksum,
             # the run in progress, so that a caller never takes it for one it started
-            "runId": job.run_id,
+            "runId": job.run_id or job.state.get("runId"),
             "started": _iso(job.state.get("started") or job.state.get("created")),
         }
         if with_progress:

@@ -19,6 +19,7 @@ from deploy.notls import skip_pyopenssl
 from deploy.output import (  # noqa: F401  (the exit codes, re-exported for callers)
     EXIT_CODES,
     EXIT_FAILED,
+    EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_STOPPED,
     EXIT_UNREACHABLE,
@@ -180,7 +181,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=FORMATS,
         default=None,
         help="json: the original shape (default); table: a row per host and a summary; "
-        "ndjson: a JSON line per host as it answers, then a summary line",
+        "ndjson: a JSON line per host as it answers (with --wait also progress events), then a "
+        "summary line",
+    )
+    p.add_argument(
+        "--wide",
+        action="store_true",
+        help="with --format table: each message whole on one line (else long ones wrap)",
     )
     p.add_argument(
         "--release",

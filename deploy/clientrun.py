@@ -11,27 +11,46 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from deploy import output
-from deploy.output import Row
+from deploy.output import EXIT_INTERRUPTED, Row
+from deploy.progressline import (
+    RUNNING,
+    ProgressLine,
+    SyncBoard,
+    SyncEvent,
+    answered_parts,
+    progress_event,
+)
 
 if TYPE_CHECKING:
     from twisted.internet.defer import Deferred
 
     from deploy.orders import ClientOptions, FanOutResult, HostResult, Order
 
-EXIT_INTERRUPTED = 130
+__all__ = ["EXIT_INTERRUPTED", "Reporter", "print_outcome", "run", "wants_tls"]
 
 
 class Reporter:
-    """Follows a run as hosts answer: rows, the progress line, NDJSON lines, --verbose."""
+    """Follows a run as hosts answer: rows, the progress line, NDJSON lines, --verbose; with
+    --wait also the syncs it follows (`SyncBoard`) and their NDJSON progress events."""
 
-    def __init__(self, fmt: str, total: int, verbose: bool, progress: output.ProgressLine) -> None:
+    def __init__(
+        self,
+        fmt: str,
+        total: int,
+        verbose: bool,
+        progress: ProgressLine,
+        *,
+        wait: bool = False,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.format = fmt
         self.total = total
         self.verbose = verbose
         self.progress = progress
         self.rows: dict[str, list[Row]] = {}
         self.failed = 0
-        self.syncs: dict[str, str] = {}  # label → progress text of the syncs --wait follows
+        self.board = SyncBoard(total) if wait else None
+        self.clock = clock
 
     def start(self) -> None:
         self.redraw()
@@ -41,6 +60,10 @@ class Reporter:
         self.rows[result.host] = rows
         if any(not r.good and r.outcome != output.SKIPPED for r in rows):
             self.failed += 1
+        if self.board is not None:
+            for row in rows:
+                if row.outcome != output.SKIPPED:
+                    self.board.result(row.via, row.host, row.good)
         if self.verbose:
             self.progress.message(
                 f"{result.host}: {result.code or 'no answer'} {result.reason}".rstrip()
@@ -51,25 +74,38 @@ class Reporter:
                 print(output.ndjson_line(row.to_json()), flush=True)
         self.redraw()
 
-    def sync_progress(self, label: str, text: str | None) -> None:
-        if text is None:
-            self.syncs.pop(label, None)
-        else:
-            self.syncs[label] = text
+    def on_sync(self, event: SyncEvent) -> None:
+        """What --wait learnt of one sync: the summary line, and in NDJSON a progress event per
+        host at most every EVENT_EVERY seconds."""
+        if self.board is None:
+            return
+        self.board.update(event)
+        if (
+            self.format == "ndjson"
+            and event.state == RUNNING
+            and event.progress  # rsync has printed figures
+            and self.board.event_due(event.key, self.clock())
+        ):
+            self.progress.clear()
+            print(output.ndjson_line(progress_event(event)), flush=True)
         self.redraw()
 
     def redraw(self) -> None:
-        text = output.answered_text(len(self.rows), self.total, self.failed)
-        if self.syncs:
-            text += " | " + ", ".join(f"{k} {v}" for k, v in self.syncs.items())
-        self.progress.update(text)
+        if self.board is not None:
+            self.progress.update(self.board.parts())
+        else:
+            self.progress.update(answered_parts(len(self.rows), self.total, self.failed))
 
 
-def print_outcome(fmt: str, rows: list[Row], result_map: Mapping[str, Any], stopped: bool) -> int:
+def print_outcome(
+    fmt: str, rows: list[Row], result_map: Mapping[str, Any], stopped: bool, wide: bool = False
+) -> int:
     """Print the end of a run in `fmt` and return its exit code."""
     code = output.exit_code(rows, stopped)
     if fmt == "table":
-        print(output.render_table(rows, stopped))
+        from deploy.table import render_table
+
+        print(render_table(rows, stopped, wide=wide))
     elif fmt == "ndjson":
         print(output.ndjson_line(output.summary_json(rows, stopped, code)))
     else:
@@ -132,13 +168,15 @@ def run(
         globalLogBeginner.beginLoggingTo(
             [textFileLogObserver(sys.stderr)], redirectStandardIO=False
         )
-    reporter = Reporter(args.format, len(hosts), args.verbose, output.ProgressLine(sys.stderr))
+    reporter = Reporter(
+        args.format, len(hosts), args.verbose, ProgressLine(sys.stderr), wait=args.wait
+    )
     outcome: dict[str, Any] = {}
 
     async def go(reactor: Any) -> None:
         sender: Any = OrderClient(reactor, options)
         if args.wait:
-            sender = SyncWaiter(sender, reactor, args.wait_timeout, reporter.sync_progress)
+            sender = SyncWaiter(sender, reactor, args.wait_timeout, reporter.on_sync)
         timed = TimedSender(sender)
         reporter.start()
         outcome["fan"] = await fan_out(
@@ -157,7 +195,7 @@ def run(
         if e.code not in (0, None):
             raise
     going_on = "; the syncs go on (see --order=status)" if args.wait else ""
-    return report(args.format, reporter, len(hosts), outcome.get("fan"), going_on)
+    return report(args, reporter, len(hosts), outcome.get("fan"), going_on)
 
 
 def run_plain(
@@ -171,14 +209,14 @@ def run_plain(
     from deploy.plainclient import fan_out_plain
 
     options = client_options(args, hosts, via_proxy)
-    reporter = Reporter(args.format, len(hosts), args.verbose, output.ProgressLine(sys.stderr))
+    reporter = Reporter(args.format, len(hosts), args.verbose, ProgressLine(sys.stderr))
     reporter.start()
     fan = None
     try:
         fan = fan_out_plain(hosts, order_for, options, on_result=reporter.on_result)
     except KeyboardInterrupt:
         pass
-    return report(args.format, reporter, len(hosts), fan)
+    return report(args, reporter, len(hosts), fan)
 
 
 def client_options(
@@ -204,7 +242,11 @@ def client_options(
 
 
 def report(
-    fmt: str, reporter: Reporter, total: int, fan: FanOutResult | None, going_on: str = ""
+    args: argparse.Namespace,
+    reporter: Reporter,
+    total: int,
+    fan: FanOutResult | None,
+    going_on: str = "",
 ) -> int:
     """Print the outcome of a fan-out (None: interrupted) and return the exit code."""
     from deploy.orders import result_map
@@ -219,7 +261,7 @@ def report(
         return EXIT_INTERRUPTED
     results = list(fan.results.values())
     rows = [row for host in fan.results for row in reporter.rows.get(host, [])]
-    return print_outcome(fmt, rows, result_map(results), fan.stopped)
+    return print_outcome(args.format, rows, result_map(results), fan.stopped, args.wide)
 
 
 def wants_tls(args: argparse.Namespace) -> bool:

@@ -34,10 +34,11 @@ class InvalidTarget(BadRequest):
 
 
 class UnknownGroup(InvalidTarget):
-    """`options` names no `[rsync::group::NAME]`; the original answered it as an empty value."""
+    """`options` names no `[rsync::group::NAME]`. The message names it; the original's words
+    (it answered an empty value) stay as a suffix for the scripts that match them."""
 
     def __init__(self, name: str) -> None:
-        super().__init__("empty value in options!")
+        super().__init__(f"unknown group {name!r}: empty value in options!")
         self.name = name
 
 

@@ -1,5 +1,6 @@
 """Following what an order started, over time: `SyncWaiter` (`deploy-client --wait`) polls
-`status` after an rsync order until each sync it started ends, directly or behind a proxy."""
+`status` after an rsync order until each sync it started ends, directly or behind a proxy, telling
+what it learns of each as `SyncEvent`s."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from deploy import output
 from deploy.output import GOOD, is_proxy_answer
+from deploy.progressline import ENDED, RUNNING, STARTING, SyncEvent
 
 if TYPE_CHECKING:
     from twisted.internet.defer import Deferred
@@ -49,8 +51,20 @@ class _Followed:
 
     label: str
     rsync: dict[str, Any]
+    via: str | None = None
     lost_since: float | None = None
     final: dict[str, Any] | None = None
+
+    def event(self, state: str, **details: Any) -> SyncEvent:
+        return SyncEvent(self.label, self.via, state, **details)
+
+    def owns(self, last: Mapping[str, Any]) -> bool:
+        """`last` (a lastRsync) is the end of this sync: the same run when the agent named ours
+        (never another run of the same target), else (older agents) the same target."""
+        ours = self.rsync.get("runId")
+        if ours:
+            return bool(last.get("runId") == ours)
+        return last.get("checksum") in (None, self.rsync.get("checksum"))
 
 
 class SyncWaiter:
@@ -63,13 +77,13 @@ class SyncWaiter:
         client: Any,
         reactor: Any,
         timeout: float,
-        on_progress: Callable[[str, str | None], None] | None = None,
+        on_sync: Callable[[SyncEvent], None] | None = None,
     ) -> None:
         self.client = client
         self.options = client.options
         self.reactor = reactor
         self.timeout = timeout
-        self.on_progress = on_progress or (lambda _label, _text: None)
+        self.on_sync = on_sync or (lambda _event: None)
 
     def send(self, host: str, order: Order) -> Deferred[HostResult]:
         from twisted.internet.defer import Deferred
@@ -87,7 +101,7 @@ class SyncWaiter:
                     rsync = per_order["rsync"]
                     rsync["content"] = _busy(rsync.get("content"))
             followed = [
-                _Followed(agent, per_order["rsync"]["content"])
+                _Followed(agent, per_order["rsync"]["content"], via=host)
                 for agent, per_order in content.items()
                 if isinstance(per_order.get("rsync"), dict)
                 and output.outcome_of("rsync", per_order["rsync"]) == "ok"
@@ -95,6 +109,11 @@ class SyncWaiter:
             ]
             if not followed:
                 return first
+            for agent, per_order in content.items():
+                if all(f.label != agent for f in followed):
+                    # It answered the rsync order already, and no sync runs there to follow.
+                    outcome = output.outcome_of("rsync", per_order.get("rsync") or {})
+                    self.on_sync(SyncEvent(agent, host, ENDED, outcome=outcome))
             await self._follow(host, order, followed, via_proxy=True)
             merged = {agent: dict(per_order) for agent, per_order in content.items()}
             for f in followed:
@@ -121,7 +140,7 @@ class SyncWaiter:
         deadline = self.reactor.seconds() + self.timeout
         running = list(syncs)
         for sync in running:
-            self.on_progress(sync.label, "starting")
+            self.on_sync(sync.event(STARTING))
         polls = 0
         try:
             while running:
@@ -143,10 +162,13 @@ class SyncWaiter:
                         )
                     if sync.final is not None:
                         running.remove(sync)
-                        self.on_progress(sync.label, None)
+                        last = sync.final.get("lastRsync") or {}
+                        outcome = sync.final.get("outcome")
+                        size = last.get("transferFilesSize")
+                        self.on_sync(sync.event(ENDED, outcome=outcome, size=size))
         finally:
             for sync in running:
-                self.on_progress(sync.label, None)
+                self.on_sync(sync.event(ENDED, outcome="interrupted"))
 
     def _status_entries(
         self, answer: HostResult, running: list[_Followed], via_proxy: bool
@@ -188,22 +210,18 @@ class SyncWaiter:
             )
             return
         if content.get("alreadyRsync") == "true":
-            self.on_progress(sync.label, output.sync_progress_text(content.get("progress")))
+            progress = content.get("progress")
+            self.on_sync(
+                sync.event(RUNNING, progress=progress if isinstance(progress, dict) else {})
+            )
             return
         last = content.get("lastRsync")
-        if isinstance(last, dict) and _same_run(last, sync.rsync):
+        if isinstance(last, dict) and sync.owns(last):
             outcome = str(last.get("outcome") or "failed")
             sync.final = _ended(sync.rsync, outcome, str(last.get("message") or ""), last)
         else:
             message = content.get("message") or "the sync ended but the agent reports no lastRsync"
             sync.final = _ended(sync.rsync, "failed", str(message))
-
-
-def _same_run(last: Mapping[str, Any], rsync: Mapping[str, Any]) -> bool:
-    """lastRsync is of the run the rsync order started (its runId, when the agent gives one)."""
-    if last.get("checksum") not in (None, rsync.get("checksum")):
-        return False
-    return not rsync.get("runId") or last.get("runId") == rsync.get("runId")
 
 
 def _ended(

@@ -42,6 +42,7 @@ def summary(key: str, state: dict[str, Any]) -> dict[str, Any]:
         "ended": _iso(state.get("ended")),
         "transferFilesCount": state.get("transferFilesCount"),
         "transferFilesSize": state.get("transferFilesSize"),
+        "transferDeleteCount": state.get("transferDeleteCount"),
         "message": state.get("message") or "",
     }
 

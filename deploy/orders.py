@@ -90,14 +90,17 @@ class HostResult:
         return self.server_status == 0 and not self.skipped
 
     def to_json(self, *, numeric_code: bool = False) -> dict[str, Any]:
+        """The original's shape. `returnCode` is a string ("200") in the client's output and a
+        number (200) in a proxy's answer, as the original has them; a host that did not answer
+        has null for both `returnCode` and `returnString`, at either level."""
         code: Any = self.code
         if code is not None and not numeric_code:
             code = str(code)
         body = {
             "return": 1 if self.http_ok else 0,
             "serverStatus": self.server_status,
-            "returnCode": code if code is not None else ("" if not numeric_code else 0),
-            "returnString": self.reason,
+            "returnCode": code,
+            "returnString": self.reason if self.code is not None else None,
             "content": self.content,
         }
         if self.skipped:

@@ -1,10 +1,11 @@
 """Orders over plain TCP without an event-loop framework (non-blocking sockets and `selectors`), so
-that `deploy-client` without TLS starts without importing Twisted. Only the I/O loop is here:
-requests, answer parsing, limits and per-host messages are `deploy.orders`', as for
-`deploy.client.OrderClient`."""
+that `deploy-client` without TLS starts without importing Twisted. Only the I/O loop is here, and
+host names resolved in threads beside it (a literal address needs no lookup): requests, answer
+parsing, limits and per-host messages are `deploy.orders`', as for `deploy.client.OrderClient`."""
 
 from __future__ import annotations
 
+import collections
 import errno
 import selectors
 import socket
@@ -31,6 +32,7 @@ from deploy.orders import (
 )
 
 _NO_DEADLINE = float("inf")
+AddressInfo = list[tuple[Any, ...]]  # getaddrinfo's (family, type, proto, _, sockaddr)
 
 
 class Exchange:
@@ -51,6 +53,7 @@ class Exchange:
         self.host = host
         self.port = port
         self.addresses = addresses  # getaddrinfo's (family, type, proto, _, sockaddr), in order
+        self.resolving = False  # its name is being looked up (in a thread)
         self.options = options
         self.started = now
         self.deadline = now + options.thread_timeout if options.thread_timeout else _NO_DEADLINE
@@ -84,6 +87,75 @@ class Exchange:
             self.sock = None
 
 
+def numeric_addresses(host: str, port: int) -> AddressInfo | None:
+    """The addresses of a literal IPv4/IPv6 address, found without a lookup; None for a name."""
+    try:
+        return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST)
+    except (OSError, UnicodeError):
+        return None
+
+
+def resolve(host: str, port: int) -> AddressInfo | None:
+    """The addresses a name resolves to (blocking: run in a thread); None when it does not."""
+    try:
+        return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        return None
+
+
+class Lookups:
+    """Names resolved in daemon threads, so that a slow name stalls only its own host: each answer
+    is queued and a byte on a socket pair wakes the selector loop. A lookup still going when its
+    host's deadline passes is left to finish in the background, unread."""
+
+    def __init__(self, sel: selectors.BaseSelector, resolver: Callable[[str, int], Any]) -> None:
+        self.sel = sel
+        self.resolver = resolver
+        # deque's append and popleft are atomic: no lock (nor `threading`) before a lookup.
+        self.answers: collections.deque[tuple[Exchange, AddressInfo | None]] = collections.deque()
+        self.wake: tuple[socket.socket, socket.socket] | None = None
+
+    def start(self, ex: Exchange) -> None:
+        import threading  # only when a name needs a lookup
+
+        if self.wake is None:
+            self.wake = socket.socketpair()
+            for end in self.wake:
+                end.setblocking(False)
+            self.sel.register(self.wake[0], selectors.EVENT_READ, self)
+        ex.resolving = True
+        threading.Thread(target=self._lookup, args=(ex,), daemon=True).start()
+
+    def _lookup(self, ex: Exchange) -> None:
+        self.answers.append((ex, self.resolver(ex.host, ex.port)))
+        wake = self.wake
+        if wake is not None:
+            try:
+                wake[1].send(b"\0")
+            except OSError:
+                pass  # closed: the run is over; or full: a wake-up is pending anyway
+
+    def done(self) -> list[tuple[Exchange, AddressInfo | None]]:
+        """The lookups that ended since the last call."""
+        if self.wake is not None:
+            try:
+                while self.wake[0].recv(4096):
+                    pass
+            except OSError:
+                pass
+        found = []
+        while self.answers:
+            found.append(self.answers.popleft())
+        return found
+
+    def close(self) -> None:
+        if self.wake is not None:
+            self.sel.unregister(self.wake[0])
+            for end in self.wake:
+                end.close()
+            self.wake = None
+
+
 def fan_out_plain(
     hosts: Sequence[str],
     order_for: Callable[[str], Order],
@@ -91,6 +163,7 @@ def fan_out_plain(
     *,
     on_result: Callable[[HostResult, float], None] | None = None,
     clock: Callable[[], float] = time.monotonic,
+    resolver: Callable[[str, int], AddressInfo | None] = resolve,
 ) -> FanOutResult:
     """Every host's answer, at most `options.max_parallel` exchanges at once (0: no limit)."""
     hosts = list(dict.fromkeys(hosts))
@@ -99,6 +172,7 @@ def fan_out_plain(
     waiting = list(reversed(hosts))
     active: set[Exchange] = set()
     sel = selectors.DefaultSelector()
+    lookups = Lookups(sel, resolver)
 
     def record(spec: str, result: HostResult, seconds: float) -> None:
         results[spec] = result
@@ -119,16 +193,24 @@ def fan_out_plain(
         except ValueError as e:
             record(spec, unanswered(spec, order, str(e)), 0.0)
             return
-        try:
-            # Blocking, one name at a time: acceptable for a command line (a literal address
-            # resolves without a lookup).
-            addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        except (OSError, UnicodeError):
-            record(spec, unanswered(spec, order, cant_connect(host, port)), 0.0)
-            return
-        ex = Exchange(spec, order, host, port, addresses, options, clock())
+        addresses = numeric_addresses(host, port)
+        ex = Exchange(spec, order, host, port, addresses or [], options, clock())
         active.add(ex)
-        connect_next(ex)
+        if addresses is None:
+            lookups.start(ex)  # its deadline runs meanwhile; the other hosts go on
+        else:
+            connect_next(ex)
+
+    def resolved() -> None:
+        for ex, addresses in lookups.done():
+            if ex not in active:
+                continue  # its deadline passed while the name was looked up
+            ex.resolving = False
+            if addresses:
+                ex.addresses = list(addresses)
+                connect_next(ex)
+            else:
+                finish(ex, unanswered(ex.spec, ex.order, cant_connect(ex.host, ex.port)))
 
     def connect_next(ex: Exchange) -> None:
         if ex.sock is not None:
@@ -203,6 +285,9 @@ def fan_out_plain(
             nearest = min(ex.next_deadline() for ex in active)
             wait = None if nearest == _NO_DEADLINE else max(0.0, nearest - clock())
             for key, events in sel.select(wait):
+                if key.data is lookups:
+                    resolved()
+                    continue
                 ex = key.data
                 if ex not in active or ex.sock is None or key.fileobj is not ex.sock:
                     continue  # finished, or moved to another address, earlier in this round
@@ -218,4 +303,5 @@ def fan_out_plain(
                         raise
                     finish(ex, send_failed(ex.spec, ex.order, e))
             expire(clock())
+        lookups.close()
     return FanOutResult({h: results[h] for h in hosts})

@@ -80,6 +80,8 @@ class ProxyService:
         """The hosts `args` names (`hosts:a,b` or `groups:g1,g2`), each granted to `api_key`;
         else BadHostSelection or NotGranted (both 403, as the original answered)."""
         kind, sep, names_text = args.partition(":")
+        # The original lower-cased all of `args`: `GROUPS:web` worked, so it still does.
+        kind = kind.lower()
         if not sep or kind not in ("hosts", "groups"):
             raise BadHostSelection(args)
         names = [n.strip() for n in names_text.split(",") if n.strip()]
@@ -93,15 +95,20 @@ class ProxyService:
         if kind == "groups":
             hosts: list[str] = []
             for name in names:
-                if name not in groups or name not in servers:
+                group = matching_name(name, list(servers))
+                if group not in groups:
                     raise NotGranted(name)
-                hosts.extend(servers[name])
+                hosts.extend(servers[group])
             return list(dict.fromkeys(hosts))
+        known = list(dict.fromkeys(h for members in servers.values() for h in members))
         reachable = {h for g in groups for h in servers.get(g, ())}
+        named = []
         for name in names:
-            if name not in reachable:
+            host = matching_name(name, known)
+            if host not in reachable:
                 raise NotGranted(name)
-        return list(dict.fromkeys(names))
+            named.append(host)
+        return list(dict.fromkeys(named))
 
     # -- the order
 
@@ -153,6 +160,19 @@ class ProxyService:
             return result
 
         return d.addCallback(answer).addBoth(release)
+
+
+def matching_name(name: str, names: list[str]) -> str:
+    """The one of `names` (every group, or host, of the API file) that `name` means: the same
+    name, else the only one that differs from it in case alone (the original lower-cased `args`,
+    so old scripts may spell names in any case); NotGranted when there is none, or several."""
+    if name in names:
+        return name
+    folded = name.casefold()
+    found = [n for n in names if n.casefold() == folded]
+    if len(found) != 1:
+        raise NotGranted(name)
+    return found[0]
 
 
 def client_options(settings: ClientSettings) -> ClientOptions:

@@ -54,8 +54,8 @@ def read_result_rows(path: str) -> list[Row]:
             ) from None
         if not isinstance(data, dict):
             raise ValueError(f"--retry-failed: {path}:{number}: expected a JSON object")
-        if "summary" in data:
-            continue
+        if "summary" in data or "event" in data:
+            continue  # the summary line, and --wait's progress events
         host, order = data.get("host"), data.get("order")
         if not isinstance(host, str) or not isinstance(order, str):
             raise ValueError(f"--retry-failed: {path}:{number}: a line without host and order")

@@ -10,7 +10,7 @@ import json
 import sys
 from typing import Any
 
-from deploy import output
+from deploy import output, progressline
 from deploy.clientrun import client_options, make_tls, print_outcome
 from deploy.output import Row
 
@@ -23,7 +23,9 @@ EXIT_INTERRUPTED = 130
 class RolloutView:
     """Shows a rollout record as it changes: the progress line, NDJSON events."""
 
-    def __init__(self, fmt: str, progress: output.ProgressLine, via: str | None = None) -> None:
+    def __init__(
+        self, fmt: str, progress: progressline.ProgressLine, via: str | None = None
+    ) -> None:
         self.format = fmt
         self.progress = progress
         self.via = via
@@ -118,7 +120,7 @@ def run(args: argparse.Namespace, hosts: list[str], via_proxy: bool) -> int:
         raise ValueError("--order=rollout asks a proxy: give --api-key (and --hosts=PROXY)")
     options = client_options(args, hosts, via_proxy, tls=make_tls(args))
     via = hosts[0] if via_proxy else None
-    view = RolloutView(args.format, output.ProgressLine(sys.stderr), via)
+    view = RolloutView(args.format, progressline.ProgressLine(sys.stderr), via)
     out: dict[str, Any] = {}
 
     async def go(reactor: Any) -> None:

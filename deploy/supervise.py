@@ -45,6 +45,7 @@ from deploy.process import (
     signal_group,
 )
 from deploy.rsync import Progress, RsyncOutputParser, TailBuffer
+from deploy.rsync_output import clock
 from deploy.source_retry import SourceRetry, sleep_unless, source_busy
 
 PROGRESS_INTERVAL = 0.5
@@ -117,6 +118,7 @@ class Supervisor:
         self.last_write = 0.0
         self.parent_open = True
         self.save_failed = False
+        self.rsync_started: float | None = None  # monotonic, once rsync runs
 
     # -- talking to the agent that started us, while it listens
 
@@ -217,6 +219,7 @@ class Supervisor:
             return self.finish(
                 OUTCOME_FAILED, None, None, f"cannot run {self.argv[0]}: {e}", parser
             )
+        self.rsync_started = time.monotonic()
         self._save_soft(rsyncPid=self.child.pid, rsyncStart=proc_start_ticks(self.child.pid))
         self.tell(f"pid {self.child.pid}")
         return self.pump()
@@ -291,7 +294,7 @@ class Supervisor:
                     self.tell("ready")  # rsync is talking: the source answered
                     self.hang_up()
             if progress and time.monotonic() - self.last_write >= PROGRESS_INTERVAL:
-                self._save_soft(progress=_progress_dict(progress[-1]))
+                self._save_soft(progress=self.progress_record(progress[-1]))
                 progress.clear()
         sel.close()
         parser.close()
@@ -300,7 +303,7 @@ class Supervisor:
         sig = -code if code < 0 else None
         text = stderr.text()
         if parser.progress is not None:
-            self.state["progress"] = _progress_dict(parser.progress)
+            self.state["progress"] = self.progress_record(parser.progress)
         if self.kill_requested:
             outcome, message = OUTCOME_KILLED, "stopped by rkill"
         elif self.waited_for_source(exit_code, text):
@@ -353,6 +356,18 @@ class Supervisor:
             if self.child is not None:
                 signal_group(self.child.pid, sig)
 
+    def progress_record(self, p: Progress) -> dict[str, Any]:
+        """The `progress` of the record: rsync's figures, the time left as rsync means it, and
+        the time since rsync started by our own clock (rsync prints it only as a file ends)."""
+        since = 0.0 if self.rsync_started is None else time.monotonic() - self.rsync_started
+        return {
+            "bytes": p.bytes,
+            "percent": p.percent,
+            "rate": p.rate,
+            "eta": p.remaining(),
+            "elapsed": clock(since),
+        }
+
     def _save_soft(self, **changes: Any) -> None:
         """Record changes while the sync runs; a failure costs the record, not the sync (the
         whole record is written again with the outcome)."""
@@ -393,6 +408,7 @@ class Supervisor:
             stderrTail=stderr_text[-4096:],
             transferFilesCount=stats.files_transferred,
             transferFilesSize=stats.transferred_size,
+            transferDeleteCount=parser.delete_count if self.child is not None else None,
         ):
             return 1
         self.tell("ended")
@@ -418,10 +434,6 @@ class Supervisor:
                     self.complain(f"cannot record the outcome yet: {e}; trying again")
             time.sleep(delay)
             delay = min(delay * 2, RECORD_RETRY_MAX)
-
-
-def _progress_dict(p: Progress) -> dict[str, Any]:
-    return {"bytes": p.bytes, "percent": p.percent, "rate": p.rate, "eta": p.eta}
 
 
 def rsync_env() -> dict[str, str]:

@@ -206,6 +206,7 @@ def test_status_counts_match_the_tree(env: Env) -> None:
         "alreadyRsync": "false",
         "transferFilesCount": "40",
         "transferFilesSize": "80000",
+        "transferDeleteCount": "0",
         "agentVersion": deploy.__version__,
     }
 
@@ -289,6 +290,7 @@ def test_rsync_starts_in_background_and_completes(env: Env) -> None:
     status = wait_until(finished, 30, 0.2, "the sync to end")
     assert status["lastRsync"]["outcome"] == "ok"
     assert status["lastRsync"]["checksum"] == env.checksum("websync")
+    assert status["lastRsync"]["runId"] == run_id
     assert status["transferFilesCount"] == "0"
     copied = sorted(
         p.relative_to(env.targets / "websync") for p in (env.targets / "websync").rglob("*.dat")
@@ -367,7 +369,7 @@ def test_rkill_unknown_group_is_400_at_once(env: Env) -> None:
     """rkill of an unknown group answers 400 at once (the old agent never answered)."""
     run, content, elapsed = env.order("rkill", "nosuchgroup")
     assert run.entry(env.agent.address, "rkill")["returnCode"] == "400"
-    assert content == "empty value in options!"
+    assert content == "unknown group 'nosuchgroup': empty value in options!"
     assert run.rc == 2
     assert elapsed < 8
 

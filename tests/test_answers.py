@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet import reactor
 
-from deploy import output
+from deploy import output, table
 from deploy.answers import (
     MAX_NESTING,
     AnswerAccount,
@@ -24,6 +24,7 @@ from deploy.answers import (
     measure,
 )
 from deploy.client import ClientOptions, HostResult, Order, OrderClient, fan_out, result_of
+from deploy.progressline import RUNNING, SyncBoard, SyncEvent, progress_event
 from tests.test_client import FakeAgent, answer, json_response, response
 
 STATUS = Order("status", "web")
@@ -251,25 +252,32 @@ def test_any_json_from_an_agent_is_shown_without_a_traceback(
     if via_proxy:
         entry = entry_for({"agent1": {order: entry}, "agent2": {order: entry_for("x")}})
     rows = output.rows_for("host1", order, entry, seconds=0.5)
-    output.render_table(rows)
+    table.render_table(rows)
     for row in rows:
         output.ndjson_line(row.to_json())
-        output.message_of(row)
+        table.message_of(row)
     output.render_json({"host1": {order: entry}})
     output.summary_line(rows)
     output.exit_code(rows)
-    output.sync_progress_text(content.get("progress") if isinstance(content, dict) else content)
+    progress = content.get("progress") if isinstance(content, dict) else content
+    running = SyncEvent("host1", None, RUNNING, progress)
+    SyncBoard(1).update(running)
+    output.ndjson_line(progress_event(running))
 
 
 def test_odd_values_where_figures_and_progress_go():
     """A `progress` that is no object and a 400-digit byte count are shown, not raised."""
     running = {"return": "true", "alreadyRsync": "true", "progress": 5}
     row = output.rows_for("h", "status", entry_for(running))[0]
-    assert output.message_of(row) == "running"
+    assert table.message_of(row) == "running"
     huge = {"return": "true", "transferFilesSize": 10**400, "transferFilesCount": [1]}
-    table = output.render_table(output.rows_for("h", "status", entry_for(huge)))
-    assert table.splitlines()[1].split()[:5] == ["h", "status", "ok", "[1]", "-"]
-    assert output.sync_progress_text(["50%"]) == "running"
+    shown = table.render_table(output.rows_for("h", "status", entry_for(huge)))
+    assert shown.splitlines()[1].split()[:5] == ["h", "status", "ok", "[1]", "-"]
+    odd = SyncEvent("h", None, RUNNING, ["50%"])  # type: ignore[arg-type]
+    board = SyncBoard(1)
+    board.update(odd)
+    assert board.parts() == ["1/1 syncing", "0 done", "0 failed"]
+    assert progress_event(odd)["percent"] is None
 
 
 def test_host_result_size_is_not_part_of_its_value():

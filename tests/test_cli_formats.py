@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from deploy import clientconfig, output
+from deploy import clientconfig, output, progressline
 from deploy.cli import main
 from deploy.retry import read_result_rows, retry_plan
 from tests.conftest import Daemons
@@ -169,13 +169,16 @@ def test_table_has_a_row_per_host_and_a_summary(site, home):
         "OUTCOME",
         "FILES",
         "BYTES",
+        "DELETES",
         "EXIT",
         "TIME",
         "MESSAGE",
     ]
-    assert re.match(rf"{re.escape(ok)}\s+status\s+ok\s+40\s+78\.1K\s+-\s+\d+\.\d\ds$", lines[1])
     assert re.match(
-        rf"{re.escape(down)}\s+status\s+unreachable\s+-\s+-\s+-\s+\S+\s+can't connect to", lines[2]
+        rf"{re.escape(ok)}\s+status\s+ok\s+40\s+78\.1K\s+0\s+-\s+\d+\.\d\ds$", lines[1]
+    )
+    assert re.match(
+        rf"{re.escape(down)}\s+status\s+unreachable(\s+-){{4}}\s+\S+\s+can't connect to", lines[2]
     )
     assert lines[3] == "2 hosts: 1 ok, 1 unreachable"
     assert len(lines) == 4
@@ -245,12 +248,12 @@ def test_ndjson_streams_a_line_per_host_as_it_answers(site, slow_agent, home):
 
 
 class TtyClient:
-    """deploy-client running with stderr on a pseudo-terminal (120 columns), stdout on a pipe;
-    what it wrote to the terminal so far is in `tty`."""
+    """deploy-client running with stderr on a pseudo-terminal (120 columns unless told), stdout
+    on a pipe; what it wrote to the terminal so far is in `tty`."""
 
-    def __init__(self, args: list[str], env: dict[str, str]) -> None:
+    def __init__(self, args: list[str], env: dict[str, str], columns: int = 120) -> None:
         master, slave = pty.openpty()
-        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, columns, 0, 0))
         self.master = master
         self.seen = bytearray()
         self.proc = subprocess.Popen(
@@ -314,12 +317,12 @@ def test_progress_line_can_be_injected(capsys):
     """ProgressLine writes only when enabled (isatty), truncating to the terminal width."""
     import io
 
-    quiet = output.ProgressLine(io.StringIO(), enabled=False)
+    quiet = progressline.ProgressLine(io.StringIO(), enabled=False)
     quiet.update("1/2 answered, 0 failed")
     assert quiet.stream.getvalue() == ""  # type: ignore[attr-defined]
     tty = io.StringIO()
     tty.isatty = lambda: True  # type: ignore[method-assign]
-    line = output.ProgressLine(tty)
+    line = progressline.ProgressLine(tty)
     line.width = lambda: 30  # type: ignore[method-assign]
     line.update("12/50 answered, 1 failed, and a long tail")
     line.clear()

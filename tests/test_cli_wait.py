@@ -48,10 +48,11 @@ def test_wait_follows_a_slow_sync_to_ok(site, home):
     assert last["checksum"] == content["checksum"]
     assert last["transferFilesCount"] == 41
     assert content["outcome"] == "ok" and content["return"] == "true"
-    assert "0/1 answered, 0 failed" in tty
-    assert f"{site.agent.address} starting" in tty
-    assert re.search(rf"{re.escape(site.agent.address)} \d+% ", tty), tty
-    assert "1/1 answered, 0 failed" in tty
+    # issue 15: the line sums the syncs up instead of listing hosts
+    assert "0/1 syncing, 0 done, 0 failed" in tty
+    assert "1/1 syncing, 0 done, 0 failed" in tty
+    assert re.search(r"1/1 syncing, 0 done, 0 failed, \d+% of bytes", tty), tty
+    assert "0/1 syncing, 1 done, 0 failed, 100% of bytes" in tty
     assert (site.targets / "webslow" / "big.bin").stat().st_size == 500_000
 
 
@@ -71,7 +72,8 @@ def test_wait_timeout_then_a_busy_target(site, home):
     args = [f"--hosts={site.agent.address}", "--order=rsync", "--options=webslow", "--wait"]
     short = client(home, *args, "--wait-timeout=1", "--format=ndjson")
     assert short.rc == 3, short.stdout
-    line = json.loads(short.stdout.splitlines()[0])
+    # the result line, after the progress events (issue 15)
+    line = [json.loads(x) for x in short.stdout.splitlines() if '"event"' not in x][0]
     assert line["outcome"] == "timeout"
     assert line["content"]["message"] == "still running after --wait-timeout 1s"
     run = line["content"]["runId"]
@@ -186,3 +188,23 @@ def test_waiter_needs_the_lastrsync_of_its_own_sync():
 
     result, _ = follow(forever, 10, timeout=5)
     assert result is not None and result.content["outcome"] == "timeout"
+
+
+def test_waiter_needs_the_lastrsync_of_its_own_run():
+    """With run ids (issue 15), a lastRsync of the same target but another run is not this
+    sync's end; the one of its own run is."""
+
+    def script(run_id: str):
+        def answers(order: Order, n: int) -> HostResult:
+            if order.order == "rsync":
+                return answer("rsync", {**STARTED, "runId": "r1"})
+            last = {"checksum": "c1", "runId": run_id, "outcome": "ok"}
+            return answer("status", {"return": "true", "alreadyRsync": "false", "lastRsync": last})
+
+        return answers
+
+    result, _ = follow(script("r2"), 2)
+    assert result is not None and result.content["outcome"] == "failed"
+    result, _ = follow(script("r1"), 2)
+    assert result is not None and result.content["outcome"] == "ok"
+    assert result.content["lastRsync"]["runId"] == "r1"

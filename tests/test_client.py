@@ -443,7 +443,7 @@ def test_refused_is_cant_connect_at_once() -> None:
     assert result is not None
     assert result.content == f"can't connect to {ADDRESS}"
     assert result.server_status == 0 and result.unreachable
-    assert result.to_json()["returnCode"] == ""
+    assert result.to_json()["returnCode"] is None  # null, as the original (issue 15)
     assert not send.reactor.getDelayedCalls()
 
 

@@ -63,7 +63,8 @@ def test_texts_are_the_originals() -> None:
     """The proxy's refusals and the unknown group keep the original's words, typo included."""
     assert str(NotGranted("web")) == "You don't have permisson to access on this[web]."
     assert str(BadHostSelection("web")) == "Syntax error, unrecognized expression: [web]"
-    assert str(UnknownGroup("nosuch")) == "empty value in options!"
+    # issue 15: the unknown group is named; the original's words stay as the suffix
+    assert str(UnknownGroup("nosuch")) == "unknown group 'nosuch': empty value in options!"
     assert str(UnknownOrder()) == ""
     assert str(CapacityExceeded(4)) == (
         "too many child processes running (max_prefork = 4); try again later"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -379,6 +380,7 @@ def test_supervisor_end_gives_last_result(registry, reactor, procs):
         "ended": "2023-11-14T22:14:20Z",
         "transferFilesCount": 40,
         "transferFilesSize": 80000,
+        "transferDeleteCount": None,  # this test's record has no count
         "message": "file has vanished",
     }
 
@@ -948,7 +950,15 @@ def test_supervisor_ok_records_progress_stats_and_pids(tmp_path):
     rec = run.finish()
     assert (rec["state"], rec["outcome"], rec["exitCode"]) == ("ended", "ok", 0)
     assert rec["transferFilesCount"] == 3 and rec["transferFilesSize"] == 7000
-    assert rec["progress"] == {"bytes": 3000, "percent": 15, "rate": "1.00MB/s", "eta": "0:00:06"}
+    assert rec["progress"] == {
+        "bytes": 3000,
+        "percent": 15,
+        "rate": "1.00MB/s",
+        "eta": "0:00:06",
+        "elapsed": rec["progress"]["elapsed"],  # issue 15: by the supervisor's clock
+    }
+    assert re.fullmatch(r"0:00:0\d", rec["progress"]["elapsed"])
+    assert rec["transferDeleteCount"] == 0
     assert rec["supervisorPid"] == run.proc.pid and rec["rsyncPid"] != run.proc.pid
     assert rec["supervisorStart"] and rec["rsyncStart"] and rec["started"] <= rec["ended"]
     assert rec["runId"] == "run-1" and rec["checksum"] == "c"

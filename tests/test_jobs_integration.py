@@ -194,7 +194,8 @@ def test_sync_reports_growing_progress_then_ok(jobsite):
         answers = list(pool.map(lambda _: ask(agent, "rsync", "slow2"), range(2)))
     assert [a[0] for a in answers] == [200, 200]
     bodies = sorted((a[1] for a in answers), key=lambda b: "alreadyRsync" in b)
-    assert bodies[0] == {"checksum": jobsite.checksum("slow2"), "return": "true"}
+    started = {k: v for k, v in bodies[0].items() if k != "runId"}  # + its run id (issue 15)
+    assert started == {"checksum": jobsite.checksum("slow2"), "return": "true"}
     assert bodies[1]["alreadyRsync"] == "true" and bodies[1]["return"] == "true"
     first = wait_progress(agent, "slow2")
     pids = [int(p) for p in first["process"]]

@@ -8,6 +8,7 @@ import json
 import os
 import socket
 import sys
+import time
 from typing import Any
 
 import pytest
@@ -18,7 +19,7 @@ from twisted.internet.utils import getProcessOutputAndValue
 from deploy import orders
 from deploy.client import MAX_HEAD, ClientOptions, HostResult, Order, OrderClient, fan_out
 from deploy.plainclient import fan_out_plain
-from tests.harness import tool
+from tests.harness import run_client, tool
 from tests.test_client import (
     FakeAgent,
     Script,
@@ -274,3 +275,82 @@ async def test_plain_tcp_client_does_not_import_twisted(
     assert json.loads(out)[agent.address]["status"]["content"]["return"] == "true"
     loaded = err.decode().rpartition("TWISTED-LOADED=")[2].strip()
     assert (loaded != "[]") is loads_twisted, loaded
+
+
+# ------------------------------------------------------------------------ names (issue 15, 13)
+
+
+def stream_addresses(port: int) -> list[tuple[Any, ...]]:
+    return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", ("127.0.0.1", port))]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_slow_name_stalls_only_its_own_host() -> None:
+    """Names resolve beside the loop: a lookup that takes 3 s leaves the other host's answer
+    untouched and costs only its own host its deadline; a literal address is never looked up."""
+    agent = FakeAgent(answer(OK))
+    looked_up: list[str] = []
+
+    def resolver(host: str, port: int) -> list[tuple[Any, ...]]:
+        looked_up.append(host)
+        time.sleep(3)
+        return stream_addresses(agent.port)
+
+    options = ClientOptions(thread_timeout=1, socket_timeout=1)
+    started = time.monotonic()
+    try:
+        fan = await threads.deferToThread(
+            fan_out_plain,
+            [agent.address, f"slow.test:{agent.port}"],
+            lambda _h: Order("status", "web"),
+            options,
+            resolver=resolver,
+        )
+    finally:
+        await agent.stop()
+    took = time.monotonic() - started
+    assert fan.results[agent.address].succeeded
+    assert fan.results[f"slow.test:{agent.port}"].content == "Process Timeout(1)!"
+    assert looked_up == ["slow.test"]
+    assert took < 2.5, took
+
+
+SLOW_RESOLVER = """
+import socket, time
+_getaddrinfo = socket.getaddrinfo
+
+def getaddrinfo(host, *args, **kwargs):
+    if host == "slow.invalid" and not kwargs.get("flags", 0) & socket.AI_NUMERICHOST:
+        time.sleep(5)
+        host = "127.0.0.1"
+    return _getaddrinfo(host, *args, **kwargs)
+
+socket.getaddrinfo = getaddrinfo
+"""
+
+
+def test_the_real_client_keeps_other_hosts_deadlines_while_a_name_is_slow(site, tmp_path):
+    """Issue 15 item 13, end to end: with a name whose lookup takes 5 s (the machine's resolver
+    slowed down in the real deploy-client), the real agent ordered before it still answers ok
+    within a 2 s deadline, and the slow host alone times out, at 2 s."""
+    (tmp_path / "sitecustomize.py").write_text(SLOW_RESOLVER)
+    env = {k: v for k, v in os.environ.items() if k not in ("DEPLOY_KEY_CIPHER", "DEPLOY_API_KEY")}
+    env["PYTHONPATH"] = str(tmp_path)
+    env["HOME"] = str(tmp_path)
+    slow = f"slow.invalid:{site.agent.port}"
+    started = time.monotonic()
+    run = run_client(
+        f"--hosts={site.agent.address},{slow}",
+        "--order=status",
+        "--options=web",
+        "--thread-timeout=2",
+        "--format=ndjson",
+        env=env,
+    )
+    took = time.monotonic() - started
+    first, second, summary = (json.loads(line) for line in run.stdout.splitlines())
+    assert (first["host"], first["outcome"]) == (site.agent.address, "ok"), run.stdout
+    assert (second["host"], second["outcome"]) == (slow, "timeout")
+    assert second["content"] == "Process Timeout(2)!"
+    assert summary["summary"]["exitCode"] == 3 and run.rc == 3
+    assert took < 4.5, took  # not the 5 s lookup

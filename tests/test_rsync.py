@@ -133,8 +133,12 @@ def test_real_progress2_sample() -> None:
     assert parser.new_files == ITEMIZED_NAMES
     assert parser.deleted_files == ["stale"]
     assert list(parser.other_lines) == []
-    assert parser.progress == Progress(bytes=3145747, percent=100, rate="2.05MB/s", eta="0:00:01")
+    # The last record ends a file: its time is the time elapsed, and nothing remains.
+    final = Progress(bytes=3145747, percent=100, rate="2.05MB/s", eta=None, elapsed="0:00:01")
+    assert parser.progress == final and final.remaining() == "0:00:00"
     assert seen[0] == Progress(bytes=1, percent=0, rate="0.00kB/s", eta="0:00:00")
+    assert seen[1] == Progress(1, 0, "0.00kB/s", eta=None, elapsed="0:00:00")
+    assert parser.delete_count == 1
     assert len(seen) == 17
     assert [p.bytes for p in seen] == sorted(p.bytes for p in seen)
     assert stats_dict(parser.stats) == {
@@ -143,6 +147,55 @@ def test_real_progress2_sample() -> None:
         "bytes_sent": 3147367,
         "bytes_received": 272,
     }
+
+
+def test_progress_time_is_remaining_mid_file_and_elapsed_as_a_file_ends() -> None:
+    """rsync prints the time remaining in the middle of a transfer and the time elapsed on the
+    record that ends a file (`xfr#`): `eta` is the time left either way, and falls as the sync
+    proceeds (issue 15: it used to be the elapsed time, climbing)."""
+    seen: list[Progress] = []
+    # 1,024,000 bytes at 10 kB/s: 100 s in all.
+    records = [
+        "        102,400  10%   10.00kB/s    0:01:30  ",
+        "        266,240  26%   10.00kB/s    0:00:26 (xfr#3, to-chk=70/100)",
+        "        512,000  50%   10.00kB/s    0:00:50 (xfr#9, ir-chk=40/100)",
+        "        716,800  70%   10.00kB/s    0:00:29  ",
+        "        921,600  90%   10.00kB/s    0:01:30 (xfr#90, to-chk=10/100)",
+        "        972,800  95%   10.00kB/s  ??:??:??  ",
+    ]
+    parse(("\r" + "\r".join(records) + "\n").encode(), on_progress=seen.append)
+    assert [(p.eta, p.elapsed) for p in seen] == [
+        ("0:01:30", None),
+        (None, "0:00:26"),
+        (None, "0:00:50"),
+        ("0:00:29", None),
+        (None, "0:01:30"),
+        ("??:??:??", None),
+    ]
+    assert [p.remaining() for p in seen] == [
+        "0:01:30",
+        "0:01:14",
+        "0:00:50",
+        "0:00:29",
+        "0:00:10",
+        None,
+    ]
+    # The issue's case: at 26% with about 2 MB left at 96 kB/s the time left is 20 s, not the
+    # 3 s elapsed.
+    issue = Progress(700_000, 26, "96.00kB/s", eta=None, elapsed="0:00:03")
+    assert issue.remaining() == "0:00:20"
+    assert Progress(5, 50, "?", eta=None, elapsed="0:00:10").remaining() == "0:00:10"
+    assert Progress(0, 0, "0.00kB/s", eta=None, elapsed="0:00:03").remaining() is None
+
+
+def test_delete_count_counts_what_rlist_lists_with_or_without_lists() -> None:
+    """`*deleting` lines count, directories aside (rlist lists files only), kept lists or not:
+    status reports deletions with it."""
+    text = b"*deleting   old/a\n*deleting   old/b\n*deleting   old/\n>f+++++++++ new\n"
+    for keep in (True, False):
+        parser = parse(text, keep_lists=keep)
+        assert parser.delete_count == 2
+        assert parser.deleted_files == (["old/a", "old/b", "old/"] if keep else [])
 
 
 def test_rsync30_stats_sample() -> None:

@@ -10,7 +10,8 @@ def test_status_rlist_rsync_status_exec(site):
     assert r.rc == 0, r.stderr
     c = r.content(site.agent.address, "status")
     assert c == {"return": "true", "alreadyRsync": "false", "transferFilesCount": "40",
-                 "transferFilesSize": "80000", "agentVersion": deploy.__version__}
+                 "transferFilesSize": "80000", "transferDeleteCount": "0",
+                 "agentVersion": deploy.__version__}
     r = site.client("--order=rsync", "--options=web")
     assert r.rc == 0
     checksum = r.content(site.agent.address, "rsync")["checksum"]

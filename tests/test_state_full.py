@@ -194,7 +194,9 @@ def test_an_agent_on_a_full_state_disk_starts_and_refuses_only_new_syncs(
     assert complaints(agent) == said
     filler.unlink()
     checksum = RsyncTarget(dest=rsyncd.url("DEST"), src=str(targets / "web")).checksum
-    assert ask(agent, "rsync", "web") == (200, {"checksum": checksum, "return": "true"})
+    code, started = ask(agent, "rsync", "web")
+    assert code == 200 and started.pop("runId")  # this run's id (issue 15)
+    assert started == {"checksum": checksum, "return": "true"}
 
     def synced() -> dict[str, Any] | None:
         body = ask(agent, "status", "web")[1]

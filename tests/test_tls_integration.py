@@ -752,8 +752,8 @@ def test_proxy_verifies_agents_with_a_ca(daemons, jobs, keys, tmp_path):
     assert answers[self_signed.address] == {
         "return": 0,
         "serverStatus": 0,
-        "returnCode": 0,
-        "returnString": "",
+        "returnCode": None,  # null, as the original (issue 15)
+        "returnString": None,
         "content": f"127.0.0.1:{self_signed.port}: server certificate is not signed by the CA "
         f"in {keys.ca}",
     }

@@ -690,11 +690,13 @@ def test_resolve_inline_target(agent_env: dict[str, Any]) -> None:
 
 @pytest.mark.parametrize("options", ["nosuchgroup", ",/x", "h::M/,", " , "])
 def test_resolve_unknown_or_empty_target_is_400(agent_env: dict[str, Any], options: str) -> None:
-    """An unknown group or an inline target with an empty side: 400 `empty value in options!`."""
+    """An unknown group or an inline target with an empty side: 400 `empty value in options!`
+    (an unknown group named first, issue 15)."""
     service, _ = make_service(agent_env)
     with pytest.raises(InvalidTarget) as e:
         service.targets.resolve(options)
-    assert (status_for(e.value), str(e.value)) == (400, "empty value in options!")
+    named = "unknown group 'nosuchgroup': " if options == "nosuchgroup" else ""
+    assert (status_for(e.value), str(e.value)) == (400, named + "empty value in options!")
 
 
 def test_resolve_inline_source_may_not_be_an_option(agent_env: dict[str, Any]) -> None:
@@ -753,6 +755,7 @@ def test_status_answers_counts_as_strings(agent_env: dict[str, Any]) -> None:
         "alreadyRsync": "false",
         "transferFilesCount": "12",
         "transferFilesSize": "3145747",
+        "transferDeleteCount": "1",
         "agentVersion": deploy.__version__,
     }
     assert service.orders.children == 0
