@@ -209,6 +209,7 @@ def test_healthz_says_ok_or_the_first_problem(tmp_path):
     reason when it cannot (here: a file where the directory should be) or nothing listens."""
     listening = [True]
     state = tmp_path / "state"
+    state.mkdir()  # made (and judged) by the agent's start-up
     health = HealthResource(
         [listening_check(lambda: listening[0], "127.0.0.1:3440"), writable_check(str(state))]
     )

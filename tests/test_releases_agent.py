@@ -20,7 +20,7 @@ from tests.harness import AgentProcess, ask, make_tree, run_client, wait_until
 
 JOBS = """\
 [release]
-reload = /bin/sh -c "echo reloaded >> %s"
+reload = /bin/sh -c 'echo reloaded >> "$1"' sh %s
 check:ok = /bin/true
 check:fail = /bin/false
 """
