@@ -166,3 +166,17 @@ def error_message(stderr_text: str, limit: int = 2000) -> str:
     picked = [line for line in lines if line.startswith(_EXPLAINING)]
     text = "\n".join(picked or lines[-5:])
     return text[-limit:]
+
+
+EXIT_VANISHED = 24
+
+
+def outcome_of(exit_code: int | None, sig: int | None, stderr_text: str) -> tuple[str, str]:
+    """The outcome and message of an rsync that ended by itself (not by rkill)."""
+    if exit_code == 0:
+        return OUTCOME_OK, ""
+    if exit_code == EXIT_VANISHED:
+        return OUTCOME_WARNING, error_message(stderr_text) or "some source files vanished"
+    if sig is not None:
+        return OUTCOME_FAILED, error_message(stderr_text) or f"rsync killed by signal {sig}"
+    return OUTCOME_FAILED, error_message(stderr_text) or f"rsync exited with code {exit_code}"

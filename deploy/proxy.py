@@ -14,8 +14,9 @@ from twisted.logger import Logger
 from deploy import auth, logs
 from deploy.access import AllowedHosts
 from deploy.answers import PROXY_ANSWER_LIMITS, PROXY_ANSWERS_TOTAL, AnswerAccount, AnswerBudget
+from deploy.auth import DEFAULT_KEY_CIPHER
 from deploy.client import ClientOptions, Order, OrderClient, fan_out, parse_budget, result_map
-from deploy.config import DEFAULT_KEY_CIPHER, ClientSettings, ProxyConfig
+from deploy.config import ClientSettings, ProxyConfig
 from deploy.errors import BadHostSelection, BadRequest, NotGranted, NotPermitted, UnknownOrder
 from deploy.keyring import ApiKeys
 from deploy.logrecord import log_safe

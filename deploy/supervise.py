@@ -24,14 +24,13 @@ from typing import Any
 from deploy.jobstate import (
     OUTCOME_FAILED,
     OUTCOME_KILLED,
-    OUTCOME_OK,
     OUTCOME_REFUSED,
-    OUTCOME_WARNING,
     STATE_ENDED,
     STATE_RUNNING,
     STATE_STARTING,
     error_message,
     is_disk_full,
+    outcome_of,
     read_state,
     write_state,
 )
@@ -44,53 +43,20 @@ from deploy.process import (
     process_group_pids,
     signal_group,
 )
-from deploy.rsync import Progress, RsyncOutputParser, TailBuffer
+from deploy.rsync import Progress, RsyncOutputParser, TailBuffer, rsync_environment
 from deploy.rsync_output import clock
+from deploy.source_listing import LIST_TIMEOUT, listing_argv, lists_nothing
 from deploy.source_retry import SourceRetry, sleep_unless, source_busy
 
 PROGRESS_INTERVAL = 0.5
 READY_AFTER = 1.0
-LIST_TIMEOUT = 60.0
 # Once rsync itself has exited, how long its forked children may keep our pipes open.
 DRAIN_AFTER_EXIT = 2.0
-EXIT_VANISHED = 24
 # Writing the end on a full file system is tried again, every RECORD_RETRY_MAX seconds at most,
 # for RECORD_RETRY_FOR seconds before the supervisor gives up.
 RECORD_RETRY_FIRST = 0.25
 RECORD_RETRY_MAX = 2.0
 RECORD_RETRY_FOR = 24 * 3600.0
-
-# Options of the sync that the source listing needs too: how to reach the source, and the filters
-# that decide which of its files count.
-_LISTING_OPTIONS = (
-    "--port=",
-    "--rsh=",
-    "--password-file=",
-    "--address=",
-    "--contimeout=",
-    "--timeout=",
-    "--rsync-path=",
-    "--include=",
-    "--exclude=",
-    "--filter=",
-    "--include-from=",
-    "--exclude-from=",
-    "--ipv4",
-    "--ipv6",
-    "--protect-args",
-)
-
-
-def outcome_of(exit_code: int | None, sig: int | None, stderr_text: str) -> tuple[str, str]:
-    """The outcome and message of an rsync that ended by itself (not by rkill)."""
-    if exit_code == 0:
-        return OUTCOME_OK, ""
-    if exit_code == EXIT_VANISHED:
-        return OUTCOME_WARNING, error_message(stderr_text) or "some source files vanished"
-    if sig is not None:
-        return OUTCOME_FAILED, error_message(stderr_text) or f"rsync killed by signal {sig}"
-    return OUTCOME_FAILED, error_message(stderr_text) or f"rsync exited with code {exit_code}"
-
 
 class Supervisor:
     """Runs one rsync to its end and keeps its state record."""
@@ -213,7 +179,7 @@ class Supervisor:
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 process_group=0,
-                env=rsync_env(),
+                env=rsync_environment(),
             )
         except OSError as e:
             return self.finish(
@@ -227,19 +193,14 @@ class Supervisor:
     def source_is_empty(self) -> bool:
         """List the top level of the source (as a directory, with the sync's filters): `.` alone
         means a sync with --delete would empty the target."""
-        source = self.argv[-2]
-        if not source.endswith("/"):
-            source += "/"
-        options = [a for a in self.argv[1:-2] if a.startswith(_LISTING_OPTIONS)]
-        argv = [self.argv[0], "--list-only", "--no-recursive", "--dirs", *options, "--", source]
         try:
             self.lister = subprocess.Popen(
-                argv,
+                listing_argv(self.argv),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.DEVNULL,
                 process_group=0,
-                env=rsync_env(),
+                env=rsync_environment(),
             )
         except OSError:
             return False  # the real run reports why rsync cannot run
@@ -251,14 +212,7 @@ class Supervisor:
             self.lister.kill()
             self.lister.communicate()
             return False  # the real run reports the unreachable source
-        if self.lister.returncode != 0:
-            return False
-        names = [
-            line.split(None, 4)[-1]
-            for line in out.decode("utf-8", "replace").splitlines()
-            if line.strip()
-        ]
-        return all(n == "." for n in names)
+        return self.lister.returncode == 0 and lists_nothing(out)
 
     def pump(self) -> int:
         child = self.child
@@ -434,12 +388,6 @@ class Supervisor:
                     self.complain(f"cannot record the outcome yet: {e}; trying again")
             time.sleep(delay)
             delay = min(delay * 2, RECORD_RETRY_MAX)
-
-
-def rsync_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["LC_ALL"] = "C"  # unlocalised numbers and messages
-    return env
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,8 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from deploy.auth import DEFAULT_KEY_CIPHER
 from deploy.config import (
-    DEFAULT_KEY_CIPHER,
     LOG_LEVELS,
     AgentConfig,
     ClientSettings,
