@@ -170,6 +170,17 @@ class ProxyMetrics(DaemonMetrics):
             "deploy_proxy_host_results", "Agents' results in the proxy's answers.",
             ["order", "result"], registry=self.registry,
         )  # fmt: skip
+        self.rollouts = Counter(
+            "deploy_proxy_rollouts", "Rollouts this proxy ran, by how they ended.",
+            ["outcome"], registry=self.registry,
+        )  # fmt: skip
+
+    def watch_rollouts(self, rollouts: Any) -> None:
+        """Count how the rollouts of `rollouts` (deploy.proxy_rollouts.ProxyRollouts) end,
+        and those a previous proxy left interrupted."""
+        if rollouts.interrupted:
+            self.rollouts.labels("interrupted").inc(rollouts.interrupted)
+        rollouts.ended_observers.append(lambda outcome: self.rollouts.labels(outcome).inc())
 
     def response_sent(self, proto: Any, response: Any) -> None:
         super().response_sent(proto, response)

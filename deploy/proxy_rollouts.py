@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
@@ -110,7 +111,12 @@ class ProxyRollouts:
         self.store = RolloutStore(state_dir)
         self.running: dict[str, RolloutDriver] = {}
         self._last_save: dict[str, float] = {}
+        # Told how each rollout ended (`ok`, `failed`, `stopped`; `interrupted` for those a
+        # previous proxy left, told as an observer joins): the metrics count them.
+        self.interrupted = 0
+        self.ended_observers: list[Callable[[str], None]] = []
         for record in self.store.load():
+            self.interrupted += 1
             self.log.warn("rollout {id} was interrupted", id=record["rolloutId"])
 
     def handle(self, request: Any, fields: dict[str, str], peer: str) -> Deferred[Response]:
@@ -198,6 +204,9 @@ class ProxyRollouts:
         self.running.pop(rollout_id, None)
         self._last_save.pop(rollout_id, None)
         self.store.save(record)
+        outcome = rollout_outcome(record)
+        for observer in self.ended_observers:
+            observer(outcome)
         self.log.info(
             "rollout {id} ended: {failures} failed{stopped}",
             id=rollout_id,
@@ -237,6 +246,14 @@ class ProxyRollouts:
         except Exception:
             return False
         return True
+
+
+def rollout_outcome(record: dict[str, Any]) -> str:
+    """How an ended rollout went: `stopped` (its budget or canary), `failed` (some hosts failed
+    within the budget) or `ok`."""
+    if record.get("stopped"):
+        return "stopped"
+    return "failed" if record.get("failures") else "ok"
 
 
 def _summary(record: dict[str, Any]) -> dict[str, Any]:

@@ -110,6 +110,7 @@ def build_service(options: Options, reactor: Any) -> service.MultiService:
 
         metrics = ProxyMetrics()
         metrics.watch(factory)
+        metrics.watch_rollouts(proxy.rollouts)
     # The proxy runs no child processes: the agent's process limits mean nothing here.
     daemon.log_ignored_options(config.server, (*daemon.IGNORED_OPTIONS, *PROXY_UNUSED_OPTIONS))
     for name in CLIENT_IGNORED_OPTIONS:

@@ -410,3 +410,23 @@ def test_open_connections_are_counted_until_they_close():
     assert sample(m, "deploy_connections_open") == 2
     protos[0].connectionLost(Failure(ConnectionError()))
     assert sample(m, "deploy_connections_open") == 1
+
+
+def test_proxy_rollouts_are_counted_by_how_they_ended() -> None:
+    """deploy_proxy_rollouts_total{outcome}: each ended rollout by outcome (stopped, failed, ok),
+    and those a previous proxy left, as interrupted."""
+    from types import SimpleNamespace
+
+    from deploy.metrics import ProxyMetrics
+    from deploy.proxy_rollouts import rollout_outcome
+
+    rollouts = SimpleNamespace(interrupted=2, ended_observers=[])
+    m = ProxyMetrics()
+    m.watch_rollouts(rollouts)
+    for record in ({"stopped": True, "failures": 3}, {"failures": 1}, {"failures": 0}, {}):
+        for observer in rollouts.ended_observers:
+            observer(rollout_outcome(record))
+    assert sample(m, "deploy_proxy_rollouts_total", outcome="interrupted") == 2
+    assert sample(m, "deploy_proxy_rollouts_total", outcome="stopped") == 1
+    assert sample(m, "deploy_proxy_rollouts_total", outcome="failed") == 1
+    assert sample(m, "deploy_proxy_rollouts_total", outcome="ok") == 2
