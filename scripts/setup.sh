@@ -20,6 +20,10 @@ fi
 if [ "$with_tests" = 1 ]; then
     command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
     command -v ss >/dev/null 2>&1 || need+=(iproute2)
+    # curl: the TLS probe test; setpriv and mount: the local-user and full-disk tests
+    command -v curl >/dev/null 2>&1 || need+=(curl)
+    command -v setpriv >/dev/null 2>&1 || need+=(util-linux)
+    command -v mount >/dev/null 2>&1 || need+=(mount)
 fi
 if [ ${#need[@]} -gt 0 ]; then
     echo "setup: installing ${need[*]}" >&2
