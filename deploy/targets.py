@@ -4,11 +4,13 @@ writable-path jail, the inline source one the config allows."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 
 from deploy.access import AllowedPaths
 from deploy.config import RsyncGroup
 from deploy.errors import InvalidTarget, UnknownGroup
+from deploy.release_layout import default_releases_path
 from deploy.rsync import RsyncTarget
 from deploy.sources import AllowedSources, RemoteSource
 
@@ -68,6 +70,7 @@ class TargetResolver:
                 raise InvalidTarget(f"bad remote source {dest!r}: {e}") from None
             group = None
             target = RsyncTarget(dest=dest, src=src)
+            self._refuse_release_tree(src)
         else:
             group = self.groups.get(options)
             if group is None:
@@ -84,3 +87,20 @@ class TargetResolver:
             )
         self.allowed_paths.check(target.src)
         return target, group
+
+    def _refuse_release_tree(self, src: str) -> None:
+        """An inline target may not be a release-mode group's live path or lie inside its
+        releases: an in-place sync there would write into a live (or kept) release."""
+        local = os.path.realpath(src)
+        for name, group in self.groups.items():
+            if group.releases is None:
+                continue
+            live = os.path.normpath(group.src)
+            managed = (
+                os.path.join(os.path.realpath(os.path.dirname(live)), os.path.basename(live)),
+                os.path.realpath(group.releases_path or default_releases_path(group.src)),
+            )
+            if any(local == m or local.startswith(m.rstrip("/") + "/") for m in managed):
+                raise InvalidTarget(
+                    f"{src} is managed by release-mode group {name!r}: order the group instead"
+                )

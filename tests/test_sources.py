@@ -176,3 +176,26 @@ def test_resolver_default_refuses_remote_shell_sources(tmp_path: Path) -> None:
     targets = TargetResolver({}, AllowedPaths([str(tmp_path)]))
     with pytest.raises(SourceNotAllowed):
         targets.resolve(f"localhost:/etc/,{tmp_path}/x")
+
+
+def test_an_inline_target_may_not_write_into_a_release_groups_tree(tmp_path: Path) -> None:
+    """A release-mode group's live path (through its symlink too) and its releases are the
+    group's alone: an inline sync there (in place, into a live release) is a 400 naming the
+    group; a neighbour directory and an in-place group's path are not refused."""
+    from deploy.config import RsyncGroup
+
+    releases = tmp_path / "web.releases"
+    (releases / "20260101T000000Z-ab12").mkdir(parents=True)
+    (tmp_path / "web").symlink_to(releases / "20260101T000000Z-ab12")
+    (tmp_path / "other").mkdir()
+    groups = {
+        "web": RsyncGroup("web", "h::M/", str(tmp_path / "web"), 1, releases=3),
+        "plain": RsyncGroup("plain", "h::M/", str(tmp_path / "other"), 2),
+    }
+    resolver = TargetResolver(groups, AllowedPaths([str(tmp_path)]))
+    for local in ("web", "web/", "./web", "web.releases/20260101T000000Z-ab12", "web.releases"):
+        with pytest.raises(InvalidTarget) as e:
+            resolver.resolve(f"rsync.example.com::M/,{tmp_path}/{local}")
+        assert "release-mode group 'web'" in str(e.value) and status_for(e.value) == 400
+    target, group = resolver.resolve(f"rsync.example.com::M/,{tmp_path}/other")
+    assert group is None and target.src == f"{tmp_path}/other"
