@@ -137,6 +137,8 @@ class HostSteps:
         o = Order(order, options)
         if order == "rsync" and self.label:
             o.extra["release"] = self.label
+        if order == "status" and run.run_id:
+            o.extra["run"] = run.run_id  # following our run: the agent skips the dry run
         result: HostResult = await self.sender.send(run.host, o)
         return result
 
@@ -192,7 +194,8 @@ class HostSteps:
         self._step(run, "rsync", began, "started")
 
     async def _follow(self, run: HostRun) -> None:
-        """Poll `status` until the agent's lastRsync is this run's."""
+        """Poll `status` (naming the run: no dry run on the agent) until the agent's lastRsync
+        is this run's."""
         began = self.clock.seconds()
         deadline = began + self.sync_timeout
         lost_since: float | None = None
