@@ -14,11 +14,18 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 
 from deploy.orders import HostResult, Order
-from deploy.rollout import BUSY, CHECK_FAILED, FAILED, OK, TIMED_OUT, UNREACHABLE
+from deploy.rollout import (
+    BUSY,
+    CHECK_FAILED,
+    FAILED,
+    OK,
+    TIMED_OUT,
+    UNREACHABLE,
+    poll_interval,
+)
 
-POLL_FIRST = 0.25  # status polls while a sync runs: quick at first, then every POLL seconds
+POLL_FIRST = 0.25  # status polls while a sync runs: quick at first, then slower (poll_interval)
 POLL = 1.0
-FAST_POLLS = 8
 LOST_CONTACT = 30.0  # an agent that stops answering while its sync runs is given this long
 GOOD_SYNC = ("ok", "warning")
 
@@ -199,10 +206,9 @@ class HostSteps:
         began = self.clock.seconds()
         deadline = began + self.sync_timeout
         lost_since: float | None = None
-        polls = 0
         while True:
-            await deferLater(self.clock, POLL_FIRST if polls < FAST_POLLS else POLL, lambda: None)
-            polls += 1
+            wait = poll_interval(self.clock.seconds() - began, POLL_FIRST, POLL)
+            await deferLater(self.clock, wait, lambda: None)
             result = await self._ask(run, "status", self.group)
             now = self.clock.seconds()
             bad = answer_outcome(result)
