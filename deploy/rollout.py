@@ -220,11 +220,11 @@ class Rollout:
         return [Start(self._current)]
 
 
-POLL_SHARE = 0.2
+POLL_SHARE = 0.1
 
 
 def poll_interval(followed: float, first: float, most: float) -> float:
     """The wait before the next poll of something followed for `followed` seconds: `first` at
-    first, then a fifth of the time followed so far, at most `most` — so an end is heard within
-    about a fifth of the time it took, short or long, without polling a long one every `first`."""
+    first, then a tenth of the time followed so far, at most `most` — so an end is heard within
+    about a tenth of the time it took, short or long, without polling a long one every `first`."""
     return min(most, max(first, POLL_SHARE * followed))
