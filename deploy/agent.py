@@ -170,6 +170,8 @@ class AgentProtocol(ServiceRequestReceiver):
         )
         if order == "rsync":
             return service.orders.order_rsync(options, label=fields.get("release", ""))
+        if order == "status" and fields.get("run"):  # following a sync: no dry run
+            return service.orders.order_status(options, following=fields["run"])
         owner = service.release_orders if order in RELEASE_ORDERS else service.orders
         handler: Callable[[str], Any] = getattr(owner, "order_" + order)
         result = handler(options)

@@ -127,12 +127,20 @@ class AgentOrders:
     # -- orders
 
     @answers_with_agent_version
-    def order_status(self, options: str) -> defer.Deferred[Response]:
+    def order_status(self, options: str, following: str = "") -> defer.Deferred[Response]:
+        """The running sync's progress; else a dry run's counts and how the last sync ended. A
+        client `following` a run (its runId) only wants to know when it ends: no dry run then."""
         target, group = self.targets.resolve(options)
         state_dir = group_state_dir(group)
         job = self.jobs.running(job_key(target, group), state_dir)
-        if job is not None:
-            body = self._running_answer(job, with_progress=True)
+        if job is not None or following:
+            if job is not None:
+                body = self._running_answer(job, with_progress=True)
+            else:
+                body = {"return": "true", "alreadyRsync": "false"}
+                last = self.jobs.last_result(job_key(target, group), state_dir)
+                if last:
+                    body["lastRsync"] = last
             self._add_live_release(body, target, group)
             return defer.succeed(Response.json(body))
         self.check_capacity()

@@ -218,3 +218,13 @@ class Rollout:
         for host in self._current:
             self.states[host].started = True
         return [Start(self._current)]
+
+
+POLL_SHARE = 0.1
+
+
+def poll_interval(followed: float, first: float, most: float) -> float:
+    """The wait before the next poll of something followed for `followed` seconds: `first` at
+    first, then a tenth of the time followed so far, at most `most` — so an end is heard within
+    about a tenth of the time it took, short or long, without polling a long one every `first`."""
+    return min(most, max(first, POLL_SHARE * followed))

@@ -204,9 +204,11 @@ async def on_proxy(
         rollout_id = args.options.strip()
     from twisted.internet.task import deferLater
 
+    from deploy.rollout import poll_interval
+
     record: dict[str, Any] = {}
     lost_since: float | None = None
-    polls = 0
+    began = reactor.seconds()
     while True:
         order = Order("rollout", f"{rollout_id},{view.shown}", "", args.api_key or "")
         answer = await client.send(proxy, order)
@@ -234,8 +236,7 @@ async def on_proxy(
                     file=sys.stderr,
                 )
                 return {"code": output.EXIT_UNREACHABLE}
-        polls += 1
-        interval = ROLLOUT_POLL_FIRST if polls < 8 else ROLLOUT_POLL
+        interval = poll_interval(now - began, ROLLOUT_POLL_FIRST, ROLLOUT_POLL)
         await deferLater(reactor, interval, lambda: None)
 
 

@@ -14,11 +14,18 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 
 from deploy.orders import HostResult, Order
-from deploy.rollout import BUSY, CHECK_FAILED, FAILED, OK, TIMED_OUT, UNREACHABLE
+from deploy.rollout import (
+    BUSY,
+    CHECK_FAILED,
+    FAILED,
+    OK,
+    TIMED_OUT,
+    UNREACHABLE,
+    poll_interval,
+)
 
-POLL_FIRST = 0.25  # status polls while a sync runs: quick at first, then every POLL seconds
+POLL_FIRST = 0.25  # status polls while a sync runs: quick at first, then slower (poll_interval)
 POLL = 1.0
-FAST_POLLS = 8
 LOST_CONTACT = 30.0  # an agent that stops answering while its sync runs is given this long
 GOOD_SYNC = ("ok", "warning")
 
@@ -137,6 +144,8 @@ class HostSteps:
         o = Order(order, options)
         if order == "rsync" and self.label:
             o.extra["release"] = self.label
+        if order == "status" and run.run_id:
+            o.extra["run"] = run.run_id  # following our run: the agent skips the dry run
         result: HostResult = await self.sender.send(run.host, o)
         return result
 
@@ -192,14 +201,14 @@ class HostSteps:
         self._step(run, "rsync", began, "started")
 
     async def _follow(self, run: HostRun) -> None:
-        """Poll `status` until the agent's lastRsync is this run's."""
+        """Poll `status` (naming the run: no dry run on the agent) until the agent's lastRsync
+        is this run's."""
         began = self.clock.seconds()
         deadline = began + self.sync_timeout
         lost_since: float | None = None
-        polls = 0
         while True:
-            await deferLater(self.clock, POLL_FIRST if polls < FAST_POLLS else POLL, lambda: None)
-            polls += 1
+            wait = poll_interval(self.clock.seconds() - began, POLL_FIRST, POLL)
+            await deferLater(self.clock, wait, lambda: None)
             result = await self._ask(run, "status", self.group)
             now = self.clock.seconds()
             bad = answer_outcome(result)

@@ -4,7 +4,6 @@ parser of `deploy.rsync_output` (re-exported here), keeping the tail of its stde
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +18,9 @@ from deploy.rsync_output import (  # noqa: F401  (re-exported: the parser's publ
     Progress,
     RsyncOutputParser,
     RsyncStats,
+    TailBuffer,
     display_name,
+    rsync_environment,
     unescape_name,
 )
 
@@ -75,37 +76,6 @@ def build_argv(target: RsyncTarget, *, dry_run: bool, progress: bool = False) ->
     return argv
 
 
-class TailBuffer:
-    """Keeps the last `limit` bytes of a stream, split into lines on demand."""
-
-    def __init__(self, limit: int = 8192) -> None:
-        self.limit = max(1, limit)
-        self.truncated = False
-        self._buffer = bytearray()
-
-    def feed(self, data: bytes) -> None:
-        self._buffer += data
-        # Trim only once the buffer doubles, so feeding stays linear in the input.
-        if len(self._buffer) > 2 * self.limit:
-            del self._buffer[: -self.limit]
-            self.truncated = True
-
-    def _tail(self) -> bytes:
-        tail = bytes(self._buffer[-self.limit :])
-        if self.truncated or len(self._buffer) > self.limit:
-            # The first line was cut (maybe mid-character): drop it if a whole line follows.
-            newline = tail.find(b"\n")
-            if 0 <= newline < len(tail) - 1:
-                tail = tail[newline + 1 :]
-        return tail
-
-    def text(self) -> str:
-        return self._tail().decode("utf-8", "replace")
-
-    def lines(self) -> list[str]:
-        return self.text().splitlines()
-
-
 @dataclass
 class RsyncResult:
     """How an rsync child ended, with its parsed stdout and the tail of its stderr."""
@@ -149,13 +119,6 @@ class RsyncProcessProtocol(protocol.ProcessProtocol):
             stderr=self.stderr.text(),
         )
         self.ended.callback(result)
-
-
-def rsync_environment() -> dict[str, str]:
-    """The agent's environment with LC_ALL=C, so rsync does not localise numbers."""
-    env = dict(os.environ)
-    env["LC_ALL"] = "C"
-    return env
 
 
 def run_rsync(

@@ -1,10 +1,12 @@
 """The incremental parser of rsync's output: `--itemize-changes` names (with rsync's `\\#ooo`
 escapes), the `--stats` block (3.0 and 3.1+ formats) and `--info=progress2` records, fed in chunks
-as the child writes them. No Twisted: the sync supervisor uses it too."""
+as the child writes them, the tail of its stderr, and its environment. No Twisted: the sync
+supervisor uses it too (it starts once per sync)."""
 
 from __future__ import annotations
 
 import collections
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -301,3 +303,41 @@ class RsyncOutputParser:
         self.progress = progress
         if self.on_progress is not None:
             self.on_progress(progress)
+
+
+class TailBuffer:
+    """Keeps the last `limit` bytes of a stream, split into lines on demand."""
+
+    def __init__(self, limit: int = 8192) -> None:
+        self.limit = max(1, limit)
+        self.truncated = False
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> None:
+        self._buffer += data
+        # Trim only once the buffer doubles, so feeding stays linear in the input.
+        if len(self._buffer) > 2 * self.limit:
+            del self._buffer[: -self.limit]
+            self.truncated = True
+
+    def _tail(self) -> bytes:
+        tail = bytes(self._buffer[-self.limit :])
+        if self.truncated or len(self._buffer) > self.limit:
+            # The first line was cut (maybe mid-character): drop it if a whole line follows.
+            newline = tail.find(b"\n")
+            if 0 <= newline < len(tail) - 1:
+                tail = tail[newline + 1 :]
+        return tail
+
+    def text(self) -> str:
+        return self._tail().decode("utf-8", "replace")
+
+    def lines(self) -> list[str]:
+        return self.text().splitlines()
+
+
+def rsync_environment() -> dict[str, str]:
+    """The agent's environment with LC_ALL=C, so rsync does not localise numbers."""
+    env = dict(os.environ)
+    env["LC_ALL"] = "C"
+    return env

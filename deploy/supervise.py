@@ -43,8 +43,7 @@ from deploy.process import (
     process_group_pids,
     signal_group,
 )
-from deploy.rsync import Progress, RsyncOutputParser, TailBuffer, rsync_environment
-from deploy.rsync_output import clock
+from deploy.rsync_output import Progress, RsyncOutputParser, TailBuffer, clock, rsync_environment
 from deploy.source_listing import LIST_TIMEOUT, listing_argv, lists_nothing
 from deploy.source_retry import SourceRetry, sleep_unless, source_busy
 

@@ -211,6 +211,17 @@ def test_status_counts_match_the_tree(env: Env) -> None:
     }
 
 
+def test_status_following_a_run_skips_the_dry_run(env: Env) -> None:
+    """status naming a run (`run=ID`, what deploy sends while it follows its sync) only says
+    whether a sync runs and how the last one ended: no dry run, so no transfer counts."""
+    raw = env.raw(signed_request("POST", "/agent/status", b"options=web&run=r-1"))
+    status, _, body = answer_of(raw)
+    assert status == 200
+    content = json.loads(body)
+    assert content["return"] == "true" and content["alreadyRsync"] == "false"
+    assert "transferFilesCount" not in content
+
+
 def test_rlist_lists_files_created_directory_first(env: Env) -> None:
     """rlist: `created directory SRC` first, then every file and no directory; no deletes."""
     run, content, _ = env.order("rlist", "web")

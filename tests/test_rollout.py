@@ -20,6 +20,7 @@ from deploy.rollout import (
     RollBack,
     Rollout,
     Start,
+    poll_interval,
 )
 
 HOSTS = [f"h{i}" for i in range(1, 7)]
@@ -168,3 +169,10 @@ def test_events_out_of_turn_are_refused() -> None:
         r.rolled_back("h1", True)
     with pytest.raises(ValueError):
         r.canaries_checked({})
+
+
+def test_poll_interval_is_a_tenth_of_the_time_followed_within_bounds() -> None:
+    """Quick polls at first, then a tenth of the time followed so far, never over the cap."""
+    assert poll_interval(0.0, 0.25, 1.0) == 0.25
+    assert poll_interval(5.0, 0.25, 1.0) == 0.5
+    assert poll_interval(60.0, 0.25, 1.0) == 1.0
