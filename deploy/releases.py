@@ -202,10 +202,18 @@ class ReleaseHistory:
         return []
 
     def complete(
-        self, data: dict[str, Any], release_id: str, outcome: str, files: Any, size: Any, now: float
+        self,
+        data: dict[str, Any],
+        release_id: str,
+        outcome: str,
+        files: Any,
+        size: Any,
+        now: float,
+        steps: dict[str, Any] | None = None,
     ) -> tuple[bool, str | None]:
         """Record how the sync into `.partial-<id>` ended; after ok/warning it becomes `<id>`, and
-        is switched to with `activate = auto`. Answers (switched, the release live before)."""
+        is switched to with `activate = auto` (with the `steps` then due). Answers (switched, the
+        release live before)."""
         record = self.record(data, release_id)
         if record is None:
             raise ReleaseError(f"release {release_id} is not in the history")
@@ -218,15 +226,23 @@ class ReleaseHistory:
         self.save(data)
         if self.spec.activate != "auto":
             return False, None
-        return True, self.switch(data, release_id, now)
+        return True, self.switch(data, release_id, now, steps=steps)
 
     def switch(
-        self, data: dict[str, Any], to: str, now: float, mark_bad: str | None = None
+        self,
+        data: dict[str, Any],
+        to: str,
+        now: float,
+        mark_bad: str | None = None,
+        steps: dict[str, Any] | None = None,
     ) -> str | None:
         """Make `to` live (intent first, then the rename, then the record), cleanup after; answers
-        the release that was live before."""
+        the release that was live before. `steps` (see deploy.release_steps) go with the intent,
+        so the record says which steps are due even when the process dies right after the rename."""
         before = self.layout.live_id()
         data["pending"] = {"to": to, "from": before, "at": now, "markBad": mark_bad}
+        if steps:
+            data["pending"]["steps"] = steps
         self.save(data)
         self.layout.switch(to)
         self._switched(data, data["pending"])
@@ -300,6 +316,8 @@ class ReleaseHistory:
         record = self.record(data, pending["to"])
         if record is not None:
             record.update(state=STATE_GOOD, activated=pending.get("at"))
+            if pending.get("steps"):
+                record["steps"] = dict(pending["steps"], previous=pending.get("from"))
         bad = self.record(data, pending["markBad"]) if pending.get("markBad") else None
         if bad is not None:
             bad["state"] = STATE_BAD
