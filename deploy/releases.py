@@ -179,16 +179,20 @@ class ReleaseHistory:
         release_id = _next_id(data, now)
         records: list[dict[str, Any]] = data["releases"]
         leftovers = layout.partials()
-        if leftovers:
-            # rsync resumes into the newest leftover; the others go.
-            layout.rename_partial(leftovers[-1], release_id)
-            for old in leftovers[:-1]:
-                layout.doom(PARTIAL + old)
-            data["releases"] = records = [r for r in records if r["id"] not in leftovers]
-        elif layout.spares():
+        # A base rsync brings up to date must share no inode with another release: rsync changes
+        # the attributes of an up-to-date file in place (chmod, chown, utime), which would change
+        # the live release too. Only without link_dest are trees private; with it, a fresh
+        # partial and --link-dest (rsync links a file only when content and attributes match).
+        private = not self.spec.link_dest
+        if leftovers and private:
+            layout.rename_partial(leftovers[-1], release_id)  # rsync resumes into it
+        elif layout.spares() and private:
             layout.recycle(layout.spares()[-1], release_id)
         else:
             os.mkdir(layout.partial(release_id), 0o755)
+        for old in leftovers[:-1] if private else leftovers:
+            layout.doom(PARTIAL + old)
+        data["releases"] = records = [r for r in records if r["id"] not in leftovers]
         records.append(_record(release_id, self.spec.label, source, now, None))
         records[-1].update(state=STATE_PARTIAL, runId=run_id)
         self.save(data)
@@ -331,8 +335,9 @@ class ReleaseHistory:
             return
         for old in self.layout.spares():
             self.layout.doom(SPARE + old)
-        self.layout.make_spare(doomed[-1])
-        for release_id in doomed[:-1]:
+        if not self.spec.link_dest:  # see begin: only a private tree makes a safe base
+            self.layout.make_spare(doomed.pop())
+        for release_id in doomed:
             self.layout.doom(release_id)
 
     def _convert(self, data: dict[str, Any], now: float) -> None:

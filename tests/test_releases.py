@@ -131,9 +131,9 @@ def test_reconcile_finishes_a_switch_and_a_rename_a_dead_process_left(tmp_path: 
 
 
 def test_a_leftover_partial_is_reused_and_a_spare_recycled(tmp_path: Path) -> None:
-    """The next sync resumes into a leftover partial; cleanup keeps a removed release as the
-    spare the next sync starts from (its files are there already)."""
-    history = ReleaseHistory(spec(tmp_path))
+    """Without link_dest (private trees) the next sync resumes into a leftover partial; cleanup
+    keeps a removed release as the spare the next sync starts from (its files are there)."""
+    history = ReleaseHistory(spec(tmp_path, link_dest=False))
     ids = [stage(history, 1000.0 + n, f"v{n}") for n in range(3)]
     assert history.layout.spares() == [ids[0]]
     with history.locked() as data:
@@ -255,3 +255,24 @@ def test_a_check_failing_at_recovery_switches_back(tmp_path: Path) -> None:
     assert history.layout.live_id() == first
     with history.locked() as data:
         assert history.record(data, second)["state"] == "bad"  # type: ignore[index]
+
+
+def test_with_link_dest_no_base_shares_an_inode_with_the_live_release(tmp_path: Path) -> None:
+    """rsync chmods an up-to-date file in place, so with link_dest (releases share inodes) no
+    spare is kept and a leftover partial is removed: each sync starts from an empty partial."""
+    history = ReleaseHistory(spec(tmp_path))
+    for n in range(3):
+        stage(history, 1000.0 + n, f"v{n}")
+    assert history.layout.spares() == []
+    with history.locked() as data:
+        partial = history.begin(data, 2000.0, "run", "src")
+        assert history.rsync_extras() == [
+            f"--link-dest={history.layout.path(history.layout.live_id() or '')}"
+        ]
+    assert os.listdir(history.layout.partial(partial)) == []
+    Path(history.layout.partial(partial), "VERSION").write_text("leftover")
+    with history.locked() as data:
+        history.complete(data, partial, "failed", None, None, 2000.0)
+        again = history.begin(data, 2001.0, "run", "src")
+    assert os.listdir(history.layout.partial(again)) == []
+    assert history.layout.partials() == [again]
