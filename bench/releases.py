@@ -13,7 +13,6 @@ Appends its figures to bench/RESULTS.md (section "Release mode")."""
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import random
 import shutil
@@ -75,15 +74,23 @@ def change(root: Path, files: int, fraction: float, seed: int) -> int:
     return written
 
 
+RECORDS: dict[str, Path] = {}  # group -> its sync record, found once by runId
+
+
 def sync(agent: AgentProcess, state: Path, group: str, src: str, dest: str) -> float:
-    checksum = hashlib.md5((dest + src).encode()).hexdigest()
     started = time.perf_counter()
     _, body = ask(agent, "rsync", group)
-    run = body.get("runId")
+    run = body["runId"]
 
     def ended() -> bool:
-        record = read_state(str(state / f"{checksum}.json")) or {}
-        return record.get("state") == "ended" and (run is None or record.get("runId") == run)
+        if group not in RECORDS:
+            for path in state.rglob("*.json"):
+                if (read_state(str(path)) or {}).get("runId") == run:
+                    RECORDS[group] = path
+            if group not in RECORDS:
+                return False
+        record = read_state(str(RECORDS[group])) or {}
+        return record.get("state") == "ended" and record.get("runId") == run
 
     wait_until(ended, 600, interval=0.005)
     return time.perf_counter() - started
@@ -126,7 +133,15 @@ def main() -> int:
         groups = {
             "inplace": {"dest": dest, "src": targets / "inplace", "option": base},
             "rel": {"dest": dest, "src": targets / "rel", "option": base, "releases": 3},
+            "private": {
+                "dest": dest,
+                "src": targets / "private",
+                "option": base,
+                "releases": 3,
+                "link_dest": "false",
+            },
         }
+        kinds = ("inplace", "rel", "private")
         port = free_port()
         state = work / "state"
         agent = AgentProcess(
@@ -138,30 +153,32 @@ def main() -> int:
             port,
         )
         started.append(agent)
-        for group in ("inplace", "rel"):
+        for group in kinds:
             sync(agent, state, group, str(targets / group), dest)
         for seed in range(3):  # warm-up: past N releases, so cleanup keeps a spare
             change(tree, args.files, 0.01, 100 + seed)
-            for group in ("inplace", "rel"):
+            for group in kinds:
                 sync(agent, state, group, str(targets / group), dest)
-        ratios, disk, inplace_t, rel_t = [], [], [], []
+        times: dict[str, list[float]] = {k: [] for k in kinds}
+        disk: dict[str, list[tuple[float, int, int]]] = {"rel": [], "private": []}
         for seed in range(args.rounds):
             changed = change(tree, args.files, 0.01, 200 + seed)
-            t_in = sync(agent, state, "inplace", str(targets / "inplace"), dest)
-            t_rel = sync(agent, state, "rel", str(targets / "rel"), dest)
-            inplace_t.append(t_in)
-            rel_t.append(t_rel)
-            ratios.append(t_rel / t_in)
-            live = Path(os.path.realpath(targets / "rel"))
-            rels = sorted(p for p in live.parent.iterdir() if not p.name.startswith("."))
-            previous = rels[-2] if len(rels) > 1 else None
-            added, count = new_inode_bytes(live, previous)
-            disk.append((added / changed, count, changed))
+            for group in kinds:
+                times[group].append(sync(agent, state, group, str(targets / group), dest))
+            for group in disk:
+                live = Path(os.path.realpath(targets / group))
+                rels = sorted(p for p in live.parent.iterdir() if not p.name.startswith("."))
+                previous = rels[-2] if len(rels) > 1 else None
+                added, count = new_inode_bytes(live, previous)
+                disk[group].append((added / changed, count, changed))
+        ratio = {
+            g: statistics.median(t / i for t, i in zip(times[g], times["inplace"], strict=True))
+            for g in disk
+        }
         switch_times = []
         for n in range(args.switches):
             took, answer = ask(agent, "rollback" if n % 2 == 0 else "activate", "rel")
             switch_times.append(took)
-        med = statistics.median(ratios)
         lines = [
             "",
             "## Release mode (issue 17; bench/releases.py)",
@@ -171,11 +188,17 @@ def main() -> int:
             "",
             "| figure | value | target |",
             "|---|---|---|",
-            f"| in-place sync (s, median) | {statistics.median(inplace_t):.3f} | |",
-            f"| release sync (s, median) | {statistics.median(rel_t):.3f} | |",
-            f"| release / in-place | {med:.2f}x | <= 1.3x |",
-            f"| new-inode bytes / changed bytes | {statistics.median(d[0] for d in disk):.2f}x "
-            f"({disk[-1][1]} new inodes for {disk[-1][2]} changed bytes) | <= 1.1x |",
+            f"| in-place sync (s, median) | {statistics.median(times['inplace']):.3f} | |",
+        ]
+        for g, name in (("rel", "link_dest = true"), ("private", "link_dest = false")):
+            lines += [
+                f"| release sync, {name} (s, median) | {statistics.median(times[g]):.3f} | |",
+                f"| release / in-place, {name} | {ratio[g]:.2f}x | <= 1.3x |",
+                f"| new-inode bytes / changed bytes, {name} | "
+                f"{statistics.median(d[0] for d in disk[g]):.2f}x ({disk[g][-1][1]} new inodes "
+                f"for {disk[g][-1][2]} changed bytes) | <= 1.1x |",
+            ]
+        lines += [
             f"| activate/rollback round trip (ms, median of {args.switches}) | "
             f"{statistics.median(switch_times) * 1000:.1f} | <= 20 ms |",
             "",

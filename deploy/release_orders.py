@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import time
 import uuid
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from typing import Any
 
 from twisted.internet import defer, threads
@@ -22,7 +22,7 @@ from deploy.errors import InvalidTarget
 from deploy.jobs import JobRegistry, target_key
 from deploy.jobstate import OUTCOME_OK
 from deploy.release_layout import default_releases_path
-from deploy.release_steps import switch_back
+from deploy.release_steps import recover, switch_back
 from deploy.releases import (
     OUTCOME_CHECK_FAILED,
     ReleaseHistory,
@@ -115,7 +115,7 @@ class ReleaseOrders:
             with history.locked() as data:
                 live = history.live(data)
             self.log.info("group {group}: live release {live}", group=group.name, live=live)
-            self._purge(history)
+            self._in_thread(history, self._recover, f"recovering group {group.name}")
 
     # -- what the rsync and status orders ask
 
@@ -253,13 +253,32 @@ class ReleaseOrders:
         return d.addErrback(could_not_run)
 
     def _purge(self, history: ReleaseHistory) -> None:
-        if hasattr(self.reactor, "getThreadPool"):
-            d = threads.deferToThreadPool(
-                self.reactor, self.reactor.getThreadPool(), history.layout.purge
+        self._in_thread(history, lambda h: h.layout.purge(), "purging releases")
+
+    def _recover(self, history: ReleaseHistory) -> None:
+        """What a dead supervisor left (deploy.release_steps.recover), then the purge."""
+        done = recover(history)
+        if done is not None:
+            release, outcome, message = done
+            self.log.info(
+                "{src}: finished the steps a dead process left for release {release}: {outcome}"
+                " {message}",
+                src=history.spec.src,
+                release=release,
+                outcome=outcome,
+                message=message,
             )
-            d.addErrback(lambda f: self.log.failure("purging releases", f))
+        history.layout.purge()
+
+    def _in_thread(
+        self, history: ReleaseHistory, work: Callable[[ReleaseHistory], None], what: str
+    ) -> None:
+        """Blocking file-system work (and hooks) outside the event loop when there is one."""
+        if hasattr(self.reactor, "getThreadPool"):
+            d = threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), work, history)
+            d.addErrback(lambda f: self.log.failure(what, f))
         else:
-            history.layout.purge()
+            work(history)
 
 
 def return_false() -> dict[str, str]:

@@ -1,18 +1,27 @@
 """What the sync supervisor does for a release-mode sync once rsync has ended: record the outcome,
 rename `.partial-<id>` to `<id>`, switch (activate = auto), run `after_activate` and `check`, and
 switch back when the check fails. The supervisor outlives the agent, so these steps finish even
-when the agent dies; a supervisor killed between them leaves what `reconcile` completes."""
+when the agent dies; what a supervisor killed between them leaves, `recover` finishes (the agent
+calls it at start)."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from typing import Any
 
-from deploy.process import signal_group
+from deploy.jobstate import OUTCOME_OK, OUTCOME_WARNING
+from deploy.process import is_same_process, proc_start_ticks, signal_group
 from deploy.release_layout import ReleaseError
-from deploy.releases import OUTCOME_CHECK_FAILED, ReleaseHistory, ReleaseSpec
+from deploy.releases import (
+    OUTCOME_CHECK_FAILED,
+    STATE_STAGED,
+    ReleaseHistory,
+    ReleaseSpec,
+)
 
 HOOK_GRACE = 2.0
 OUTPUT_KEPT = 2000
@@ -56,25 +65,129 @@ def after_sync(
     history = ReleaseHistory(spec)
     try:
         with history.locked() as data:
-            switched, before = history.complete(data, release_id, outcome, files, size, time.time())
+            switched, before = history.complete(
+                data, release_id, outcome, files, size, time.time(), steps=due_steps(spec)
+            )
     except (OSError, ReleaseError) as e:
         return "failed", f"release {release_id}: {e}"
-    if not switched:
-        history.layout.purge()
-        return outcome, ""
-    message = ""
-    if spec.after_activate:
-        ok, text = run_hook(spec.after_activate, spec.check_timeout)
-        if not ok:
-            message = f"after_activate failed ({text})"
-    if spec.check:
-        ok, text = run_hook(spec.check, spec.check_timeout)
-        if not ok:
-            outcome = OUTCOME_CHECK_FAILED
-            message = f"check failed ({text})"
-            message += switch_back(history, release_id, before)
+    if switched:
+        outcome, message = run_steps(history, release_id, before, outcome)
+    else:
+        message = ""
     history.layout.purge()
     return outcome, message
+
+
+# -- the steps after a switch, recorded in the release's history record (`steps`): each is
+# `due`, then `running` (written before it starts), then `done` or `failed`; `skipped` when
+# another release went live first, `interrupted` for an after_activate whose runner died
+# mid-run (never run twice). `owner` is the process running them (pid, start ticks).
+
+STEPS = ("after_activate", "check")
+STEP_DUE, STEP_RUNNING, STEP_DONE, STEP_FAILED = "due", "running", "done", "failed"
+STEP_SKIPPED, STEP_INTERRUPTED = "skipped", "interrupted"
+Runner = Callable[[list[str], float], tuple[bool, str]]
+
+
+def me() -> list[int]:
+    """This process as a steps owner: pid and start ticks (a reused pid is not the owner)."""
+    pid = os.getpid()
+    return [pid, proc_start_ticks(pid) or 0]
+
+
+def due_steps(spec: ReleaseSpec, owner: list[int] | None = None) -> dict[str, Any] | None:
+    """The steps a switch to a release makes due (None when the group has neither)."""
+    steps: dict[str, Any] = {name: STEP_DUE for name in STEPS if getattr(spec, name)}
+    return dict(steps, owner=owner or me()) if steps else None
+
+
+def run_steps(
+    history: ReleaseHistory,
+    release_id: str,
+    before: str | None,
+    outcome: str,
+    runner: Runner = run_hook,
+) -> tuple[str, str]:
+    """Run the due steps of the live `release_id`, each claimed in the history before it runs
+    and its end recorded after; a failed check switches back to `before` (see switch_back).
+    Answers the outcome and a message ("" when all went well)."""
+    spec, message = history.spec, ""
+    for name in STEPS:
+        argv = getattr(spec, name)
+        if not argv or not _claim(history, release_id, name):
+            continue
+        ok, text = runner(argv, spec.check_timeout)
+        _record_step(history, release_id, name, STEP_DONE if ok else STEP_FAILED)
+        if ok:
+            continue
+        if name == "after_activate":
+            message = f"after_activate failed ({text})"
+        else:
+            outcome, message = OUTCOME_CHECK_FAILED, f"check failed ({text})"
+            message += switch_back(history, release_id, before)
+    return outcome, message
+
+
+def recover(
+    history: ReleaseHistory,
+    runner: Runner = run_hook,
+    alive: Callable[[int, int], bool] = is_same_process,
+) -> tuple[str, str, str] | None:
+    """Finish what a dead supervisor (or agent) left of a sync's release steps: switch to a
+    staged release of an `activate = auto` group whose sync ended ok (newer than the live one),
+    then run the live release's steps still due, unless their owner still runs. Blocking (run
+    it in a thread). Answers (release, outcome, message), or None when nothing was left."""
+    spec = history.spec
+    with history.locked() as data:
+        live = history.layout.live_id()
+        staged = [
+            r["id"]
+            for r in data["releases"]
+            if r["state"] == STATE_STAGED
+            and r.get("outcome") in (OUTCOME_OK, OUTCOME_WARNING)
+            and (live is None or r["id"] > live)
+        ]
+        switched = spec.activate == "auto" and bool(staged)
+        if switched:
+            history.switch(data, staged[-1], time.time(), steps=due_steps(spec))
+            live = staged[-1]
+        record = history.record(data, live) if live else None
+        steps = record.get("steps") if record else None
+        left = steps and any(steps.get(n) in (STEP_DUE, STEP_RUNNING) for n in STEPS)
+        owner = (steps or {}).get("owner") or [0, 0]
+        if not steps or not left or (owner != me() and alive(owner[0], owner[1])):
+            # nothing left, or its supervisor still runs them
+            return (staged[-1], OUTCOME_OK, "") if switched else None
+        if steps.get("after_activate") == STEP_RUNNING:
+            steps["after_activate"] = STEP_INTERRUPTED
+        if steps.get("check") == STEP_RUNNING:
+            steps["check"] = STEP_DUE  # a check has no effects, and the live release needs one
+        steps["owner"] = me()
+        history.save(data)
+    assert live is not None
+    outcome, message = run_steps(history, live, steps.get("previous"), OUTCOME_OK, runner)
+    return live, outcome, message
+
+
+def _claim(history: ReleaseHistory, release_id: str, name: str) -> bool:
+    """Mark step `name` of `release_id` running when it is due and the release still live."""
+    with history.locked() as data:
+        record = history.record(data, release_id)
+        steps = record.get("steps") if record else None
+        if not steps or steps.get(name) != STEP_DUE:
+            return False
+        live = history.layout.live_id() == release_id
+        steps[name] = STEP_RUNNING if live else STEP_SKIPPED
+        history.save(data)
+        return live
+
+
+def _record_step(history: ReleaseHistory, release_id: str, name: str, state: str) -> None:
+    with history.locked() as data:
+        record = history.record(data, release_id)
+        if record is not None and record.get("steps"):
+            record["steps"][name] = state
+            history.save(data)
 
 
 def switch_back(history: ReleaseHistory, release_id: str, before: str | None) -> str:

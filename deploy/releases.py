@@ -179,16 +179,20 @@ class ReleaseHistory:
         release_id = _next_id(data, now)
         records: list[dict[str, Any]] = data["releases"]
         leftovers = layout.partials()
-        if leftovers:
-            # rsync resumes into the newest leftover; the others go.
-            layout.rename_partial(leftovers[-1], release_id)
-            for old in leftovers[:-1]:
-                layout.doom(PARTIAL + old)
-            data["releases"] = records = [r for r in records if r["id"] not in leftovers]
-        elif layout.spares():
+        # A base rsync brings up to date must share no inode with another release: rsync changes
+        # the attributes of an up-to-date file in place (chmod, chown, utime), which would change
+        # the live release too. Only without link_dest are trees private; with it, a fresh
+        # partial and --link-dest (rsync links a file only when content and attributes match).
+        private = not self.spec.link_dest
+        if leftovers and private:
+            layout.rename_partial(leftovers[-1], release_id)  # rsync resumes into it
+        elif layout.spares() and private:
             layout.recycle(layout.spares()[-1], release_id)
         else:
             os.mkdir(layout.partial(release_id), 0o755)
+        for old in leftovers[:-1] if private else leftovers:
+            layout.doom(PARTIAL + old)
+        data["releases"] = records = [r for r in records if r["id"] not in leftovers]
         records.append(_record(release_id, self.spec.label, source, now, None))
         records[-1].update(state=STATE_PARTIAL, runId=run_id)
         self.save(data)
@@ -202,10 +206,18 @@ class ReleaseHistory:
         return []
 
     def complete(
-        self, data: dict[str, Any], release_id: str, outcome: str, files: Any, size: Any, now: float
+        self,
+        data: dict[str, Any],
+        release_id: str,
+        outcome: str,
+        files: Any,
+        size: Any,
+        now: float,
+        steps: dict[str, Any] | None = None,
     ) -> tuple[bool, str | None]:
         """Record how the sync into `.partial-<id>` ended; after ok/warning it becomes `<id>`, and
-        is switched to with `activate = auto`. Answers (switched, the release live before)."""
+        is switched to with `activate = auto` (with the `steps` then due). Answers (switched, the
+        release live before)."""
         record = self.record(data, release_id)
         if record is None:
             raise ReleaseError(f"release {release_id} is not in the history")
@@ -218,15 +230,23 @@ class ReleaseHistory:
         self.save(data)
         if self.spec.activate != "auto":
             return False, None
-        return True, self.switch(data, release_id, now)
+        return True, self.switch(data, release_id, now, steps=steps)
 
     def switch(
-        self, data: dict[str, Any], to: str, now: float, mark_bad: str | None = None
+        self,
+        data: dict[str, Any],
+        to: str,
+        now: float,
+        mark_bad: str | None = None,
+        steps: dict[str, Any] | None = None,
     ) -> str | None:
         """Make `to` live (intent first, then the rename, then the record), cleanup after; answers
-        the release that was live before."""
+        the release that was live before. `steps` (see deploy.release_steps) go with the intent,
+        so the record says which steps are due even when the process dies right after the rename."""
         before = self.layout.live_id()
         data["pending"] = {"to": to, "from": before, "at": now, "markBad": mark_bad}
+        if steps:
+            data["pending"]["steps"] = steps
         self.save(data)
         self.layout.switch(to)
         self._switched(data, data["pending"])
@@ -300,6 +320,8 @@ class ReleaseHistory:
         record = self.record(data, pending["to"])
         if record is not None:
             record.update(state=STATE_GOOD, activated=pending.get("at"))
+            if pending.get("steps"):
+                record["steps"] = dict(pending["steps"], previous=pending.get("from"))
         bad = self.record(data, pending["markBad"]) if pending.get("markBad") else None
         if bad is not None:
             bad["state"] = STATE_BAD
@@ -313,8 +335,9 @@ class ReleaseHistory:
             return
         for old in self.layout.spares():
             self.layout.doom(SPARE + old)
-        self.layout.make_spare(doomed[-1])
-        for release_id in doomed[:-1]:
+        if not self.spec.link_dest:  # see begin: only a private tree makes a safe base
+            self.layout.make_spare(doomed.pop())
+        for release_id in doomed:
             self.layout.doom(release_id)
 
     def _convert(self, data: dict[str, Any], now: float) -> None:

@@ -1,6 +1,7 @@
 """The release rules and layout without a reactor: ids, cleanup over runs of failed deploys, the
 rollback target, reconcile after a process killed mid-switch or mid-rename, and the conversion of
-a live directory (including one interrupted between its exchanges)."""
+a live directory (including one interrupted between its exchanges), and the recovery of the
+steps a dead supervisor left (a fake runner for the hooks)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 import pytest
 
 from deploy.release_layout import ReleaseLayout, exchange, is_release_id, new_release_id
+from deploy.release_steps import _claim, _record_step, due_steps, recover
 from deploy.releases import (
     ReleaseConflict,
     ReleaseHistory,
@@ -129,9 +131,9 @@ def test_reconcile_finishes_a_switch_and_a_rename_a_dead_process_left(tmp_path: 
 
 
 def test_a_leftover_partial_is_reused_and_a_spare_recycled(tmp_path: Path) -> None:
-    """The next sync resumes into a leftover partial; cleanup keeps a removed release as the
-    spare the next sync starts from (its files are there already)."""
-    history = ReleaseHistory(spec(tmp_path))
+    """Without link_dest (private trees) the next sync resumes into a leftover partial; cleanup
+    keeps a removed release as the spare the next sync starts from (its files are there)."""
+    history = ReleaseHistory(spec(tmp_path, link_dest=False))
     ids = [stage(history, 1000.0 + n, f"v{n}") for n in range(3)]
     assert history.layout.spares() == [ids[0]]
     with history.locked() as data:
@@ -142,3 +144,135 @@ def test_a_leftover_partial_is_reused_and_a_spare_recycled(tmp_path: Path) -> No
         again = history.begin(data, 2001.0, "run", "src")
     assert history.layout.partials() == [again]
     assert Path(history.layout.partial(again), "VERSION").read_text() == "v0"
+
+
+class FakeRunner:
+    """Stands in for run_hook: records each argv, answers `ok` (or False for `fail`)."""
+
+    def __init__(self, fail: str = "") -> None:
+        self.ran: list[str] = []
+        self.fail = fail
+
+    def __call__(self, argv: list[str], timeout: float) -> tuple[bool, str]:
+        self.ran.append(argv[0])
+        return argv[0] != self.fail, "said"
+
+
+def hooked(tmp_path: Path) -> ReleaseHistory:
+    return ReleaseHistory(spec(tmp_path, after_activate=["reload"], check=["probe"]))
+
+
+def steps_of(history: ReleaseHistory, release_id: str) -> dict[str, Any]:
+    with history.locked() as data:
+        record = history.record(data, release_id)
+        assert record is not None
+        return dict(record.get("steps") or {})
+
+
+DEAD = [0, 0]  # no process: the supervisor that owned the steps is gone
+
+
+def test_recovery_switches_a_staged_auto_release_and_runs_its_steps_once(tmp_path: Path) -> None:
+    """The supervisor died after `.partial-<id>` → `<id>`, before the switch: recovery
+    switches (activate = auto), then runs after_activate and check, each once."""
+    history = hooked(tmp_path)
+    first = stage(history, 1000.0, "1")
+    with history.locked() as data:
+        second = history.begin(data, 1001.0, "run2", "src")
+    Path(history.layout.partial(second), "VERSION").write_text("2")
+    with history.locked() as data:
+        history.record(data, second)["outcome"] = "ok"  # type: ignore[index]
+        history.save(data)
+    history.layout.stage_to_release(second)  # then "killed"
+    runner = FakeRunner()
+    assert recover(history, runner) == (second, "ok", "")
+    assert history.layout.live_id() == second and runner.ran == ["reload", "probe"]
+    assert steps_of(history, second)["after_activate"] == "done"
+    assert steps_of(history, second)["check"] == "done"
+    assert recover(history, runner) is None and runner.ran == ["reload", "probe"]
+    with history.locked() as data:
+        assert history.record(data, first)["state"] == "good"  # type: ignore[index]
+
+
+def test_recovery_of_a_manual_group_leaves_the_staged_release(tmp_path: Path) -> None:
+    """With activate = manual a staged release waits for `activate`: recovery switches nothing."""
+    history = ReleaseHistory(spec(tmp_path, activate="manual", check=["probe"]))
+    first = stage(history, 1000.0, "1")
+    history.layout.switch(first)
+    second = stage(history, 1001.0, "2")
+    runner = FakeRunner()
+    assert recover(history, runner) is None
+    assert history.layout.live_id() == first and runner.ran == []
+    with history.locked() as data:
+        assert history.record(data, second)["state"] == "staged"  # type: ignore[index]
+
+
+def switched_by_dead_supervisor(history: ReleaseHistory) -> tuple[str, str]:
+    """Two releases, the second switched to by a supervisor that died before its steps."""
+    first = stage(history, 1000.0, "1")
+    for name in ("after_activate", "check"):
+        _record_step(history, first, name, "done")
+    with history.locked() as data:
+        second = history.begin(data, 1001.0, "run2", "src")
+    Path(history.layout.partial(second), "VERSION").write_text("2")
+    with history.locked() as data:
+        steps = due_steps(history.spec, DEAD)
+        history.complete(data, second, "ok", 1, 1, 1001.0, steps=steps)  # then "killed"
+    return first, second
+
+
+def test_recovery_runs_the_steps_a_dead_supervisor_left_after_its_switch(tmp_path: Path) -> None:
+    """Switched, steps due, owner dead: recovery runs both; an owner still alive keeps them."""
+    history = hooked(tmp_path)
+    first, second = switched_by_dead_supervisor(history)
+    runner = FakeRunner()
+    assert recover(history, runner, alive=lambda pid, ticks: True) is None
+    assert runner.ran == []
+    assert recover(history, runner) == (second, "ok", "")
+    assert runner.ran == ["reload", "probe"] and history.layout.live_id() == second
+    assert recover(history, runner) is None and runner.ran == ["reload", "probe"]
+    assert steps_of(history, second)["previous"] == first
+
+
+def test_recovery_never_runs_an_interrupted_after_activate_again(tmp_path: Path) -> None:
+    """The supervisor died while after_activate ran: it is marked interrupted, not run twice;
+    the check (no effects) gets its verdict."""
+    history = hooked(tmp_path)
+    _, second = switched_by_dead_supervisor(history)
+    assert _claim(history, second, "after_activate")  # running, then "killed"
+    runner = FakeRunner()
+    assert recover(history, runner) == (second, "ok", "")
+    assert runner.ran == ["probe"]
+    assert steps_of(history, second)["after_activate"] == "interrupted"
+
+
+def test_a_check_failing_at_recovery_switches_back(tmp_path: Path) -> None:
+    """The check recovery runs fails: back to the release live before, the new one bad."""
+    history = hooked(tmp_path)
+    first, second = switched_by_dead_supervisor(history)
+    release, outcome, message = recover(history, FakeRunner(fail="probe")) or ("", "", "")
+    assert (release, outcome) == (second, "check_failed") and "switched back" in message
+    assert history.layout.live_id() == first
+    with history.locked() as data:
+        assert history.record(data, second)["state"] == "bad"  # type: ignore[index]
+
+
+def test_with_link_dest_no_base_shares_an_inode_with_the_live_release(tmp_path: Path) -> None:
+    """rsync chmods an up-to-date file in place, so with link_dest (releases share inodes) no
+    spare is kept and a leftover partial is removed: each sync starts from an empty partial."""
+    history = ReleaseHistory(spec(tmp_path))
+    for n in range(3):
+        stage(history, 1000.0 + n, f"v{n}")
+    assert history.layout.spares() == []
+    with history.locked() as data:
+        partial = history.begin(data, 2000.0, "run", "src")
+        assert history.rsync_extras() == [
+            f"--link-dest={history.layout.path(history.layout.live_id() or '')}"
+        ]
+    assert os.listdir(history.layout.partial(partial)) == []
+    Path(history.layout.partial(partial), "VERSION").write_text("leftover")
+    with history.locked() as data:
+        history.complete(data, partial, "failed", None, None, 2000.0)
+        again = history.begin(data, 2001.0, "run", "src")
+    assert os.listdir(history.layout.partial(again)) == []
+    assert history.layout.partials() == [again]
