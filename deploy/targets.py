@@ -70,7 +70,6 @@ class TargetResolver:
                 raise InvalidTarget(f"bad remote source {dest!r}: {e}") from None
             group = None
             target = RsyncTarget(dest=dest, src=src)
-            self._refuse_release_tree(src)
         else:
             group = self.groups.get(options)
             if group is None:
@@ -86,6 +85,8 @@ class TargetResolver:
                 max_delete=group.max_delete,
             )
         self.allowed_paths.check(target.src)
+        if group is None:
+            self._refuse_release_tree(target.src)
         return target, group
 
     def _refuse_release_tree(self, src: str) -> None:

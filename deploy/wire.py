@@ -28,7 +28,12 @@ from deploy.httpmsg import (  # noqa: F401  (re-exported)
 )
 from deploy.logrecord import redact_target
 from deploy.message import STATUS_TEXT, encode_form  # noqa: F401  (re-exported)
-from deploy.pending import MAX_PENDING_BYTES, PendingBytes  # noqa: F401  (re-exported)
+from deploy.pending import (  # noqa: F401  (re-exported)
+    MAX_PENDING_BYTES,
+    TRIM_AFTER_BYTES,
+    PendingBytes,
+    release_free_memory,
+)
 
 MAX_LINE = 8192
 MAX_HEADERS = 64
@@ -72,6 +77,8 @@ class HttpRequestReceiver(LineReceiver, TimeoutMixin):
         self._dispatched = False
         self._held = 0
         self._write_deadline: Any = None
+        self._dropped_unread = 0  # the size of an answer the client did not take
+        self._answer_size = 0
         self.client_gone = False
         self.opened_at = time.monotonic()
         self.request_line = ""
@@ -207,6 +214,13 @@ class HttpRequestReceiver(LineReceiver, TimeoutMixin):
             self.client_gone = True
         else:
             self._answered = True
+        if self._dropped_unread:
+            # The transport still holds the answer the client did not take: let go of it so the
+            # buffer is freed as soon as the reactor does (not whenever this protocol is), and
+            # after a large one give the freed pages back to the system.
+            self.transport = None
+            if self._dropped_unread > TRIM_AFTER_BYTES:
+                self.callLater(0, release_free_memory)
 
     def headReceived(self, request: Request) -> None:
         """Judge a request by its head (`request.body` is empty) before its body is read; raise
@@ -290,7 +304,9 @@ class HttpRequestReceiver(LineReceiver, TimeoutMixin):
         self.responseSent(response)
         if self.client_gone or self.transport is None:
             return
-        self.transport.write(response.to_bytes())
+        data = response.to_bytes()
+        self._answer_size = len(data)
+        self.transport.write(data)
         self.transport.loseConnection()
         if self.socket_timeout:
             self._write_deadline = self.callLater(self.socket_timeout, self._writeTimedOut)
@@ -303,6 +319,7 @@ class HttpRequestReceiver(LineReceiver, TimeoutMixin):
             timeout=self.socket_timeout,
         )
         # ITCPTransport (TCP and TLS alike): drop the connection and what it still buffers.
+        self._dropped_unread = self._answer_size
         transport: Any = self.transport
         transport.abortConnection()
 
