@@ -24,7 +24,7 @@ from deploy.commands import (
 from deploy.config import AgentConfig, RsyncGroup
 from deploy.errors import CapacityExceeded, InvalidTarget, RequestError
 from deploy.jobs import Job, JobError, JobRegistry, deletes_on_target, target_key
-from deploy.jobstate import OUTCOME_OK, OUTCOME_WARNING, error_message
+from deploy.jobstate import OUTCOME_OK, OUTCOME_WARNING, error_message, iso_time
 from deploy.process import KILL_GRACE, GroupStopper
 from deploy.release_orders import ReleaseOrders
 from deploy.rsync import (
@@ -329,7 +329,7 @@ class AgentOrders:
             "checksum": job.checksum,
             # the run in progress, so that a caller never takes it for one it started
             "runId": job.run_id or job.state.get("runId"),
-            "started": _iso(job.state.get("started") or job.state.get("created")),
+            "started": iso_time(job.state.get("started") or job.state.get("created")),
         }
         if with_progress:
             progress = self.jobs.progress(job)
@@ -340,11 +340,6 @@ class AgentOrders:
                 body["waiting"] = waiting
         return body
 
-
-def _iso(t: Any) -> str | None:
-    if not isinstance(t, int | float):
-        return None
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
 def _rsync_failure(code: int | None, stderr: str) -> dict[str, Any]:

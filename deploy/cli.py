@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 from deploy import clientconfig, version_text
 from deploy.clientrun import print_outcome, run, wants_tls
-from deploy.message import ORDERS, ROLLOUT_ORDERS
+from deploy.message import PROXY_ORDERS, ROLLOUT_ORDERS
 from deploy.notls import skip_pyopenssl
 from deploy.output import (  # noqa: F401  (the exit codes, re-exported for callers)
     EXIT_CODES,
@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--version", action="version", version=version_text("deploy-client"))
-    p.add_argument("--order", choices=(*ORDERS, *ROLLOUT_ORDERS), help="remote command")
+    p.add_argument("--order", choices=PROXY_ORDERS, help="remote command")
     p.add_argument("--hosts", help="remote hosts, comma separated (host, host:port, [v6]:port)")
     p.add_argument(
         "--port", type=int, default=None, help="remote port (default: 3440, 3441 to a proxy)"

@@ -6,7 +6,6 @@ per question."""
 
 from __future__ import annotations
 
-import datetime
 import signal
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +17,7 @@ from deploy.jobstate import (
     OUTCOME_LOST,
     STATE_ENDED,
     is_disk_full,
+    iso_time,
     last_line,
     write_state,
 )
@@ -38,8 +38,8 @@ def summary(key: str, state: dict[str, Any]) -> dict[str, Any]:
         "runId": state.get("runId"),
         "outcome": state.get("outcome"),
         "exitCode": state.get("exitCode"),
-        "started": _iso(state.get("started")),
-        "ended": _iso(state.get("ended")),
+        "started": iso_time(state.get("started")),
+        "ended": iso_time(state.get("ended")),
         "transferFilesCount": state.get("transferFilesCount"),
         "transferFilesSize": state.get("transferFilesSize"),
         "transferDeleteCount": state.get("transferDeleteCount"),
@@ -199,8 +199,3 @@ class SyncEnds:
                 outcome=job.state.get("outcome"),
             )
 
-
-def _iso(t: float | None) -> str | None:
-    if not isinstance(t, int | float):
-        return None
-    return datetime.datetime.fromtimestamp(t, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

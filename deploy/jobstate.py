@@ -9,6 +9,7 @@ import json
 import os
 import stat
 import tempfile
+import time
 from collections.abc import Callable, Collection
 from typing import Any
 
@@ -180,3 +181,10 @@ def outcome_of(exit_code: int | None, sig: int | None, stderr_text: str) -> tupl
     if sig is not None:
         return OUTCOME_FAILED, error_message(stderr_text) or f"rsync killed by signal {sig}"
     return OUTCOME_FAILED, error_message(stderr_text) or f"rsync exited with code {exit_code}"
+
+
+def iso_time(t: Any) -> str | None:
+    """A record's Unix time as the answers show it (`2023-11-14T22:13:20Z`), None when unset."""
+    if not isinstance(t, int | float):
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))

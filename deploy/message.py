@@ -19,6 +19,8 @@ ORDERS = (
 )
 # Orders a client gives a proxy (or, for deploy, orchestrates itself): never sent to an agent.
 ROLLOUT_ORDERS = ("deploy", "rollout")
+# What a proxy (and so deploy-client) takes: the agents' orders and the rollouts it runs.
+PROXY_ORDERS = (*ORDERS, *ROLLOUT_ORDERS)
 
 STATUS_TEXT = {
     200: "OK",

@@ -20,10 +20,8 @@ from deploy.config import ClientSettings, ProxyConfig
 from deploy.errors import BadHostSelection, BadRequest, NotGranted, NotPermitted, UnknownOrder
 from deploy.keyring import ApiKeys
 from deploy.logrecord import log_safe
-from deploy.message import ORDERS, ROLLOUT_ORDERS
+from deploy.message import PROXY_ORDERS, ROLLOUT_ORDERS
 from deploy.wire import TEXT_TYPE, Request, RequestFactory, Response, ServiceRequestReceiver
-
-PROXY_ORDERS = (*ORDERS, *ROLLOUT_ORDERS)
 
 
 @dataclass
