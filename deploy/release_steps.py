@@ -60,7 +60,9 @@ def after_sync(
     spec_data: dict[str, Any], release_id: str, outcome: str, files: Any, size: Any
 ) -> tuple[str, str]:
     """The release steps after rsync ended with `outcome`: answers the sync's outcome (maybe
-    `check_failed`) and a message ("" when all went well)."""
+    `check_failed`) and a message ("" when all went well). The releases cleanup took out of the
+    set are left for `purge_after_sync`, once the end is recorded: removing a big tree takes as
+    long as the sync, and nobody waiting for the outcome needs to wait for it."""
     spec = ReleaseSpec.from_dict(spec_data)
     history = ReleaseHistory(spec)
     try:
@@ -74,8 +76,12 @@ def after_sync(
         outcome, message = run_steps(history, release_id, before, outcome)
     else:
         message = ""
-    history.layout.purge()
     return outcome, message
+
+
+def purge_after_sync(spec_data: dict[str, Any]) -> None:
+    """Remove the directories the switch doomed (see `after_sync`)."""
+    ReleaseHistory(ReleaseSpec.from_dict(spec_data)).layout.purge()
 
 
 # -- the steps after a switch, recorded in the release's history record (`steps`): each is

@@ -181,20 +181,37 @@ class ReleaseHistory:
         leftovers = layout.partials()
         # A base rsync brings up to date must share no inode with another release: rsync changes
         # the attributes of an up-to-date file in place (chmod, chown, utime), which would change
-        # the live release too. Only without link_dest are trees private; with it, a fresh
-        # partial and --link-dest (rsync links a file only when content and attributes match).
+        # the live release too. With link_dest, a fresh partial and --link-dest (rsync links a
+        # file only when content and attributes match); without it, a leftover partial or a
+        # spare, but only one the history knows to be private (made without --link-dest, also
+        # when the group's link_dest setting changed since).
         private = not self.spec.link_dest
-        if leftovers and private:
-            layout.rename_partial(leftovers[-1], release_id)  # rsync resumes into it
-        elif layout.spares() and private:
-            layout.recycle(layout.spares()[-1], release_id)
+        resumable = [
+            r["id"] for r in records if r["id"] in leftovers and r.get("private") is True
+        ]
+        spares = [i for i in layout.spares() if i in data.get("privateSpares", [])]
+        base = "fresh"
+        if private and resumable:
+            base = resumable[-1]
+            layout.rename_partial(base, release_id)  # rsync resumes into it
+        elif private and spares:
+            layout.recycle(spares[-1], release_id)
+            base = "spare"
         else:
             os.mkdir(layout.partial(release_id), 0o755)
-        for old in leftovers[:-1] if private else leftovers:
-            layout.doom(PARTIAL + old)
+        for old in leftovers:
+            if old != base:
+                layout.doom(PARTIAL + old)
+        for old in layout.spares():
+            layout.doom(SPARE + old)
+        data["privateSpares"] = []
         data["releases"] = records = [r for r in records if r["id"] not in leftovers]
         records.append(_record(release_id, self.spec.label, source, now, None))
-        records[-1].update(state=STATE_PARTIAL, runId=run_id)
+        records[-1].update(
+            state=STATE_PARTIAL,
+            runId=run_id,
+            private=not (self.spec.link_dest and layout.live_id() is not None),
+        )
         self.save(data)
         return release_id
 
@@ -328,21 +345,26 @@ class ReleaseHistory:
 
     def _cleanup(self, data: dict[str, Any], live: str) -> None:
         """Take the releases `cleanup_plan` names out of the set: the newest becomes the spare
-        the next sync starts from (replacing an older spare), the others are doomed."""
+        the next sync starts from (replacing an older spare) when it is private and the group
+        does not use link_dest, the others are doomed."""
         doomed = [i for i in cleanup_plan(data["releases"], live, self.spec.keep)]
         doomed = [i for i in doomed if self.layout.exists(i)]
         if not doomed:
             return
         for old in self.layout.spares():
             self.layout.doom(SPARE + old)
-        if not self.spec.link_dest:  # see begin: only a private tree makes a safe base
-            self.layout.make_spare(doomed.pop())
+        data["privateSpares"] = []
+        newest = self.record(data, doomed[-1])
+        if not self.spec.link_dest and newest is not None and newest.get("private") is True:
+            self.layout.make_spare(doomed.pop())  # see begin: only a private tree is a safe base
+            data["privateSpares"] = [newest["id"]]
         for release_id in doomed:
             self.layout.doom(release_id)
 
     def _convert(self, data: dict[str, Any], now: float) -> None:
         release_id = new_release_id(now)
         record = _record(release_id, "converted", "the live directory", now, now)
+        record["private"] = True  # the operator's own tree: no release shares its inodes
         data["releases"].append(record)
         data["pending"] = {"to": release_id, "from": None, "at": now, "markBad": None}
         self.save(data)

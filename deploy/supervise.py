@@ -366,6 +366,10 @@ class Supervisor:
             return 1
         self.tell("ended")
         self.hang_up()
+        if isinstance(release, dict):
+            from deploy.release_steps import purge_after_sync
+
+            purge_after_sync(release)
         return 0
 
     def save_end(self, **end: Any) -> bool:

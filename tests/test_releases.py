@@ -257,6 +257,36 @@ def test_a_check_failing_at_recovery_switches_back(tmp_path: Path) -> None:
         assert history.record(data, second)["state"] == "bad"  # type: ignore[index]
 
 
+def test_a_group_that_drops_link_dest_never_reuses_a_shared_tree(tmp_path: Path) -> None:
+    """Releases made with --link-dest share inodes with the live one: after the group changes to
+    link_dest = false, neither such a release (as a spare) nor such a leftover partial becomes
+    the base rsync brings up to date; the first private release after the change can."""
+    linked = ReleaseHistory(spec(tmp_path))
+    for n in range(3):
+        stage(linked, 1000.0 + n, f"v{n}")
+    with linked.locked() as data:
+        leftover = linked.begin(data, 1100.0, "run", "src")
+        assert data["releases"][-1]["private"] is False
+    Path(linked.layout.partial(leftover), "VERSION").write_text("shares inodes")
+    private = ReleaseHistory(spec(tmp_path, link_dest=False))
+    with private.locked() as data:
+        fresh = private.begin(data, 1200.0, "run", "src")
+        assert data["releases"][-1]["private"] is True
+    assert os.listdir(private.layout.partial(fresh)) == []
+    assert private.layout.partials() == [fresh]
+    Path(private.layout.partial(fresh), "VERSION").write_text("v3")
+    with private.locked() as data:
+        private.complete(data, fresh, "ok", 1, 2, 1200.0)
+    # cleanup took out a release made with --link-dest: not kept as a spare
+    assert private.layout.spares() == []
+    for n in range(4, 6):
+        stage(private, 1300.0 + n, f"v{n}")
+    assert private.layout.spares() == [fresh]  # private: kept, and recycled next
+    with private.locked() as data:
+        again = private.begin(data, 1400.0, "run", "src")
+    assert Path(private.layout.partial(again), "VERSION").read_text() == "v3"
+
+
 def test_with_link_dest_no_base_shares_an_inode_with_the_live_release(tmp_path: Path) -> None:
     """rsync chmods an up-to-date file in place, so with link_dest (releases share inodes) no
     spare is kept and a leftover partial is removed: each sync starts from an empty partial."""
