@@ -182,7 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="json: the original shape (default); table: a row per host and a summary; "
         "ndjson: a JSON line per host as it answers (with --wait also progress events), then a "
-        "summary line",
+        "summary line. TIME (ndjson: seconds) is each host's own: the client's round trip, "
+        "through a proxy the agent's as the proxy timed it (an older proxy: the round trip to "
+        "it), with --wait until its sync ended",
     )
     p.add_argument(
         "--wide",

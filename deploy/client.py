@@ -222,6 +222,26 @@ class OrderSender(typing.Protocol):
     def send(self, host: str, order: Order, /) -> defer.Deferred[HostResult]: ...
 
 
+class TimedSender:
+    """Wraps a sender and keeps each host's own time, from `send` (its connect) until its result
+    (an answer, a failure, a timeout, or a cancel at the deadline), as `seconds` on `clock`."""
+
+    def __init__(self, inner: OrderSender, clock: Callable[[], float]) -> None:
+        self.inner = inner
+        self.options = inner.options
+        self.clock = clock
+        self.seconds: dict[str, float] = {}
+
+    def send(self, host: str, order: Order) -> defer.Deferred[HostResult]:
+        started = self.clock()
+
+        def done(result: HostResult) -> HostResult:
+            self.seconds[host] = self.clock() - started
+            return result
+
+        return self.inner.send(host, order).addCallback(done)
+
+
 def fan_out(
     client: OrderSender,
     hosts: Sequence[str],

@@ -22,8 +22,6 @@ from deploy.progressline import (
 )
 
 if TYPE_CHECKING:
-    from twisted.internet.defer import Deferred
-
     from deploy.orders import ClientOptions, FanOutResult, HostResult, Order
 
 __all__ = ["EXIT_INTERRUPTED", "Reporter", "print_outcome", "run", "wants_tls"]
@@ -114,24 +112,6 @@ def print_outcome(
     return code
 
 
-class TimedSender:
-    """Wraps a sender (`send(host, order)` → Deferred[HostResult]) and keeps each host's time."""
-
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
-        self.options = inner.options
-        self.seconds: dict[str, float] = {}
-
-    def send(self, host: str, order: Order) -> Deferred[HostResult]:
-        started = time.monotonic()
-
-        def done(result: HostResult) -> HostResult:
-            self.seconds[host] = time.monotonic() - started
-            return result
-
-        return self.inner.send(host, order).addCallback(done)
-
-
 AGENT_THREAD_TIMEOUT = 10.0
 PROXY_THREAD_TIMEOUT = 60.0
 
@@ -157,7 +137,7 @@ def run(
     from twisted.internet.defer import Deferred
     from twisted.internet.task import react
 
-    from deploy.client import OrderClient, fan_out
+    from deploy.client import OrderClient, TimedSender, fan_out
     from deploy.follow import SyncWaiter
 
     options = client_options(args, hosts, via_proxy, tls=make_tls(args))
@@ -177,7 +157,7 @@ def run(
         sender: Any = OrderClient(reactor, options)
         if args.wait:
             sender = SyncWaiter(sender, reactor, args.wait_timeout, reporter.on_sync)
-        timed = TimedSender(sender)
+        timed = TimedSender(sender, time.monotonic)
         reporter.start()
         outcome["fan"] = await fan_out(
             timed,

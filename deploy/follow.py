@@ -1,6 +1,6 @@
 """Following what an order started, over time: `SyncWaiter` (`deploy-client --wait`) polls
-`status` after an rsync order until each sync it started ends, directly or behind a proxy, telling
-what it learns of each as `SyncEvent`s."""
+`status` naming the run it follows (no dry run on the agent) after an rsync order until each sync
+it started ends, directly or behind a proxy, telling what it learns of each as `SyncEvent`s."""
 
 from __future__ import annotations
 
@@ -54,6 +54,7 @@ class _Followed:
     via: str | None = None
     lost_since: float | None = None
     final: dict[str, Any] | None = None
+    ended: float | None = None  # when `final` was known (the reactor's time)
 
     def event(self, state: str, **details: Any) -> SyncEvent:
         return SyncEvent(self.label, self.via, state, **details)
@@ -91,6 +92,7 @@ class SyncWaiter:
         return Deferred.fromCoroutine(self._send(host, order))
 
     async def _send(self, host: str, order: Order) -> HostResult:
+        began = self.reactor.seconds()
         first: HostResult = await self.client.send(host, order)
         if not first.http_ok:
             return first
@@ -119,6 +121,8 @@ class SyncWaiter:
             for f in followed:
                 entry = dict(merged[f.label]["rsync"])
                 entry["content"] = f.final
+                if f.ended is not None:  # its own time: until its sync ended, as ours is
+                    entry["seconds"] = round(f.ended - began, 3)
                 merged[f.label]["rsync"] = entry
             first.content = merged
             return first
@@ -149,6 +153,9 @@ class SyncWaiter:
                 polls += 1
                 args = f"hosts:{','.join(s.label for s in running)}" if via_proxy else order.args
                 status = Order("status", order.options, args, order.api_key)
+                runs = _runs_field(running, via_proxy)
+                if runs:
+                    status.extra["run"] = runs
                 answer: HostResult = await self.client.send(host, status)
                 now = self.reactor.seconds()
                 entries = self._status_entries(answer, running, via_proxy)
@@ -161,6 +168,7 @@ class SyncWaiter:
                             f"still running after --wait-timeout {self.timeout:g}s",
                         )
                     if sync.final is not None:
+                        sync.ended = now
                         running.remove(sync)
                         last = sync.final.get("lastRsync") or {}
                         outcome = sync.final.get("outcome")
@@ -222,6 +230,17 @@ class SyncWaiter:
         else:
             message = content.get("message") or "the sync ended but the agent reports no lastRsync"
             sync.final = _ended(sync.rsync, "failed", str(message))
+
+
+def _runs_field(syncs: list[_Followed], via_proxy: bool) -> str:
+    """A status poll's `run` field, naming the runs it follows so that each agent answers from
+    its records instead of a dry run: the runId (directly), `AGENT=RUNID,...` (to a proxy, which
+    gives each agent its own); "" when no sync named its run. Older agents and proxies ignore the
+    field (and answer with a dry run, as before)."""
+    named = [(s.label, s.rsync.get("runId")) for s in syncs if s.rsync.get("runId")]
+    if not via_proxy:
+        return str(named[0][1]) if named else ""
+    return ",".join(f"{label}={run_id}" for label, run_id in named)
 
 
 def _ended(

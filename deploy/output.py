@@ -8,6 +8,7 @@ Pure Python with no Twisted import: the client imports it before it knows it wil
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -53,7 +54,9 @@ class Row:
     outcome: str
     entry: dict[str, Any]  # the original shape: return, serverStatus, returnCode, ..., content
     via: str | None = None
-    seconds: float | None = None  # the client's round trip (for a proxy: the proxy's)
+    # The host's own time: the client's round trip to it; through a proxy, the agent's round
+    # trip as the proxy measured it (an older proxy's answer: the client's to the proxy).
+    seconds: float | None = None
 
     @property
     def good(self) -> bool:
@@ -134,18 +137,32 @@ def rows_for(
         rows = []
         for agent, per_order in content.items():
             for agent_order, agent_entry in per_order.items():
+                agent_entry = dict(agent_entry)
+                own = take_agent_seconds(agent_entry, seconds)
                 rows.append(
                     Row(
                         agent,
                         agent_order,
                         outcome_of(agent_order, agent_entry),
-                        dict(agent_entry),
+                        agent_entry,
                         via=host,
-                        seconds=seconds,
+                        seconds=own,
                     )
                 )
         return rows
     return [Row(host, order, outcome_of(order, entry), entry, seconds=seconds)]
+
+
+def take_agent_seconds(entry: dict[str, Any], proxy_seconds: float | None) -> float | None:
+    """An agent's own time, taken out of its `entry` in a proxy's answer (the row keeps it apart
+    from the original keys): its `seconds`, None when the proxy never ordered it or sent no
+    number; without the key (an older proxy, which did not time its agents) `proxy_seconds`."""
+    if "seconds" not in entry:
+        return proxy_seconds
+    value = entry.pop("seconds")
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(value) and value >= 0 else None
 
 
 def rows_from_result_map(result: Mapping[str, Any]) -> list[Row]:

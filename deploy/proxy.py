@@ -1,5 +1,6 @@
 """The proxy: its protocol and factory, API key → groups → hosts authorisation, and the fan-out of
-an order to the granted agents through `deploy.client` (bounded, per-host timeouts, rolling)."""
+an order to the granted agents through `deploy.client` (bounded, per-host timeouts, rolling), each
+agent's answer carrying its own round trip (`seconds`)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,16 @@ from deploy import auth, logs
 from deploy.access import AllowedHosts
 from deploy.answers import PROXY_ANSWER_LIMITS, PROXY_ANSWERS_TOTAL, AnswerAccount, AnswerBudget
 from deploy.auth import DEFAULT_KEY_CIPHER
-from deploy.client import ClientOptions, Order, OrderClient, fan_out, parse_budget, result_map
+from deploy.client import (
+    ClientOptions,
+    FanOutResult,
+    Order,
+    OrderClient,
+    TimedSender,
+    fan_out,
+    parse_budget,
+    result_map,
+)
 from deploy.config import ClientSettings, ProxyConfig
 from deploy.errors import BadHostSelection, BadRequest, NotGranted, NotPermitted, UnknownOrder
 from deploy.keyring import ApiKeys
@@ -33,6 +43,7 @@ class ProxyRequest:
     batch: str | None
     max_fail: str | None
     release: str = ""  # release mode: the label of a new release
+    run: str = ""  # status: `HOST=RUNID,...`, the runs a client follows (see `followed_runs`)
 
 
 class ProxyService:
@@ -118,10 +129,18 @@ class ProxyService:
             parse_budget(request.max_fail, len(hosts), "max_fail")
         except ValueError as e:
             raise BadRequest(str(e)) from None
+        runs = followed_runs(request.run, hosts) if request.order == "status" else {}
         # What the agents get: the same order, options and args; the API key stays here.
         order = Order(request.order, request.options, request.args, "")
         if request.release:
             order.extra["release"] = request.release
+
+        def order_for(host: str) -> Order:
+            if host not in runs:
+                return order
+            # Following that run: the agent answers from its records, without a dry run.
+            return replace(order, extra={**order.extra, "run": runs[host]})
+
         self.log.info(
             "{order} {options!r} for {args} ({count} hosts) from {peer}",
             order=request.order,
@@ -133,10 +152,11 @@ class ProxyService:
         # The agents' answers are held until the order is answered: in this order's account.
         account = AnswerAccount(self.answers)
         settings = self.config.client
+        timed = TimedSender(OrderClient(self.reactor, self.options, account), self.reactor.seconds)
         d = fan_out(
-            OrderClient(self.reactor, self.options, account),
+            timed,
             hosts,
-            order,
+            order_for,
             max_parallel=settings.max_parallel,
             batch=request.batch,
             max_fail=request.max_fail,
@@ -144,12 +164,8 @@ class ProxyService:
             clock=self.reactor,
         )
 
-        def answer(result: Any) -> Response:
-            body = json.dumps(
-                result_map(result.results.values(), numeric_code=True),
-                indent=3,
-                ensure_ascii=False,
-            )
+        def answer(result: FanOutResult) -> Response:
+            body = json.dumps(timed_answer(result, timed.seconds), indent=3, ensure_ascii=False)
             if result.stopped:
                 self.log.warn("rollout of {order} stopped at its failure budget", order=order.order)
             return Response(200, body.encode("utf-8") + b"\n", TEXT_TYPE)
@@ -159,6 +175,31 @@ class ProxyService:
             return result
 
         return d.addCallback(answer).addBoth(release)
+
+
+def timed_answer(result: FanOutResult, seconds: Mapping[str, float]) -> dict[str, Any]:
+    """The proxy's answer: agent → order → the original keys, and `seconds`, that agent's own
+    round trip (connect to answer, failure or timeout); null for an agent never ordered (skipped
+    by the failure budget, or still waiting for a slot at the deadline)."""
+    answer = result_map(result.results.values(), numeric_code=True)
+    for host, host_result in result.results.items():
+        took = seconds.get(host)
+        entry = answer[host_result.host][host_result.order]
+        entry["seconds"] = None if took is None else round(took, 3)
+    return answer
+
+
+def followed_runs(text: str, hosts: list[str]) -> dict[str, str]:
+    """A status order's `run` field, `HOST=RUNID,...` (the runs `deploy-client --wait` follows),
+    as host → run id for the hosts of this order: each agent is asked about its own run. An
+    agent named in none of the pairs is asked as before (a dry run); BadRequest when malformed."""
+    runs: dict[str, str] = {}
+    for pair in filter(None, (p.strip() for p in text.split(","))):
+        host, sep, run_id = pair.rpartition("=")
+        if not sep or not host or not run_id:
+            raise BadRequest(f"run: expected HOST=RUNID[,HOST=RUNID...], got {pair[:80]!r}")
+        runs[host] = run_id
+    return {h: runs[h] for h in hosts if h in runs}
 
 
 def matching_name(name: str, names: list[str]) -> str:
@@ -232,6 +273,7 @@ class ProxyProtocol(ServiceRequestReceiver):
             batch=fields.get("batch") or None,
             max_fail=fields.get("max_fail") or None,
             release=fields.get("release", ""),
+            run=fields.get("run", ""),
         )
         self.audit.update(logs.proxy_audit(proxy_request, service.granted_hosts))
         key_id, decision = service.api_keys.decide(

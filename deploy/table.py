@@ -183,7 +183,8 @@ def render_table(
             human_bytes(own.get("transferFilesSize")),
             "-" if deletes is None else str(deletes),
             "-" if code is None else str(code),
-            # The client's time on the host (with --wait: until its sync ended).
+            # The host's own time: the client's round trip, through a proxy the agent's as the
+            # proxy measured it (with --wait: until its sync ended).
             human_seconds(r.seconds),
             *([last_cell(r, now)] if with_last else []),
         ]
