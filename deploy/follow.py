@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from deploy import output
+from deploy.message import is_run_id
 from deploy.output import GOOD, is_proxy_answer
 from deploy.progressline import ENDED, RUNNING, STARTING, SyncEvent
 
@@ -94,6 +95,7 @@ class SyncWaiter:
     async def _send(self, host: str, order: Order) -> HostResult:
         began = self.reactor.seconds()
         first: HostResult = await self.client.send(host, order)
+        answered = self.reactor.seconds()
         if not first.http_ok:
             return first
         content = first.content
@@ -121,8 +123,8 @@ class SyncWaiter:
             for f in followed:
                 entry = dict(merged[f.label]["rsync"])
                 entry["content"] = f.final
-                if f.ended is not None:  # its own time: until its sync ended, as ours is
-                    entry["seconds"] = round(f.ended - began, 3)
+                if f.ended is not None:
+                    entry["seconds"] = _own_seconds(entry.get("seconds"), f.ended, answered, began)
                 merged[f.label]["rsync"] = entry
             first.content = merged
             return first
@@ -232,12 +234,22 @@ class SyncWaiter:
             sync.final = _ended(sync.rsync, "failed", str(message))
 
 
+def _own_seconds(order_seconds: Any, ended: float, answered: float, began: float) -> float:
+    """A followed agent's own time through a proxy, as direct: its rsync order's round trip (the
+    proxy's `seconds` for it), then until its sync's end was seen. Not from our own start: that
+    also holds the proxy's wait for a slot and every other agent's answer. An older proxy sends
+    no `seconds`: then from our start."""
+    if isinstance(order_seconds, int | float) and order_seconds >= 0:
+        return round(order_seconds + (ended - answered), 3)
+    return round(ended - began, 3)
+
+
 def _runs_field(syncs: list[_Followed], via_proxy: bool) -> str:
     """A status poll's `run` field, naming the runs it follows so that each agent answers from
     its records instead of a dry run: the runId (directly), `AGENT=RUNID,...` (to a proxy, which
     gives each agent its own); "" when no sync named its run. Older agents and proxies ignore the
     field (and answer with a dry run, as before)."""
-    named = [(s.label, s.rsync.get("runId")) for s in syncs if s.rsync.get("runId")]
+    named = [(s.label, s.rsync["runId"]) for s in syncs if is_run_id(s.rsync.get("runId"))]
     if not via_proxy:
         return str(named[0][1]) if named else ""
     return ",".join(f"{label}={run_id}" for label, run_id in named)

@@ -4,7 +4,9 @@ only this."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
+from typing import Any
 
 ORDERS = (
     "status",
@@ -21,6 +23,14 @@ ORDERS = (
 ROLLOUT_ORDERS = ("deploy", "rollout")
 # What a proxy (and so deploy-client) takes: the agents' orders and the rollouts it runs.
 PROXY_ORDERS = (*ORDERS, *ROLLOUT_ORDERS)
+
+# A sync run's id (`runId`): the agent makes them as uuid4 hex.
+_RUN_ID = re.compile(r"[0-9a-f]{1,64}")
+
+
+def is_run_id(value: Any) -> bool:
+    """`value` has the form of a sync run's id (what a client may name in `run=`)."""
+    return isinstance(value, str) and _RUN_ID.fullmatch(value) is not None
 
 STATUS_TEXT = {
     200: "OK",

@@ -30,7 +30,7 @@ from deploy.config import ClientSettings, ProxyConfig
 from deploy.errors import BadHostSelection, BadRequest, NotGranted, NotPermitted, UnknownOrder
 from deploy.keyring import ApiKeys
 from deploy.logrecord import log_safe
-from deploy.message import PROXY_ORDERS, ROLLOUT_ORDERS
+from deploy.message import PROXY_ORDERS, ROLLOUT_ORDERS, is_run_id
 from deploy.wire import TEXT_TYPE, Request, RequestFactory, Response, ServiceRequestReceiver
 
 
@@ -196,7 +196,7 @@ def followed_runs(text: str, hosts: list[str]) -> dict[str, str]:
     runs: dict[str, str] = {}
     for pair in filter(None, (p.strip() for p in text.split(","))):
         host, sep, run_id = pair.rpartition("=")
-        if not sep or not host or not run_id:
+        if not sep or not host or not is_run_id(run_id):
             raise BadRequest(f"run: expected HOST=RUNID[,HOST=RUNID...], got {pair[:80]!r}")
         runs[host] = run_id
     return {h: runs[h] for h in hosts if h in runs}

@@ -206,12 +206,13 @@ class ReleaseHistory:
             layout.doom(SPARE + old)
         data["privateSpares"] = []
         data["releases"] = records = [r for r in records if r["id"] not in leftovers]
+        live = layout.live_id()
+        linked = self.spec.link_dest and live is not None  # as rsync_extras decides
+        live_record = self.record(data, live) if linked and live else None
+        if live_record is not None:
+            live_record["private"] = False  # the new release's files will be links to its inodes
         records.append(_record(release_id, self.spec.label, source, now, None))
-        records[-1].update(
-            state=STATE_PARTIAL,
-            runId=run_id,
-            private=not (self.spec.link_dest and layout.live_id() is not None),
-        )
+        records[-1].update(state=STATE_PARTIAL, runId=run_id, private=not linked)
         self.save(data)
         return release_id
 
@@ -364,7 +365,7 @@ class ReleaseHistory:
     def _convert(self, data: dict[str, Any], now: float) -> None:
         release_id = new_release_id(now)
         record = _record(release_id, "converted", "the live directory", now, now)
-        record["private"] = True  # the operator's own tree: no release shares its inodes
+        record["private"] = True  # the operator's own tree (until a sync links to it)
         data["releases"].append(record)
         data["pending"] = {"to": release_id, "from": None, "at": now, "markBad": None}
         self.save(data)

@@ -198,10 +198,10 @@ def test_timed_answer_gives_every_agent_its_own_time_or_null():
 def test_followed_runs_gives_each_host_its_own_run():
     """`run=HOST=RUNID,...`: each host of the order its own run id, others none; malformed: 400."""
     hosts = ["10.0.0.1:3440", "web2"]
-    text = "10.0.0.1:3440=r1, web2=r2,other=r3"
-    assert followed_runs(text, hosts) == {"10.0.0.1:3440": "r1", "web2": "r2"}
+    text = "10.0.0.1:3440=a1, web2=b2,other=c3"
+    assert followed_runs(text, hosts) == {"10.0.0.1:3440": "a1", "web2": "b2"}
     assert followed_runs("", hosts) == {}
-    for bad in ("r1", "=r1", "web2="):
+    for bad in ("a1", "=a1", "web2=", "web2=r1", "web2=a1;x"):
         with pytest.raises(BadRequest):
             followed_runs(bad, hosts)
 
@@ -277,18 +277,20 @@ def wait_with(sender: Agents, seconds: float = 2.0) -> HostResult:
 def test_wait_polls_name_the_run_directly_and_through_a_proxy():
     """Status polls carry run=RUNID (directly) or run=AGENT=RUNID,... (to a proxy, only agents
     that named their run); without a runId (an older agent) no run field: a dry run, as before.
-    Through a proxy each followed agent's time runs until its sync ended."""
-    direct = Agents({"h": {"runId": "r1"}})
+    Through a proxy each followed agent's time is its own: its order, then until its sync ended
+    (not the proxy's wait for a slot or for the other agents)."""
+    direct = Agents({"h": {"runId": "a1"}})
     assert wait_with(direct).content["outcome"] == "ok"
-    assert [o.extra.get("run") for o in direct.sent] == [None, "r1"]
+    assert [o.extra.get("run") for o in direct.sent] == [None, "a1"]
 
     older = Agents({"h": {}})
     assert wait_with(older).content["outcome"] == "ok"
     assert all("run" not in o.extra for o in older.sent)
 
-    proxied = Agents({"a": {"runId": "r1"}, "b": {}, "c": {"runId": "r3"}}, proxy=True)
+    proxied = Agents({"a": {"runId": "a1"}, "b": {}, "c": {"runId": "c3"}}, proxy=True)
     result = wait_with(proxied)
-    assert [o.extra.get("run") for o in proxied.sent] == [None, "a=r1,c=r3"]
+    assert [o.extra.get("run") for o in proxied.sent] == [None, "a=a1,c=c3"]
     entries = {a: per_order["rsync"] for a, per_order in result.content.items()}
     assert all(e["content"]["outcome"] == "ok" for e in entries.values())
-    assert {a: e["seconds"] for a, e in entries.items()} == {"a": 0.5, "b": 0.5, "c": 0.5}
+    # its rsync order's own round trip (the proxy's 0.01), then until its sync's end was seen
+    assert {a: e["seconds"] for a, e in entries.items()} == {"a": 0.51, "b": 0.51, "c": 0.51}

@@ -287,6 +287,22 @@ def test_a_group_that_drops_link_dest_never_reuses_a_shared_tree(tmp_path: Path)
     assert Path(private.layout.partial(again), "VERSION").read_text() == "v3"
 
 
+def test_a_release_another_links_to_is_no_longer_private(tmp_path: Path) -> None:
+    """The first release (or a converted directory) is private until a sync with --link-dest
+    links to it: then it shares inodes with the new release and must never become a spare."""
+    linked = ReleaseHistory(spec(tmp_path))
+    first = stage(linked, 1000.0, "v0")
+    with linked.locked() as data:
+        assert linked.record(data, first)["private"] is True  # type: ignore[index]
+    second = stage(linked, 1001.0, "v1")
+    private = ReleaseHistory(spec(tmp_path, link_dest=False))
+    with private.locked() as data:
+        assert private.record(data, first)["private"] is False  # type: ignore[index]
+        assert private.record(data, second)["private"] is False  # type: ignore[index]
+    stage(private, 1002.0, "v2")  # cleanup takes `first` out: shared, so not a spare
+    assert private.layout.spares() == []
+
+
 def test_with_link_dest_no_base_shares_an_inode_with_the_live_release(tmp_path: Path) -> None:
     """rsync chmods an up-to-date file in place, so with link_dest (releases share inodes) no
     spare is kept and a leftover partial is removed: each sync starts from an empty partial."""
