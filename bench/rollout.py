@@ -1,7 +1,10 @@
 """Rollouts (issue 13), on loopback, kept out of the CI run: `deploy` of a FILES-file release
 to AGENTS real agents in release mode through a real deploy-proxy with --batch=BATCH, against
 the same `deploy` to one host, measured in the same run (target: total <= 3x one host for three
-batches).
+batches). Every host first gets one release (its first: the conversion of the live directory, a
+full copy), so that the one-host and the all-hosts deploys are the same work: a new release over
+one the host already has. The CPU time of the daemons' processes (and their children, such as
+each sync's supervisor and rsync) is added up per phase.
 
     .venv/bin/python bench/rollout.py [--agents 30] [--batch 10] [--files 200]
 
@@ -33,18 +36,52 @@ from deploy.testing import (
 HERE = Path(__file__).resolve().parent
 
 
-def deploy(via: list[str], args: str, release: str) -> tuple[float, int, dict[str, float]]:
-    started = time.perf_counter()
-    run = subprocess.run(
-        [tool("deploy-client"), *via, f"--args={args}", "--order=deploy", "--options=web"]
-        + [f"--release={release}", "--format=json", "--batch=10"],
-        capture_output=True,
-        timeout=900,
-    )
-    took = time.perf_counter() - started
-    result = json.loads(run.stdout) if run.stdout.startswith(b"{") else {}
-    seconds = {h: e["deploy"]["content"]["seconds"] for h, e in result.items()}
-    return took, run.returncode, seconds
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """CPU time (user + system) of `pids` and of their reaped children so far."""
+    total = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        total += sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
+    return total / TICK
+
+
+class Deploys:
+    """Runs `deploy-client ... --order=deploy` and keeps the CPU time each run cost."""
+
+    def __init__(self, via: list[str], batch: int, daemons: dict[str, list[int]]) -> None:
+        self.via = via
+        self.batch = batch
+        self.daemons = daemons
+        self.cpu: dict[str, float] = {}
+
+    def run(self, args: str, release: str) -> tuple[float, int, dict[str, float]]:
+        before = {name: cpu_seconds(pids) for name, pids in self.daemons.items()}
+        client = os.times()
+        started = time.perf_counter()
+        run = subprocess.run(
+            [tool("deploy-client"), *self.via, f"--args={args}", "--order=deploy"]
+            + ["--options=web", f"--release={release}", "--format=json", f"--batch={self.batch}"],
+            capture_output=True,
+            timeout=900,
+        )
+        took = time.perf_counter() - started
+        after = os.times()
+        time.sleep(0.5)  # a supervisor reaped after the answer: its time reaches the agent's
+        self.cpu = {n: cpu_seconds(p) - before[n] for n, p in self.daemons.items()}
+        self.cpu["client"] = after.children_user + after.children_system
+        self.cpu["client"] -= client.children_user + client.children_system
+        result = json.loads(run.stdout) if run.stdout.startswith(b"{") else {}
+        seconds = {h: e["deploy"]["content"]["seconds"] for h, e in result.items()}
+        return took, run.returncode, seconds
+
+    def cpu_text(self, hosts: int) -> str:
+        per_host = sum(v for k, v in self.cpu.items() if k != "client") / hosts
+        parts = ", ".join(f"{k} {v:.2f}" for k, v in self.cpu.items())
+        return f"CPU-s {parts}; {per_host * 1000:.0f} ms per host without the client"
 
 
 def main() -> int:
@@ -94,11 +131,20 @@ def main() -> int:
         )
         started.append(proxy)
         via = [f"--hosts=127.0.0.1:{pport}", "--api-key=k"]
-        deploy(via, "groups:one", "warm")  # the first release of host 0: conversion, caches
+        daemons = {
+            "agents": [a.pid for a in agents],
+            "rsyncd": [rsyncd.pid],
+            "proxy": [proxy.pid],
+        }
+        deploys = Deploys(via, args.batch, daemons)
+        # every host's first release (conversion, a full copy), and the daemons' first orders
+        first, rc0, _ = deploys.run("groups:grp", "first")
+        first_cpu = deploys.cpu_text(args.agents)
         (tree / "VERSION").write_text("one\n")
-        one, rc1, _ = deploy(via, "groups:one", "one")
+        one, rc1, _ = deploys.run("groups:one", "one")
+        one_cpu = deploys.cpu_text(1)
         (tree / "VERSION").write_text("all\n")
-        total, rc, seconds = deploy(via, "groups:grp", "all")
+        total, rc, seconds = deploys.run("groups:grp", "all")
         ratio = total / one
         line = (
             f"\n## Rollouts ({time.strftime('%Y-%m-%d')})\n\n"
@@ -106,7 +152,11 @@ def main() -> int:
             f"--batch={args.batch}: one host {one:.2f}s (exit {rc1}); {args.agents} hosts "
             f"{total:.2f}s (exit {rc}) = {ratio:.2f}x one host (target <= 3x). Per-host times "
             f"(each host's own, from the proxy): min {min(seconds.values()):.2f}s, "
-            f"max {max(seconds.values()):.2f}s. Machine: {os.cpu_count()} cores, shared.\n"
+            f"max {max(seconds.values()):.2f}s. Machine: {os.cpu_count()} cores, shared, "
+            f"load average {os.getloadavg()[0]:.2f}.\n"
+            f"CPU: one host {one_cpu}; {args.agents} hosts {deploys.cpu_text(args.agents)}. "
+            f"Before them, every host's first release (cold): {first:.2f}s (exit {rc0}), "
+            f"{first_cpu}.\n"
         )
         print(line)
         with open(HERE / "RESULTS.md", "a") as f:

@@ -129,6 +129,7 @@ _STATS = re.compile(
     rb"|Total file size|Total transferred file size|Literal data|Matched data"
     rb"|Total bytes sent|Total bytes received): (\d[\d,]*)"
 )
+_KINDS = re.compile(rb"(\w+): (\d[\d,]*)")
 # Lines of the stats block and of -v that carry nothing the callers use.
 _NOISE = re.compile(
     rb"File list (?:size|generation time|transfer time): "
@@ -186,6 +187,8 @@ class RsyncOutputParser:
         # What a sync deletes that is not a directory, as rlist lists it, kept lists or not.
         self.delete_count = 0
         self.created_directory: str | None = None
+        # `Number of files` by kind (reg, dir, link, ...), as rsync 3.1+ prints it
+        self.file_kinds: dict[str, int] | None = None
         self.other_lines: collections.deque[str] = collections.deque(maxlen=OTHER_LINES_KEPT)
         self._partial = bytearray()
         # Width of the itemize code last seen: "*deleting" is padded to it.
@@ -262,7 +265,11 @@ class RsyncOutputParser:
                 return
             match = _STATS.match(line)
             if match is not None:
-                setattr(self.stats, _STATS_FIELDS[match.group(1)], _number(match.group(2)))
+                field = _STATS_FIELDS[match.group(1)]
+                setattr(self.stats, field, _number(match.group(2)))
+                if field == "files":  # 3.1+: "Number of files: 201 (reg: 200, dir: 1)"
+                    kinds = _KINDS.findall(line, match.end())
+                    self.file_kinds = {k.decode(): _number(n) for k, n in kinds} or None
                 return
             if line.startswith(_CREATED_DIRECTORY):
                 self.created_directory = unescape_name(line[len(_CREATED_DIRECTORY) :])

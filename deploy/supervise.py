@@ -12,7 +12,6 @@ outcome once there is space, not as lost)."""
 
 from __future__ import annotations
 
-import argparse
 import os
 import selectors
 import signal
@@ -24,7 +23,9 @@ from typing import Any
 from deploy.jobstate import (
     OUTCOME_FAILED,
     OUTCOME_KILLED,
+    OUTCOME_OK,
     OUTCOME_REFUSED,
+    OUTCOME_WARNING,
     STATE_ENDED,
     STATE_RUNNING,
     STATE_STARTING,
@@ -44,8 +45,9 @@ from deploy.process import (
     signal_group,
 )
 from deploy.rsync_output import Progress, RsyncOutputParser, TailBuffer, clock, rsync_environment
-from deploy.source_listing import LIST_TIMEOUT, listing_argv, lists_nothing
+from deploy.source_listing import refusal, source_lists_nothing, synced_nothing
 from deploy.source_retry import SourceRetry, sleep_unless, source_busy
+from deploy.supervise_argv import USAGE, UsageError, parse_args
 
 PROGRESS_INTERVAL = 0.5
 READY_AFTER = 1.0
@@ -154,17 +156,16 @@ class Supervisor:
             self.tell("ended")
             return 2
         parser = RsyncOutputParser(keep_lists=False)
-        if self.refuse_empty and self.source_is_empty():
-            return self.finish(
-                OUTCOME_REFUSED,
-                None,
-                None,
-                f"source {self.argv[-2]} lists no files: refusing to sync it with --delete, "
-                "which would empty the target (set allow_empty_source = true in the group "
-                "to allow it)",
-                parser,
-            )
+        # A release-mode sync fills a partial no reader sees: its own file list answers the
+        # guard before the release can go live (see pump), with no listing connection first.
+        if self.refuse_empty and not self.release_mode() and self.source_is_empty():
+            refused = refusal(self.argv[-2], release=False)
+            return self.finish(OUTCOME_REFUSED, None, None, refused, parser)
         return self.start_rsync(parser)
+
+    def release_mode(self) -> bool:
+        """The record names a release (deploy.release_steps completes it after rsync)."""
+        return isinstance(self.state.get("release"), dict)
 
     def start_rsync(self, parser: RsyncOutputParser) -> int:
         if self.kill_requested:
@@ -192,26 +193,12 @@ class Supervisor:
     def source_is_empty(self) -> bool:
         """List the top level of the source (as a directory, with the sync's filters): `.` alone
         means a sync with --delete would empty the target."""
-        try:
-            self.lister = subprocess.Popen(
-                listing_argv(self.argv),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.DEVNULL,
-                process_group=0,
-                env=rsync_environment(),
-            )
-        except OSError:
-            return False  # the real run reports why rsync cannot run
+        return source_lists_nothing(self.argv, self._listing_started)
+
+    def _listing_started(self, lister: subprocess.Popen[bytes]) -> None:
+        self.lister = lister
         if self.kill_requested:  # TERM came while we were starting it
-            self.lister.kill()
-        try:
-            out, _ = self.lister.communicate(timeout=LIST_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            self.lister.kill()
-            self.lister.communicate()
-            return False  # the real run reports the unreachable source
-        return self.lister.returncode == 0 and lists_nothing(out)
+            lister.kill()
 
     def pump(self) -> int:
         child = self.child
@@ -263,7 +250,19 @@ class Supervisor:
             return self.start_rsync(parser)
         else:
             outcome, message = outcome_of(exit_code, sig, text)
+            if self.empty_release(outcome, parser):
+                outcome, message = OUTCOME_REFUSED, refusal(self.argv[-2], release=True)
         return self.finish(outcome, exit_code, sig, message, parser, text)
+
+    def empty_release(self, outcome: str, parser: RsyncOutputParser) -> bool:
+        """The guard of a release-mode sync: rsync filled the partial from a source that lists
+        no files (its stats say so), which must not become the live release."""
+        return (
+            self.refuse_empty
+            and self.release_mode()
+            and outcome in (OUTCOME_OK, OUTCOME_WARNING)
+            and synced_nothing(parser.stats.files, parser.file_kinds)
+        )
 
     def waited_for_source(self, exit_code: int | None, stderr_text: str) -> bool:
         """rsyncd said `max connections`: wait as `deploy.source_retry` says (the record saying
@@ -390,23 +389,22 @@ class Supervisor:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="deploy.supervise")
-    parser.add_argument("--state", required=True)
-    parser.add_argument("--run", default=None, help="the run id the starting record must hold")
-    parser.add_argument("--grace", type=float, default=5.0)
-    parser.add_argument("--refuse-empty", action="store_true")
-    parser.add_argument("--source-retry", type=float, default=0.0)
-    parser.add_argument("argv", nargs=argparse.REMAINDER)
-    args = parser.parse_args(argv)
-    rsync_argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
-    if len(rsync_argv) < 3:
-        parser.error("need an rsync command line after --")
+    try:
+        options, rsync_argv = parse_args(sys.argv[1:] if argv is None else argv)
+    except UsageError as e:
+        os.write(2, f"{USAGE}\ndeploy.supervise: error: {e}\n".encode())
+        return 2
     try:
         os.setsid()  # our own session: signals to the agent's group do not reach the sync
     except OSError:
         pass
     supervisor = Supervisor(
-        args.state, rsync_argv, args.grace, args.refuse_empty, args.run, args.source_retry
+        options["--state"],
+        rsync_argv,
+        options["--grace"],
+        options["--refuse-empty"],
+        options["--run"],
+        options["--source-retry"],
     )
     return supervisor.run()
 
