@@ -62,8 +62,8 @@ def test_a_command_line_the_supervisor_cannot_run(
 
 def test_the_supervisor_imports_little() -> None:
     """Started as the agent starts it (-S, child_env), the supervisor and its release steps
-    load no site processing, no argparse, no ctypes, no secrets and no Twisted: each would be
-    paid again by every sync."""
+    load no site processing, no argparse, no dataclasses (nor the inspect they import), no
+    ctypes, no secrets and no Twisted: each would be paid again by every sync."""
     code = (
         "import sys\n"
         "import deploy.supervise, deploy.release_steps\n"
@@ -74,7 +74,8 @@ def test_the_supervisor_imports_little() -> None:
     )
     loaded = set(out.stdout.decode().split())
     assert {"deploy", "subprocess", "json"} <= loaded
-    assert not loaded & {"site", "argparse", "ctypes", "secrets", "twisted", "_distutils_hack"}
+    unwanted = {"site", "argparse", "dataclasses", "inspect", "ctypes", "secrets", "twisted"}
+    assert not loaded & unwanted
 
 
 def test_synced_nothing_reads_the_stats_as_the_listing_would() -> None:
