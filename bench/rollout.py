@@ -39,27 +39,30 @@ HERE = Path(__file__).resolve().parent
 TICK = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    """CPU time (user + system) of `pids` and of their reaped children so far."""
+def cpu_seconds(pids: list[int], children: bool) -> float:
+    """CPU time (user + system) of `pids`, or of their reaped children, so far."""
     total = 0
     for pid in pids:
         with open(f"/proc/{pid}/stat", "rb") as f:
             fields = f.read().rsplit(b")", 1)[1].split()
-        total += sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
+        first = 13 if children else 11  # cutime cstime, or utime stime
+        total += int(fields[first]) + int(fields[first + 1])
     return total / TICK
 
 
 class Deploys:
     """Runs `deploy-client ... --order=deploy` and keeps the CPU time each run cost."""
 
-    def __init__(self, via: list[str], batch: int, daemons: dict[str, list[int]]) -> None:
+    def __init__(
+        self, via: list[str], batch: int, daemons: dict[str, tuple[list[int], bool]]
+    ) -> None:
         self.via = via
         self.batch = batch
         self.daemons = daemons
         self.cpu: dict[str, float] = {}
 
     def run(self, args: str, release: str) -> tuple[float, int, dict[str, float]]:
-        before = {name: cpu_seconds(pids) for name, pids in self.daemons.items()}
+        before = {name: cpu_seconds(*d) for name, d in self.daemons.items()}
         client = os.times()
         started = time.perf_counter()
         run = subprocess.run(
@@ -71,7 +74,7 @@ class Deploys:
         took = time.perf_counter() - started
         after = os.times()
         time.sleep(0.5)  # a supervisor reaped after the answer: its time reaches the agent's
-        self.cpu = {n: cpu_seconds(p) - before[n] for n, p in self.daemons.items()}
+        self.cpu = {n: cpu_seconds(*d) - before[n] for n, d in self.daemons.items()}
         self.cpu["client"] = after.children_user + after.children_system
         self.cpu["client"] -= client.children_user + client.children_system
         result = json.loads(run.stdout) if run.stdout.startswith(b"{") else {}
@@ -90,6 +93,7 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=10)
     p.add_argument("--files", type=int, default=200)
     args = p.parse_args()
+    load = os.getloadavg()[0]  # before our own daemons start
     work = Path(tempfile.mkdtemp(prefix="bench-rollout-"))
     started: list[object] = []
     try:
@@ -132,9 +136,10 @@ def main() -> int:
         started.append(proxy)
         via = [f"--hosts=127.0.0.1:{pport}", "--api-key=k"]
         daemons = {
-            "agents": [a.pid for a in agents],
-            "rsyncd": [rsyncd.pid],
-            "proxy": [proxy.pid],
+            "agents": ([a.pid for a in agents], False),
+            "their children": ([a.pid for a in agents], True),  # supervisors, with their rsyncs
+            "rsyncd": ([rsyncd.pid], True),  # a child per connection
+            "proxy": ([proxy.pid], False),
         }
         deploys = Deploys(via, args.batch, daemons)
         # every host's first release (conversion, a full copy), and the daemons' first orders
@@ -153,7 +158,7 @@ def main() -> int:
             f"{total:.2f}s (exit {rc}) = {ratio:.2f}x one host (target <= 3x). Per-host times "
             f"(each host's own, from the proxy): min {min(seconds.values()):.2f}s, "
             f"max {max(seconds.values()):.2f}s. Machine: {os.cpu_count()} cores, shared, "
-            f"load average {os.getloadavg()[0]:.2f}.\n"
+            f"load average {load:.2f} before the bench.\n"
             f"CPU: one host {one_cpu}; {args.agents} hosts {deploys.cpu_text(args.agents)}. "
             f"Before them, every host's first release (cold): {first:.2f}s (exit {rc0}), "
             f"{first_cpu}.\n"

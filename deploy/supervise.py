@@ -1,14 +1,14 @@
-"""The sync supervisor: a tiny process that runs one background rsync, records its progress and
-its outcome in the job's state file, and outlives the agent that started it.
+"""The sync supervisor: a tiny process that runs one background rsync, records its progress and its
+outcome in the job's state file, and outlives the agent that started it.
 
-Run as `python -m deploy.supervise --state FILE --run ID --grace S [--refuse-empty] -- RSYNC
-ARGV...`. It runs only if FILE still holds the `starting` record of run ID, so a late or duplicate
-supervisor never runs a second sync. It speaks to its parent on stdout only until the sync is
-under way (`pid N`, then `ready` or `ended`), so an agent that dies or restarts costs the sync
-nothing. SIGTERM stops the sync: TERM to rsync's process group, KILL after the grace period. The
-end is recorded only once no process of that group is left; while the state file system is full,
-the supervisor stays and tries again until the end is written (the sync is reported with its real
-outcome once there is space, not as lost)."""
+Run as `python -S -m deploy.supervise --state FILE --run ID --grace S [--refuse-empty] -- RSYNC
+ARGV...` (see deploy.supervise_argv). It runs only if FILE still holds the `starting` record of run
+ID, so a late or duplicate supervisor never runs a second sync. It speaks to its parent on stdout
+only until the sync is under way (`pid N`, then `ready` or `ended`), so an agent that dies or
+restarts costs the sync nothing. SIGTERM stops the sync: TERM to rsync's process group, KILL after
+the grace period. The end is recorded only once no process of that group is left; while the state
+file system is full, the supervisor stays and tries again until the end is written (the sync is
+reported with its real outcome once there is space, not as lost)."""
 
 from __future__ import annotations
 
