@@ -15,11 +15,12 @@ USAGE = (
     f"usage: python -m {MODULE} --state FILE [--run ID] [--grace S] [--refuse-empty] "
     "[--source-retry S] -- RSYNC ARGV..."
 )
-_VALUES: dict[str, Callable[[str], Any]] = {
-    "--state": str,
-    "--run": str,  # the run id the starting record must hold
-    "--grace": float,
-    "--source-retry": float,
+# option: the Supervisor's parameter it sets, and its type
+_VALUES: dict[str, tuple[str, Callable[[str], Any]]] = {
+    "--state": ("state_path", str),
+    "--run": ("run_id", str),  # the run id the starting record must hold
+    "--grace": ("grace", float),
+    "--source-retry": ("source_retry", float),
 }
 
 
@@ -47,15 +48,16 @@ def supervisor_command(
 
 
 def parse_args(argv: list[str]) -> tuple[dict[str, Any], list[str]]:
-    """The options (`--name value` or `--name=value`) and the rsync command line after `--` or
-    the first word that is not an option. By hand: argparse would cost every sync its import."""
-    options: dict[str, Any] = {"--run": None, "--grace": 5.0, "--source-retry": 0.0}
-    options["--refuse-empty"] = False
+    """The options (`--name value` or `--name=value`), as the Supervisor's keyword arguments, and
+    the rsync command line after `--` or the first word that is not an option. By hand: argparse
+    would cost every sync its import."""
+    options: dict[str, Any] = {"run_id": None, "grace": 5.0, "source_retry": 0.0}
+    options["refuse_empty"] = False
     rest = list(argv)
     while rest and rest[0].startswith("--") and rest[0] != "--":
         name, eq, value = rest.pop(0).partition("=")
         if name == "--refuse-empty" and not eq:
-            options[name] = True
+            options["refuse_empty"] = True
             continue
         if name not in _VALUES:
             raise UsageError(f"unknown option {name}")
@@ -63,12 +65,13 @@ def parse_args(argv: list[str]) -> tuple[dict[str, Any], list[str]]:
             if not rest:
                 raise UsageError(f"{name} needs a value")
             value = rest.pop(0)
+        key, kind = _VALUES[name]
         try:
-            options[name] = _VALUES[name](value)
+            options[key] = kind(value)
         except ValueError:
             raise UsageError(f"{name}: not a valid value: {value!r}") from None
     rsync_argv = rest[1:] if rest[:1] == ["--"] else rest
-    if "--state" not in options:
+    if "state_path" not in options:
         raise UsageError("--state is required")
     if len(rsync_argv) < 3:
         raise UsageError("need an rsync command line after --")

@@ -4,6 +4,7 @@ answer from a finished sync's own stats (deploy.source_listing)."""
 
 from __future__ import annotations
 
+import inspect
 import subprocess
 import sys
 
@@ -11,7 +12,7 @@ import pytest
 
 from deploy.jobstart import child_env
 from deploy.source_listing import refusal, synced_nothing
-from deploy.supervise import main
+from deploy.supervise import Supervisor, main
 from deploy.supervise_argv import UsageError, parse_args, supervisor_command
 
 RSYNC = ["rsync", "--archive", "--delete", "--", "h::M/", "/t"]
@@ -25,16 +26,17 @@ def test_the_command_the_agent_builds_is_the_one_the_supervisor_reads() -> None:
     options, argv = parse_args(cmd[4:])
     assert argv == RSYNC
     assert options == {
-        "--state": "/s/j.json",
-        "--run": "run-1",
-        "--grace": 2.5,
-        "--refuse-empty": True,
-        "--source-retry": 30.0,
+        "state_path": "/s/j.json",
+        "run_id": "run-1",
+        "grace": 2.5,
+        "refuse_empty": True,
+        "source_retry": 30.0,
     }
     options, argv = parse_args(supervisor_command("/py", "/s", "r", 5, False, None, RSYNC)[4:])
-    assert argv == RSYNC and not options["--refuse-empty"] and options["--source-retry"] == 0.0
+    assert argv == RSYNC and not options["refuse_empty"] and options["source_retry"] == 0.0
     options, argv = parse_args(["--state=/s", "--grace=1", *RSYNC])
-    assert options["--state"] == "/s" and options["--grace"] == 1.0 and argv == RSYNC
+    assert options["state_path"] == "/s" and options["grace"] == 1.0 and argv == RSYNC
+    assert sorted(options) == sorted(inspect.signature(Supervisor).parameters.keys() - {"argv"})
 
 
 @pytest.mark.parametrize(
