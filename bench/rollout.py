@@ -157,7 +157,7 @@ def main() -> int:
         total, rc, seconds = deploys.run("groups:grp", "all")
         ratio = total / one
         line = (
-            f"\n## Rollouts ({time.strftime('%Y-%m-%d')})\n\n"
+            f"\n### bench/rollout.py, {time.strftime('%Y-%m-%d %H:%M')}\n\n"
             f"`deploy` of a {args.files}-file release through a real proxy, release mode, "
             f"--batch={args.batch}: one host {one:.2f}s (exit {rc1}; the median of "
             f"{', '.join(f'{t:.2f}' for t, _ in ones)}); {args.agents} hosts "
