@@ -81,16 +81,16 @@ def source_lists_nothing(
     return lister.returncode == 0 and lists_nothing(out)
 
 
-def synced_nothing(files: int | None, kinds: dict[str, int] | None) -> bool:
+def synced_nothing(files: int | None, kinds: dict[str, int] | None) -> bool | None:
     """What a finished sync's --stats say, as `lists_nothing` asks it of the source: True when
     rsync's file list held its top directory alone (`Number of files: 1 (dir: 1)`, whatever the
-    filters left out). Without the breakdown by kind (rsync before 3.1) a lone entry counts as
-    nothing, and so does a sync that printed no count: the safe side."""
-    if files is None or files < 1:
-        return True
-    if files > 1:
-        return False
-    return kinds is None or kinds.get("dir", 0) == 1
+    filters left out). None when they cannot tell: no count (the group's options silenced the
+    stats, e.g. --quiet), or a lone entry without the breakdown by kind (rsync before 3.1)."""
+    if files is None:
+        return None
+    if files != 1:
+        return files < 1
+    return None if kinds is None else kinds.get("dir", 0) == 1
 
 
 def refusal(source: str, release: bool) -> str:

@@ -49,6 +49,7 @@ from deploy.source_listing import refusal, source_lists_nothing, synced_nothing
 from deploy.source_retry import SourceRetry, sleep_unless, source_busy
 from deploy.supervise_argv import USAGE, UsageError, parse_args
 
+GOOD = (OUTCOME_OK, OUTCOME_WARNING)
 PROGRESS_INTERVAL = 0.5
 READY_AFTER = 1.0
 # Once rsync itself has exited, how long its forked children may keep our pipes open.
@@ -256,13 +257,11 @@ class Supervisor:
 
     def empty_release(self, outcome: str, parser: RsyncOutputParser) -> bool:
         """The guard of a release-mode sync: rsync filled the partial from a source that lists
-        no files (its stats say so), which must not become the live release."""
-        return (
-            self.refuse_empty
-            and self.release_mode()
-            and outcome in (OUTCOME_OK, OUTCOME_WARNING)
-            and synced_nothing(parser.stats.files, parser.file_kinds)
-        )
+        no files (its stats say so, else the listing), which must not become the live release."""
+        if not (self.refuse_empty and self.release_mode() and outcome in GOOD):
+            return False
+        said = synced_nothing(parser.stats.files, parser.file_kinds)
+        return self.source_is_empty() if said is None else said
 
     def waited_for_source(self, exit_code: int | None, stderr_text: str) -> bool:
         """rsyncd said `max connections`: wait as `deploy.source_retry` says (the record saying

@@ -7,10 +7,12 @@ from __future__ import annotations
 import inspect
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from deploy.jobstart import child_env
+from deploy.rsync_output import RsyncOutputParser
 from deploy.source_listing import refusal, synced_nothing
 from deploy.supervise import Supervisor, main
 from deploy.supervise_argv import UsageError, parse_args, supervisor_command
@@ -82,14 +84,41 @@ def test_the_supervisor_imports_little() -> None:
 
 def test_synced_nothing_reads_the_stats_as_the_listing_would() -> None:
     """A sync whose file list held its top directory alone listed nothing; a lone file, or
-    more than one entry, is something; without a breakdown (rsync < 3.1) or without any count a
-    lone entry is taken for nothing (the safe side)."""
-    assert synced_nothing(1, {"dir": 1})
-    assert not synced_nothing(1, {"reg": 1})
-    assert not synced_nothing(2, {"dir": 2})
-    assert not synced_nothing(201, {"reg": 200, "dir": 1})
-    assert synced_nothing(1, None) and synced_nothing(None, None) and synced_nothing(0, None)
-    assert not synced_nothing(5, None)
+    more than one entry, is something; without any count, or with a lone entry and no breakdown
+    by kind (rsync < 3.1), the stats cannot tell (None)."""
+    assert synced_nothing(1, {"dir": 1}) is True
+    assert synced_nothing(1, {"reg": 1}) is False
+    assert synced_nothing(2, {"dir": 2}) is False
+    assert synced_nothing(201, {"reg": 200, "dir": 1}) is False
+    assert synced_nothing(5, None) is False and synced_nothing(0, None) is True
+    assert synced_nothing(1, None) is None and synced_nothing(None, None) is None
+
+
+def test_the_release_guard_lists_the_source_only_when_the_stats_cannot_tell(tmp_path: Path) -> None:
+    """A finished release sync is judged by its stats, with no listing; when they cannot tell
+    (the group's options silenced them, e.g. --quiet) the listing decides, after the sync and
+    before the release can go live. In-place syncs and outcomes that are not ok are not judged."""
+    listing = tmp_path / "listing"
+    fake = tmp_path / "rsync"
+    fake.write_text(f"#!{sys.executable}\nprint(open({str(listing)!r}).read(), end='')\n")
+    fake.chmod(0o755)
+    argv = [str(fake), "--archive", "--quiet", "--", "h::M/", "/t/"]
+    supervisor = Supervisor(str(tmp_path / "j.json"), argv, 1.0, refuse_empty=True)
+    supervisor.state = {"release": {}, "releaseId": "r"}
+    quiet = RsyncOutputParser(keep_lists=False)
+    listing.write_text("drwxr-xr-x 4,096 2024/01/01 00:00:00 .\n")
+    assert supervisor.empty_release("ok", quiet) and supervisor.empty_release("warning", quiet)
+    assert not supervisor.empty_release("failed", quiet)
+    stats = RsyncOutputParser(keep_lists=False)
+    stats.feed(b"Number of files: 3 (reg: 2, dir: 1)\n")
+    assert not supervisor.empty_release("ok", stats)  # the stats say files: the listing unasked
+    listing.write_text(".\n-rw-r--r-- 2 2024/01/01 00:00:00 a\n")
+    assert not supervisor.empty_release("ok", quiet)
+    empty = RsyncOutputParser(keep_lists=False)
+    empty.feed(b"Number of files: 1 (dir: 1)\n")
+    assert supervisor.empty_release("ok", empty)  # the stats say nothing: the listing unasked
+    supervisor.state = {}
+    assert not supervisor.empty_release("ok", empty)
 
 
 def test_the_refusal_says_why_and_how_to_allow_it() -> None:
