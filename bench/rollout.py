@@ -1,7 +1,11 @@
 """Rollouts (issue 13), on loopback, kept out of the CI run: `deploy` of a FILES-file release
 to AGENTS real agents in release mode through a real deploy-proxy with --batch=BATCH, against
 the same `deploy` to one host, measured in the same run (target: total <= 3x one host for three
-batches).
+batches). Every host first gets one release (its first: the conversion of the live directory, a
+full copy), so that the one-host and the all-hosts deploys are the same work: a new release over
+one the host already has; one host's time is the median of three such deploys. The CPU time of
+the daemons' processes (and of their children: each sync's supervisor and rsync, rsyncd's
+connections) is added up per phase.
 
     .venv/bin/python bench/rollout.py [--agents 30] [--batch 10] [--files 200]
 
@@ -33,18 +37,56 @@ from deploy.testing import (
 HERE = Path(__file__).resolve().parent
 
 
-def deploy(via: list[str], args: str, release: str) -> tuple[float, int, dict[str, float]]:
-    started = time.perf_counter()
-    run = subprocess.run(
-        [tool("deploy-client"), *via, f"--args={args}", "--order=deploy", "--options=web"]
-        + [f"--release={release}", "--format=json", "--batch=10"],
-        capture_output=True,
-        timeout=900,
-    )
-    took = time.perf_counter() - started
-    result = json.loads(run.stdout) if run.stdout.startswith(b"{") else {}
-    seconds = {h: e["deploy"]["content"]["seconds"] for h, e in result.items()}
-    return took, run.returncode, seconds
+TICK = os.sysconf("SC_CLK_TCK")
+ONE_HOST_RUNS = 3
+
+
+def cpu_seconds(pids: list[int], children: bool) -> float:
+    """CPU time (user + system) of `pids`, or of their reaped children, so far."""
+    total = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        first = 13 if children else 11  # cutime cstime, or utime stime
+        total += int(fields[first]) + int(fields[first + 1])
+    return total / TICK
+
+
+class Deploys:
+    """Runs `deploy-client ... --order=deploy` and keeps the CPU time each run cost."""
+
+    def __init__(
+        self, via: list[str], batch: int, daemons: dict[str, tuple[list[int], bool]]
+    ) -> None:
+        self.via = via
+        self.batch = batch
+        self.daemons = daemons
+        self.cpu: dict[str, float] = {}
+
+    def run(self, args: str, release: str) -> tuple[float, int, dict[str, float]]:
+        before = {name: cpu_seconds(*d) for name, d in self.daemons.items()}
+        client = os.times()
+        started = time.perf_counter()
+        run = subprocess.run(
+            [tool("deploy-client"), *self.via, f"--args={args}", "--order=deploy"]
+            + ["--options=web", f"--release={release}", "--format=json", f"--batch={self.batch}"],
+            capture_output=True,
+            timeout=900,
+        )
+        took = time.perf_counter() - started
+        after = os.times()
+        time.sleep(0.5)  # a supervisor reaped after the answer: its time reaches the agent's
+        self.cpu = {n: cpu_seconds(*d) - before[n] for n, d in self.daemons.items()}
+        self.cpu["client"] = after.children_user + after.children_system
+        self.cpu["client"] -= client.children_user + client.children_system
+        result = json.loads(run.stdout) if run.stdout.startswith(b"{") else {}
+        seconds = {h: e["deploy"]["content"]["seconds"] for h, e in result.items()}
+        return took, run.returncode, seconds
+
+    def cpu_text(self, hosts: int) -> str:
+        per_host = sum(v for k, v in self.cpu.items() if k != "client") / hosts
+        parts = ", ".join(f"{k} {v:.2f}" for k, v in self.cpu.items())
+        return f"CPU-s {parts}; {per_host * 1000:.0f} ms per host without the client"
 
 
 def main() -> int:
@@ -53,6 +95,7 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=10)
     p.add_argument("--files", type=int, default=200)
     args = p.parse_args()
+    load = os.getloadavg()[0]  # before our own daemons start
     work = Path(tempfile.mkdtemp(prefix="bench-rollout-"))
     started: list[object] = []
     try:
@@ -94,19 +137,37 @@ def main() -> int:
         )
         started.append(proxy)
         via = [f"--hosts=127.0.0.1:{pport}", "--api-key=k"]
-        deploy(via, "groups:one", "warm")  # the first release of host 0: conversion, caches
-        (tree / "VERSION").write_text("one\n")
-        one, rc1, _ = deploy(via, "groups:one", "one")
+        daemons = {
+            "agents": ([a.pid for a in agents], False),
+            "their children": ([a.pid for a in agents], True),  # supervisors, with their rsyncs
+            "rsyncd": ([rsyncd.pid], True),  # a child per connection
+            "proxy": ([proxy.pid], False),
+        }
+        deploys = Deploys(via, args.batch, daemons)
+        # every host's first release (conversion, a full copy), and the daemons' first orders
+        first, rc0, _ = deploys.run("groups:grp", "first")
+        first_cpu = deploys.cpu_text(args.agents)
+        ones = []  # one host's time: the median of ONE_HOST_RUNS (its polls make it jumpy)
+        for n in range(ONE_HOST_RUNS):
+            (tree / "VERSION").write_text(f"one {n}\n")
+            ones.append(deploys.run("groups:one", f"one-{n}")[:2])
+        one, rc1 = sorted(ones)[len(ones) // 2]
+        one_cpu = deploys.cpu_text(1)
         (tree / "VERSION").write_text("all\n")
-        total, rc, seconds = deploy(via, "groups:grp", "all")
+        total, rc, seconds = deploys.run("groups:grp", "all")
         ratio = total / one
         line = (
-            f"\n## Rollouts ({time.strftime('%Y-%m-%d')})\n\n"
+            f"\n### bench/rollout.py, {time.strftime('%Y-%m-%d %H:%M')}\n\n"
             f"`deploy` of a {args.files}-file release through a real proxy, release mode, "
-            f"--batch={args.batch}: one host {one:.2f}s (exit {rc1}); {args.agents} hosts "
+            f"--batch={args.batch}: one host {one:.2f}s (exit {rc1}; the median of "
+            f"{', '.join(f'{t:.2f}' for t, _ in ones)}); {args.agents} hosts "
             f"{total:.2f}s (exit {rc}) = {ratio:.2f}x one host (target <= 3x). Per-host times "
             f"(each host's own, from the proxy): min {min(seconds.values()):.2f}s, "
-            f"max {max(seconds.values()):.2f}s. Machine: {os.cpu_count()} cores, shared.\n"
+            f"max {max(seconds.values()):.2f}s. Machine: {os.cpu_count()} cores, shared, "
+            f"load average {load:.2f} before the bench.\n"
+            f"CPU: one host {one_cpu}; {args.agents} hosts {deploys.cpu_text(args.agents)}. "
+            f"Before them, every host's first release (cold): {first:.2f}s (exit {rc0}), "
+            f"{first_cpu}.\n"
         )
         print(line)
         with open(HERE / "RESULTS.md", "a") as f:

@@ -21,6 +21,7 @@ from deploy.jobstate import (
 )
 from deploy.process import SYNC_TAG
 from deploy.rsync import RsyncTarget, build_argv
+from deploy.supervise_argv import supervisor_command
 
 if TYPE_CHECKING:
     from deploy.jobs import Job, JobRegistry
@@ -123,13 +124,9 @@ class SyncStarter:
         registry.ends.space(directory)
         proto = SupervisorProtocol(registry, job)
         job.supervisor = proto
-        cmd = [self.python, "-m", "deploy.supervise", "--state", path, "--run", run_id]
-        cmd += ["--grace", str(registry.grace)]
-        if refuse_empty:
-            cmd.append("--refuse-empty")
-        if source_retry is not None:  # a source at max connections: retry for this long
-            cmd += ["--source-retry", f"{source_retry:g}"]
-        cmd += ["--", *argv]
+        cmd = supervisor_command(
+            self.python, path, run_id, registry.grace, refuse_empty, source_retry, argv
+        )
         try:
             transport = registry.reactor.spawnProcess(
                 proto,

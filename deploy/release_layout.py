@@ -4,12 +4,8 @@ conversion of a live directory into the first release (renameat2(RENAME_EXCHANGE
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import datetime
 import errno
 import os
-import secrets
 import shutil
 
 PARTIAL = ".partial-"
@@ -31,8 +27,10 @@ class ConversionRefused(ReleaseError):
 
 def new_release_id(now: float) -> str:
     """Unique and sortable: UTC time to the microsecond, then a short random suffix."""
+    import datetime  # here: the supervisor, which imports this module, never needs it
+
     stamp = datetime.datetime.fromtimestamp(now, datetime.UTC).strftime("%Y%m%dT%H%M%S%fZ")
-    return f"{stamp}-{secrets.token_hex(3)}"
+    return f"{stamp}-{os.urandom(3).hex()}"
 
 
 def is_release_id(name: str) -> bool:
@@ -102,7 +100,7 @@ class ReleaseLayout:
         if not self.exists(release_id):
             raise ReleaseError(f"release {release_id} does not exist in {self.root}")
         parent, name = os.path.split(self.src)
-        temp = os.path.join(parent, f".{name}.switch-{secrets.token_hex(4)}")
+        temp = os.path.join(parent, f".{name}.switch-{os.urandom(4).hex()}")
         os.symlink(self.path(release_id), temp)
         try:
             os.rename(temp, self.src)
@@ -202,6 +200,9 @@ def exchange(a: str, b: str) -> None:
     """Swap two names atomically (Linux renameat2 RENAME_EXCHANGE); ConversionRefused when the
     kernel, libc or filesystem cannot."""
     global _renameat2
+    import ctypes  # here: the supervisor, which imports this module, never converts
+    import ctypes.util
+
     if _renameat2 is None:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
         function = getattr(libc, "renameat2", None)

@@ -9,8 +9,7 @@ import fcntl
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from deploy.jobstate import OUTCOME_OK, OUTCOME_WARNING, read_state, write_state
 from deploy.release_layout import (
@@ -35,10 +34,10 @@ class ReleaseConflict(ReleaseError):
     no staged one, a bad or unknown release named."""
 
 
-@dataclass
-class ReleaseSpec:
+class ReleaseSpec(NamedTuple):
     """A group's release mode as the agent and the supervisor both need it (JSON in the job's
-    record). `after_activate`/`check` are argv lists already built from the jobs file."""
+    record). `after_activate`/`check` are argv lists already built from the jobs file. (Not a
+    dataclass: the sync supervisor imports this module, and dataclasses cost ~10 ms to import.)"""
 
     src: str
     releases_path: str
@@ -51,14 +50,14 @@ class ReleaseSpec:
     check_timeout: float = 30.0
     rollback_on_failed_check: bool = True
     label: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = {}  # shared by every spec that has none: never changed in place
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ReleaseSpec:
-        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+        return cls(**{k: v for k, v in data.items() if k in cls._fields})
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return self._asdict()
 
 
 def history_file(state_dir: str, checksum: str) -> str:

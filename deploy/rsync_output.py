@@ -1,7 +1,8 @@
 """The incremental parser of rsync's output: `--itemize-changes` names (with rsync's `\\#ooo`
 escapes), the `--stats` block (3.0 and 3.1+ formats) and `--info=progress2` records, fed in chunks
-as the child writes them, the tail of its stderr, and its environment. No Twisted: the sync
-supervisor uses it too (it starts once per sync)."""
+as the child writes them, the tail of its stderr, and its environment. No Twisted, and no
+dataclasses (their import costs ~10 ms): the sync supervisor uses it too (it starts once per
+sync)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import collections
 import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 OTHER_LINES_KEPT = 50
 
@@ -45,20 +46,45 @@ def _display(name: str) -> str:
     return display_name(unescape_name(name.encode("utf-8", "surrogateescape")))
 
 
-@dataclass
 class RsyncStats:
     """The numbers of rsync's --stats block (3.0 and 3.1+ formats); None when not printed."""
 
-    files: int | None = None
-    files_transferred: int | None = None
-    created: int | None = None
-    deleted: int | None = None
-    total_file_size: int | None = None
-    transferred_size: int | None = None
-    literal_data: int | None = None
-    matched_data: int | None = None
-    bytes_sent: int | None = None
-    bytes_received: int | None = None
+    NAMES = (
+        "files",
+        "files_transferred",
+        "created",
+        "deleted",
+        "total_file_size",
+        "transferred_size",
+        "literal_data",
+        "matched_data",
+        "bytes_sent",
+        "bytes_received",
+    )
+    files: int | None
+    files_transferred: int | None
+    created: int | None
+    deleted: int | None
+    total_file_size: int | None
+    transferred_size: int | None
+    literal_data: int | None
+    matched_data: int | None
+    bytes_sent: int | None
+    bytes_received: int | None
+
+    def __init__(self, **numbers: int | None) -> None:
+        for name in self.NAMES:
+            setattr(self, name, numbers.pop(name, None))
+        if numbers:
+            raise TypeError(f"not an rsync stat: {', '.join(numbers)}")
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RsyncStats) and vars(self) == vars(other)
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, compared by value
+
+    def __repr__(self) -> str:
+        return f"RsyncStats({', '.join(f'{k}={v!r}' for k, v in vars(self).items())})"
 
 
 def clock_seconds(text: str | None) -> int | None:
@@ -88,8 +114,7 @@ def bytes_per_second(rate: str) -> float | None:
     return float(match.group(1)) * _RATE_UNITS[match.group(2)]
 
 
-@dataclass(frozen=True)
-class Progress:
+class Progress(NamedTuple):
     """One --info=progress2 record: whole-transfer bytes and percent, the rate as printed, and
     its time as rsync means it. In the middle of a transfer rsync prints the time remaining
     (`eta`); on the record that ends a file, the one followed by `(xfr#N, to-chk=M/T)`, the time
@@ -129,6 +154,7 @@ _STATS = re.compile(
     rb"|Total file size|Total transferred file size|Literal data|Matched data"
     rb"|Total bytes sent|Total bytes received): (\d[\d,]*)"
 )
+_KINDS = re.compile(rb"(\w+): (\d[\d,]*)")
 # Lines of the stats block and of -v that carry nothing the callers use.
 _NOISE = re.compile(
     rb"File list (?:size|generation time|transfer time): "
@@ -186,6 +212,8 @@ class RsyncOutputParser:
         # What a sync deletes that is not a directory, as rlist lists it, kept lists or not.
         self.delete_count = 0
         self.created_directory: str | None = None
+        # `Number of files` by kind (reg, dir, link, ...), as rsync 3.1+ prints it
+        self.file_kinds: dict[str, int] | None = None
         self.other_lines: collections.deque[str] = collections.deque(maxlen=OTHER_LINES_KEPT)
         self._partial = bytearray()
         # Width of the itemize code last seen: "*deleting" is padded to it.
@@ -262,7 +290,11 @@ class RsyncOutputParser:
                 return
             match = _STATS.match(line)
             if match is not None:
-                setattr(self.stats, _STATS_FIELDS[match.group(1)], _number(match.group(2)))
+                field = _STATS_FIELDS[match.group(1)]
+                setattr(self.stats, field, _number(match.group(2)))
+                if field == "files":  # 3.1+: "Number of files: 201 (reg: 200, dir: 1)"
+                    kinds = _KINDS.findall(line, match.end())
+                    self.file_kinds = {k.decode(): _number(n) for k, n in kinds} or None
                 return
             if line.startswith(_CREATED_DIRECTORY):
                 self.created_directory = unescape_name(line[len(_CREATED_DIRECTORY) :])

@@ -1,8 +1,15 @@
-"""The empty-source guard's listing: the rsync command line that lists the top level of a sync's
-source (with the options that reach it and the filters that decide which files count), and
-whether what it printed means a sync with --delete would empty the target."""
+"""The empty-source guard: the listing the supervisor runs before a sync into a live target (the
+rsync command line that lists the top level of the sync's source, with the options that reach it
+and the filters that decide which files count, and whether what it printed means a sync with
+--delete would empty the target), and the same question answered from a finished release-mode
+sync's own --stats, before its release can go live."""
 
 from __future__ import annotations
+
+import subprocess
+from collections.abc import Callable
+
+from deploy.rsync_output import rsync_environment
 
 LIST_TIMEOUT = 60.0
 
@@ -45,3 +52,51 @@ def lists_nothing(output: bytes) -> bool:
         if line.strip()
     ]
     return all(n == "." for n in names)
+
+
+def source_lists_nothing(
+    sync_argv: list[str], started: Callable[[subprocess.Popen[bytes]], None]
+) -> bool:
+    """Run the listing of the source of `sync_argv` (in its own process group; `started` is
+    given the process, so that a stop can kill it): True when it shows `.` alone. A listing that
+    cannot run or fails answers False: the real run then reports why."""
+    try:
+        lister = subprocess.Popen(
+            listing_argv(sync_argv),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            process_group=0,
+            env=rsync_environment(),
+        )
+    except OSError:
+        return False
+    started(lister)
+    try:
+        out, _ = lister.communicate(timeout=LIST_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        lister.kill()
+        lister.communicate()
+        return False
+    return lister.returncode == 0 and lists_nothing(out)
+
+
+def synced_nothing(files: int | None, kinds: dict[str, int] | None) -> bool | None:
+    """What a finished sync's --stats say, as `lists_nothing` asks it of the source: True when
+    rsync's file list held its top directory alone (`Number of files: 1 (dir: 1)`, whatever the
+    filters left out). None when they cannot tell: no count (the group's options silenced the
+    stats, e.g. --quiet), or a lone entry without the breakdown by kind (rsync before 3.1)."""
+    if files is None:
+        return None
+    if files != 1:
+        return files < 1
+    return None if kinds is None else kinds.get("dir", 0) == 1
+
+
+def refusal(source: str, release: bool) -> str:
+    """Why the guard refused `source`: the message of the `refused` outcome."""
+    doing = "to make it a release" if release else "to sync it with --delete"
+    return (
+        f"source {source} lists no files: refusing {doing}, which would empty the target "
+        "(set allow_empty_source = true in the group to allow it)"
+    )

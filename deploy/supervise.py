@@ -1,30 +1,31 @@
-"""The sync supervisor: a tiny process that runs one background rsync, records its progress and
-its outcome in the job's state file, and outlives the agent that started it.
+"""The sync supervisor: a tiny process that runs one background rsync, records its progress and its
+outcome in the job's state file, and outlives the agent that started it.
 
-Run as `python -m deploy.supervise --state FILE --run ID --grace S [--refuse-empty] -- RSYNC
-ARGV...`. It runs only if FILE still holds the `starting` record of run ID, so a late or duplicate
-supervisor never runs a second sync. It speaks to its parent on stdout only until the sync is
-under way (`pid N`, then `ready` or `ended`), so an agent that dies or restarts costs the sync
-nothing. SIGTERM stops the sync: TERM to rsync's process group, KILL after the grace period. The
-end is recorded only once no process of that group is left; while the state file system is full,
-the supervisor stays and tries again until the end is written (the sync is reported with its real
-outcome once there is space, not as lost)."""
+Run as `python -S -m deploy.supervise --state FILE --run ID --grace S [--refuse-empty] -- RSYNC
+ARGV...` (see deploy.supervise_argv). It runs only if FILE still holds the `starting` record of run
+ID, so a late or duplicate supervisor never runs a second sync. It speaks to its parent on stdout
+only until the sync is under way (`pid N`, then `ready` or `ended`), so an agent that dies or
+restarts costs the sync nothing. SIGTERM stops the sync: TERM to rsync's process group, KILL after
+the grace period. The end is recorded only once no process of that group is left; while the state
+file system is full, the supervisor stays and tries again until the end is written (the sync is
+reported with its real outcome once there is space, not as lost)."""
 
 from __future__ import annotations
 
-import argparse
 import os
 import selectors
 import signal
 import subprocess
 import sys
 import time
-from typing import Any
+from typing import Any, NoReturn
 
 from deploy.jobstate import (
     OUTCOME_FAILED,
     OUTCOME_KILLED,
+    OUTCOME_OK,
     OUTCOME_REFUSED,
+    OUTCOME_WARNING,
     STATE_ENDED,
     STATE_RUNNING,
     STATE_STARTING,
@@ -44,9 +45,11 @@ from deploy.process import (
     signal_group,
 )
 from deploy.rsync_output import Progress, RsyncOutputParser, TailBuffer, clock, rsync_environment
-from deploy.source_listing import LIST_TIMEOUT, listing_argv, lists_nothing
+from deploy.source_listing import refusal, source_lists_nothing, synced_nothing
 from deploy.source_retry import SourceRetry, sleep_unless, source_busy
+from deploy.supervise_argv import USAGE, UsageError, parse_args
 
+GOOD = (OUTCOME_OK, OUTCOME_WARNING)
 PROGRESS_INTERVAL = 0.5
 READY_AFTER = 1.0
 # Once rsync itself has exited, how long its forked children may keep our pipes open.
@@ -154,17 +157,16 @@ class Supervisor:
             self.tell("ended")
             return 2
         parser = RsyncOutputParser(keep_lists=False)
-        if self.refuse_empty and self.source_is_empty():
-            return self.finish(
-                OUTCOME_REFUSED,
-                None,
-                None,
-                f"source {self.argv[-2]} lists no files: refusing to sync it with --delete, "
-                "which would empty the target (set allow_empty_source = true in the group "
-                "to allow it)",
-                parser,
-            )
+        # A release-mode sync fills a partial no reader sees: its own file list answers the
+        # guard before the release can go live (see pump), with no listing connection first.
+        if self.refuse_empty and not self.release_mode() and self.source_is_empty():
+            refused = refusal(self.argv[-2], release=False)
+            return self.finish(OUTCOME_REFUSED, None, None, refused, parser)
         return self.start_rsync(parser)
+
+    def release_mode(self) -> bool:
+        """The record names a release (deploy.release_steps completes it after rsync)."""
+        return isinstance(self.state.get("release"), dict)
 
     def start_rsync(self, parser: RsyncOutputParser) -> int:
         if self.kill_requested:
@@ -192,26 +194,12 @@ class Supervisor:
     def source_is_empty(self) -> bool:
         """List the top level of the source (as a directory, with the sync's filters): `.` alone
         means a sync with --delete would empty the target."""
-        try:
-            self.lister = subprocess.Popen(
-                listing_argv(self.argv),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.DEVNULL,
-                process_group=0,
-                env=rsync_environment(),
-            )
-        except OSError:
-            return False  # the real run reports why rsync cannot run
+        return source_lists_nothing(self.argv, self._listing_started)
+
+    def _listing_started(self, lister: subprocess.Popen[bytes]) -> None:
+        self.lister = lister
         if self.kill_requested:  # TERM came while we were starting it
-            self.lister.kill()
-        try:
-            out, _ = self.lister.communicate(timeout=LIST_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            self.lister.kill()
-            self.lister.communicate()
-            return False  # the real run reports the unreachable source
-        return self.lister.returncode == 0 and lists_nothing(out)
+            lister.kill()
 
     def pump(self) -> int:
         child = self.child
@@ -263,7 +251,17 @@ class Supervisor:
             return self.start_rsync(parser)
         else:
             outcome, message = outcome_of(exit_code, sig, text)
+            if self.empty_release(outcome, parser):
+                outcome, message = OUTCOME_REFUSED, refusal(self.argv[-2], release=True)
         return self.finish(outcome, exit_code, sig, message, parser, text)
+
+    def empty_release(self, outcome: str, parser: RsyncOutputParser) -> bool:
+        """The guard of a release-mode sync: rsync filled the partial from a source that lists
+        no files (its stats say so, else the listing), which must not become the live release."""
+        if not (self.refuse_empty and self.release_mode() and outcome in GOOD):
+            return False
+        said = synced_nothing(parser.stats.files, parser.file_kinds)
+        return self.source_is_empty() if said is None else said
 
     def waited_for_source(self, exit_code: int | None, stderr_text: str) -> bool:
         """rsyncd said `max connections`: wait as `deploy.source_retry` says (the record saying
@@ -394,26 +392,28 @@ class Supervisor:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="deploy.supervise")
-    parser.add_argument("--state", required=True)
-    parser.add_argument("--run", default=None, help="the run id the starting record must hold")
-    parser.add_argument("--grace", type=float, default=5.0)
-    parser.add_argument("--refuse-empty", action="store_true")
-    parser.add_argument("--source-retry", type=float, default=0.0)
-    parser.add_argument("argv", nargs=argparse.REMAINDER)
-    args = parser.parse_args(argv)
-    rsync_argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
-    if len(rsync_argv) < 3:
-        parser.error("need an rsync command line after --")
+    try:
+        options, rsync_argv = parse_args(sys.argv[1:] if argv is None else argv)
+    except UsageError as e:
+        os.write(2, f"{USAGE}\ndeploy.supervise: error: {e}\n".encode())
+        return 2
     try:
         os.setsid()  # our own session: signals to the agent's group do not reach the sync
     except OSError:
         pass
-    supervisor = Supervisor(
-        args.state, rsync_argv, args.grace, args.refuse_empty, args.run, args.source_retry
-    )
-    return supervisor.run()
+    return Supervisor(argv=rsync_argv, **options).run()
+
+
+def exit_now(code: int) -> NoReturn:
+    """Exit without the interpreter's teardown (freeing every module costs each sync ~8 ms of
+    CPU) once the run is over; the supervisor writes with os.write, Python's buffers are empty."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())  # an exception still ends through the interpreter: traceback, exit 1

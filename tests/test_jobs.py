@@ -44,6 +44,7 @@ from deploy.process import (
 )
 from deploy.rsync import RsyncTarget
 from deploy.statedir import probe, secure_state_dir
+from deploy.supervise_argv import PYTHON_FLAGS
 from tests.harness import wait_until
 
 TARGET = RsyncTarget(dest="127.0.0.1::DEST/", src="/srv/www")
@@ -227,14 +228,14 @@ def started_job(registry, reactor, target=TARGET, **kw) -> tuple[Job, Spawned]:
 
 
 def test_start_writes_starting_record_then_spawns_supervisor(registry, reactor, tmp_path):
-    """start() records `starting` with a run id, then spawns `python -m deploy.supervise` with
+    """start() records `starting` with a run id, then spawns `python -S -m deploy.supervise` with
     that id, the grace, the rsync argv (progress2), stderr to the job log, stdin closed."""
     job, spawned = started_job(registry, reactor, refuse_empty=True)
     record = read_state(job.state_file)
     assert record["state"] == "starting" and record["checksum"] == TARGET.checksum
     assert record["runId"] == job.run_id and record["created"] == reactor.seconds()
     args = spawned.args
-    assert args[:3] == ["/usr/bin/python3", "-m", "deploy.supervise"]
+    assert args[:4] == ["/usr/bin/python3", "-S", "-m", "deploy.supervise"]
     assert args[args.index("--state") + 1] == job.state_file
     assert args[args.index("--run") + 1] == job.run_id
     assert args[args.index("--grace") + 1] == str(GRACE)
@@ -928,7 +929,8 @@ def supervise(
     write_state(
         str(state), record_state or {"state": "starting", "runId": "run-1", "checksum": "c"}
     )
-    cmd = [sys.executable, "-m", "deploy.supervise", "--state", str(state), "--run", run_id]
+    cmd = [sys.executable, *PYTHON_FLAGS, "-m", "deploy.supervise", "--state", str(state)]
+    cmd += ["--run", run_id]
     cmd += ["--grace", str(grace)] + (["--refuse-empty"] if refuse_empty else [])
     cmd += ["--", rsync or str(fake), "--archive", "--delete", "--port=873", "--", "h::M/", "/t"]
     proc = subprocess.Popen(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -130,6 +131,37 @@ def test_first_sync_converts_the_live_directory_and_rollback_returns_to_it(rel: 
     # history lives in the agent's state dir, not in the served tree
     assert (rel.state / f"releases-{rel.key()}.json").exists()
     assert not any("releases-" in p.name for p in Path(os.path.realpath(rel.src)).iterdir())
+
+
+def test_an_empty_source_never_goes_live_and_costs_no_listing(rel: Rel) -> None:
+    """Release mode's empty-source guard: a source that lists no files is refused before its
+    release can go live (the live one stays), decided from the sync's own file list: one
+    connection to the source per sync, no listing first. A source with files syncs again."""
+    first = rel.sync("v1")["release"]
+    connections = rel.rsyncd.log.parent / "rsyncd.log"
+
+    def connected() -> int:
+        return connections.read_text().count("connect from")
+
+    before = connected()
+    for path in rel.tree.iterdir():
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    status, body = ask_with(rel.agent, "rsync", "web", release="empty")
+    assert status == 200 and body["runId"], body
+    record = wait_until(lambda: _ended(rel, body["runId"]), 60, what="the empty sync to end")
+    assert record["outcome"] == "refused", record
+    assert "lists no files" in record["message"] and "allow_empty_source" in record["message"]
+    assert connected() == before + 1
+    assert rel.live_version() == "v1"
+    assert [r["id"] for r in rel.releases() if r["state"] == "live"] == [first]
+    set_version(rel.tree, "v2")
+    rel.sync("v2")
+    assert rel.live_version() == "v2" and connected() == before + 2
+
+
+def _ended(rel: Rel, run: str) -> dict[str, Any] | None:
+    record = read_state(str(rel.state / f"{rel.key()}.json")) or {}
+    return record if record.get("runId") == run and record.get("state") == "ended" else None
 
 
 def test_manual_activation_stages_then_activate_switches(daemons: Daemons, tmp_path: Path) -> None:

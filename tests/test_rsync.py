@@ -126,6 +126,18 @@ def test_dryrun_itemize_stats_sample() -> None:
     }
 
 
+def test_number_of_files_by_kind() -> None:
+    """rsync 3.1+'s breakdown of `Number of files` (reg, dir, link, ...) is kept by kind, in
+    any chunking; rsync 3.0 prints none (None); so does a run that printed no stats."""
+    for chunk in (None, 1, 7):
+        parser = parse(rsync_output("rsync-3.5-real-itemize-progress2.out"), chunk)
+        assert parser.stats.files == 15 and parser.file_kinds == {"reg": 12, "dir": 3}
+    parser = parse(b"Number of files: 1,204 (reg: 1,200, dir: 3, link: 1)\n")
+    assert parser.file_kinds == {"reg": 1200, "dir": 3, "link": 1}
+    assert parse(rsync_output("rsync-3.0-stats-format.out")).file_kinds is None
+    assert parse(b"sent 10 bytes  received 20 bytes\n").file_kinds is None
+
+
 def test_real_progress2_sample() -> None:
     """A real 3.5 run with progress2 interleaved by \\r gives the same names and final progress."""
     seen: list[Progress] = []
