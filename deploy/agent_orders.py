@@ -208,10 +208,13 @@ class AgentOrders:
         release = None
         if self.releases is not None and group is not None and group.releases is not None:
             release = self.releases.stage(target, group, label)
+        # An empty source empties the target with --delete; in release mode always (a new
+        # release starts empty), and the guard costs nothing there (the sync's own file list).
+        refuse_empty = (release is not None or deletes_on_target(target)) and not allow_empty
         try:
             d = self.jobs.start(
                 target,
-                refuse_empty=deletes_on_target(target) and not allow_empty,
+                refuse_empty=refuse_empty,
                 state_dir=state_dir,
                 release=release,
                 source_retry=self._source_retry(group),

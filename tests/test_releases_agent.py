@@ -31,7 +31,13 @@ class Rel:
     """An rsync daemon serving `tree`, an agent whose group `web` is in release mode."""
 
     def __init__(
-        self, daemons: Daemons, work: Path, *options: str, files: int = 30, **group: Any
+        self,
+        daemons: Daemons,
+        work: Path,
+        *options: str,
+        files: int = 30,
+        delete: bool = True,
+        **group: Any,
     ) -> None:
         self.work = work
         self.tree = make_tree(work / "tree", files=files, size=500)
@@ -43,7 +49,8 @@ class Rel:
         self.rsyncd = daemons.rsyncd({"DEST": self.tree})
         jobs = work / "jobs.ini"
         jobs.write_text(JOBS)
-        keys = self.rsyncd.group(self.src, "--archive", "--delete", *options)
+        deleting = ("--delete",) if delete else ()
+        keys = self.rsyncd.group(self.src, "--archive", *deleting, *options)
         keys.update(releases=3, **group)
         self.agent = daemons.agent(
             groups={"web": keys}, jobs=jobs, state=self.state, allow_paths=[self.targets]
@@ -133,10 +140,15 @@ def test_first_sync_converts_the_live_directory_and_rollback_returns_to_it(rel: 
     assert not any("releases-" in p.name for p in Path(os.path.realpath(rel.src)).iterdir())
 
 
-def test_an_empty_source_never_goes_live_and_costs_no_listing(rel: Rel) -> None:
+@pytest.mark.parametrize("delete", [True, False], ids=["delete", "no-delete"])
+def test_an_empty_source_never_goes_live_and_costs_no_listing(
+    daemons: Daemons, tmp_path: Path, delete: bool
+) -> None:
     """Release mode's empty-source guard: a source that lists no files is refused before its
     release can go live (the live one stays), decided from the sync's own file list: one
-    connection to the source per sync, no listing first. A source with files syncs again."""
+    connection to the source per sync, no listing first. A source with files syncs again.
+    Also without --delete: a new release starts empty, so an empty source is an empty release."""
+    rel = Rel(daemons, tmp_path, delete=delete)
     first = rel.sync("v1")["release"]
     connections = rel.rsyncd.log.parent / "rsyncd.log"
 
