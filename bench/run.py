@@ -113,7 +113,7 @@ def settings(quick: bool) -> Settings:
         fanout=pick((1, 5, 10), (1, 10, 50)),
         fleet=pick((50, 200), (200, 1000)),
         # how many processes simulate the fleet: measured, the fastest kept (item 3)
-        fleet_sweep=pick((1, 2), (1, 2, 4, 8)),
+        fleet_sweep=pick((1, 2), (1, 2, 4, 8, 16)),
         concurrent=pick(20, 50),
         out=out / "RESULTS.md",
         plot=out / "fanout.png",
@@ -1361,7 +1361,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--fleet-sweep",
         default=None,
-        help="item 3: process counts to measure first, e.g. 1,2,4,8 (the default; --quick 1,2); "
+        help="item 3: process counts to measure first (default 1,2,4,8,16; --quick 1,2); "
         "'' to skip",
     )
     args = p.parse_args(argv)
