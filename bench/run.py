@@ -1008,7 +1008,9 @@ class Bench:
         for processes in cfg.fleet_sweep:
             self.check_time(f"item 3 sweep x{processes}")
             fleet = self.start_fleet(home, ini, biggest, processes)
-            runs = self.fleet_runs(fleet, proxy, proxy_port, {biggest: addresses}, {"exec": ECHO})
+            runs = self.fleet_runs(
+                fleet, proxy, proxy_port, {biggest: addresses}, {"exec": ECHO, "rkill": "noop"}
+            )
             s, x = self.interleave(runs, cfg.reps_sweep, f"item 3 x{processes}"), self.extras
             fleet.stop()
             sweep[processes] = {
@@ -1018,6 +1020,8 @@ class Bench:
                 "busiest direct": x[direct]["busiest fleet process CPU"].median,
                 "fleet proxy": x[via]["fleet CPU"].median,
                 "proxy CPU": x[via]["proxy CPU"].median,
+                "rkill direct": s[f"rkill direct {biggest}"].median,
+                "rkill via": s[f"rkill proxy {biggest}"].median,
             }
             res.data.setdefault("fleet_sweep", {})[str(processes)] = {
                 k: v.values for k, v in s.items()
@@ -1026,17 +1030,19 @@ class Bench:
         if sweep:
             res.text(
                 "3",
-                f"**How many simulator processes: exec /bin/echo to {biggest} simulated agents "
-                f"served by P processes (medians of {cfg.reps_sweep}; CPU: user + system "
-                "seconds, children included)**",
+                f"**How many simulator processes: exec /bin/echo (and rkill, no child) to "
+                f"{biggest} simulated agents served by P processes (medians of "
+                f"{cfg.reps_sweep}; CPU: user + system seconds, children included)**",
                 "",
                 "| P | direct (the simulator's ceiling) | via proxy | fleet CPU, direct | "
-                "busiest fleet process CPU, direct | fleet CPU, via proxy | proxy CPU |",
-                "|---|---|---|---|---|---|---|",
+                "busiest fleet process CPU, direct | fleet CPU, via proxy | proxy CPU | "
+                "rkill direct | rkill via proxy |",
+                "|---|---|---|---|---|---|---|---|---|",
                 *(
                     f"| {p} | {m['direct']:.3f} s | {m['via']:.3f} s | {m['fleet direct']:.2f} s "
                     f"| {m['busiest direct']:.2f} s | {m['fleet proxy']:.2f} s "
-                    f"| {m['proxy CPU']:.2f} s |"
+                    f"| {m['proxy CPU']:.2f} s | {m['rkill direct']:.3f} s "
+                    f"| {m['rkill via']:.3f} s |"
                     for p, m in sweep.items()
                 ),
                 "",
