@@ -1,8 +1,8 @@
-"""A simulated fleet: `--count` agents spread over `--processes` processes, each process serving a
+"""A simulated fleet: `--count` agents spread over `--processes` processes, each serving a
 contiguous slice of the addresses with the real agent factory (`deploy.agent.AgentFactory` over
-its own `AgentService`) on the same port. Started by bench/run.py; it writes `--ready` (the
-serving processes' pids, one a line) once every address listens, and stops them all on SIGTERM,
-when one of them dies, or after `--lifetime` seconds."""
+its own `AgentService` and state dir) on the same port. Started by bench/run.py; it writes
+`--ready` (the serving processes' pids, one a line) once every address listens, and stops them
+all on SIGTERM, when one of them dies, or after `--lifetime` seconds."""
 
 from __future__ import annotations
 
@@ -61,7 +61,8 @@ def serve(args: argparse.Namespace) -> int:
         ],
         redirectStandardIO=False,
     )
-    config = load_agent_config(args.ini)
+    # Each serving process keeps its records in its own state dir, as each agent does.
+    config = load_agent_config(args.ini, {"state_path": args.state} if args.state else None)
     service = AgentService(config, reactor)
     service.startup()
     factory = AgentFactory(service)
@@ -104,6 +105,7 @@ def launch(args: argparse.Namespace) -> int:
                 f"--ready={flag}",
                 f"--log={log.with_name(f'{log.stem}-{n}{log.suffix}')}",
                 f"--lifetime={args.lifetime}",
+                *([f"--state={args.state}-{n}"] if args.state else []),
             ]
             out = log.with_name(f"{log.stem}-{n}.out")
             workers.append((ChildProcess(argv, out, name=f"fleet process {n}"), flag))
@@ -144,7 +146,14 @@ def main(argv: list[str] | None = None) -> int:
         help="launch this many serving processes; 0 (internal): serve --first … in this one",
     )
     p.add_argument("--first", type=int, default=0, help="first address index this process serves")
+    p.add_argument(
+        "--state",
+        default="",
+        help="state dir (instead of the config's); with --processes, process N uses STATE-N",
+    )
     args = p.parse_args(argv)
+    if args.processes > 1 and not args.state:
+        p.error("--processes > 1 needs --state: every process keeps its own records")
     return launch(args) if args.processes > 0 else serve(args)
 
 

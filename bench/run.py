@@ -911,6 +911,7 @@ class Bench:
                 f"--port={self.agent_port}",
                 f"--ready={ready}",
                 f"--log={self.logs / f'fleet-x{processes}.log'}",
+                f"--state={home / 'state'}",
                 "--lifetime=1800",
             ],
             self.logs / f"fleet-x{processes}.out",
