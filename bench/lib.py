@@ -355,3 +355,13 @@ def run_timed(argv: list[str], timeout: float, env: Any = None) -> Run:
     proc.stderr.close()
     cpu = usage.ru_utime + usage.ru_stime
     return Run(seconds, proc.returncode, out, err, usage.ru_maxrss / 1024, cpu)
+
+
+def slope(runs: dict[int, Samples]) -> float:
+    """Least-squares slope of wall time over the number of hosts, fitted to every sample of
+    every run (`runs`: hosts → samples): the marginal cost of one more host, in seconds."""
+    points = [(k, v) for k, s in runs.items() for v in s.values]
+    mean_k = statistics.fmean(k for k, _ in points)
+    mean_v = statistics.fmean(v for _, v in points)
+    spread = sum((k - mean_k) ** 2 for k, _ in points)
+    return sum((k - mean_k) * (v - mean_v) for k, v in points) / spread

@@ -2,7 +2,7 @@
 proxy and a simulated fleet on loopback, measures items 1-5 and writes bench/RESULTS.md and
 bench/fanout.png. Every process it starts is stopped by its pid, also on failure.
 
-    python bench/run.py            # full run (~5 min on 2 quiet cores); writes bench/RESULTS.md
+    python bench/run.py            # full run (~9 min on 2 quiet cores); writes bench/RESULTS.md
     python bench/run.py --quick    # small trees, few repetitions; writes bench/work/quick/
 
 See bench/README.md.
@@ -51,12 +51,16 @@ from bench.lib import (
     rss_mb,
     rsync_groups,
     run_timed,
+    slope,
     timed,
     wait_quiet,
 )
 from deploy.testing import free_port, tool, wait_until
 
 API_KEY = "benchkey0000000000000000000000001"
+# Item 3's simulator processes when no sweep picks them: the fastest of 1, 2, 4, 8, 16 on the
+# 2-core machine of RESULTS.md (8 and 16 within 0.01 s of each other).
+FLEET_PROCESSES = 16
 ECHO = "service:echo,hello"
 
 
@@ -71,14 +75,17 @@ class Settings:
     reps_startup: int
     reps_fanout: int
     reps_fleet: int
+    reps_sweep: int
     reps_big: int
     fanout: tuple[int, ...]
     fleet: tuple[int, ...]
+    fleet_sweep: tuple[int, ...]
     concurrent: int
     out: Path
     plot: Path
     quiet: float = 0.25
     quiet_wait: float = 300.0
+    fleet_processes: int = 0  # 0: the fastest of fleet_sweep
 
 
 def settings(quick: bool) -> Settings:
@@ -101,9 +108,12 @@ def settings(quick: bool) -> Settings:
         reps_startup=pick(3, 11),
         reps_fanout=pick(2, 7),
         reps_fleet=pick(2, 5),
+        reps_sweep=pick(2, 3),
         reps_big=pick(2, 5),
         fanout=pick((1, 5, 10), (1, 10, 50)),
         fleet=pick((50, 200), (200, 1000)),
+        # how many processes simulate the fleet: measured, the fastest kept (item 3)
+        fleet_sweep=pick((1, 2), (1, 2, 4, 8, 16)),
         concurrent=pick(20, 50),
         out=out / "RESULTS.md",
         plot=out / "fanout.png",
@@ -134,6 +144,8 @@ class Figure:
             return f"{v:.2f}×"
         if self.unit == "s":
             return f"{v:.3f} s"
+        if self.unit == "ms":
+            return f"{v:.2f} ms"
         if self.unit == "MB":
             return f"{v:.1f} MB"
         return f"{v:g} {self.unit}"
@@ -174,6 +186,17 @@ class Results:
 
     def text(self, item: str, *lines: str) -> None:
         self.details.setdefault(item, []).extend([*lines, ""])
+
+
+@dataclass
+class Fleet:
+    """bench/fleet.py's launcher, and the pids of the processes serving the simulated agents."""
+
+    launcher: Any
+    workers: list[int]
+
+    def stop(self) -> None:
+        self.launcher.stop()
 
 
 class Failed(Exception):
@@ -499,22 +522,16 @@ class Bench:
         return run.seconds, {"client CPU": run.cpu}
 
     @staticmethod
-    def with_cpu(
-        fn: Callable[[], Any], pids: dict[str, list[int]], own: dict[str, int] | None = None
-    ) -> Callable[[], Any]:
+    def with_cpu(fn: Callable[[], Any], pids: dict[str, list[int]]) -> Callable[[], Any]:
         """`fn`, also measuring the CPU seconds the processes in `pids` (a label each) spent
-        while it ran, their reaped children included; for those in `own`, without children."""
-        own = own or {}
+        while it ran, their reaped children included."""
 
         def measured() -> Any:
             before = {label: sum(map(cpu_seconds, group)) for label, group in pids.items()}
-            before_own = {label: cpu_seconds(pid, children=False) for label, pid in own.items()}
             value = fn()
             seconds, metrics = value if isinstance(value, tuple) else (value, {})
             for label, group in pids.items():
                 metrics[label] = sum(map(cpu_seconds, group)) - before[label]
-            for label, pid in own.items():
-                metrics[label] = cpu_seconds(pid, children=False) - before_own[label]
             return seconds, metrics
 
         return measured
@@ -775,13 +792,7 @@ class Bench:
         )
         res.data["fanout"] = {k: v.values for k, v in samples.items()}
         one, many = min(cfg.fanout), biggest
-        for order in ("exec", "status"):
-            for mode in ("direct", "proxy"):
-                ratio = (
-                    samples[f"{order} {mode} {many}"].median
-                    / samples[f"{order} {mode} {one}"].median
-                )
-                res.add(Figure("2", f"{order} {mode}: {many} hosts / {one} host", ratio, "x", 1.6))
+        self.marginal_costs(samples, one, many)
         res.add(
             Figure(
                 "2",
@@ -820,7 +831,149 @@ class Bench:
         for a in agents:
             a.stop()
 
+    def marginal_costs(self, samples: dict[str, Samples], one: int, many: int) -> None:
+        """Item 2's figures: the marginal cost of one more host per order and path, and for
+        status also above the floor (K bare dry runs at once)."""
+        res, ks = self.results, self.cfg.fanout
+        targets = {"direct": 2.5, "proxy": 3.0}
+
+        def costs(name: Callable[[int], str]) -> tuple[float, float]:
+            fitted = slope({k: samples[name(k)] for k in ks})
+            two_point = (samples[name(many)].median - samples[name(one)].median) / (many - one)
+            return 1000 * fitted, 1000 * two_point
+
+        runs = [f"{o} {m}" for o in ("exec", "status") for m in targets]
+        cost = {run: costs(lambda k, r=run: f"{r} {k}") for run in runs}
+        cost["bare rsync xK"] = costs(lambda k: f"bare rsync x{k}")
+        floor = cost["bare rsync xK"][0]
+        fit = f"least-squares slope over every run at {'/'.join(map(str, ks))} hosts"
+        for mode, target in targets.items():
+            res.add(
+                Figure(
+                    "2",
+                    f"exec {mode}: marginal cost per extra host ({fit})",
+                    cost[f"exec {mode}"][0],
+                    "ms",
+                    target,
+                )
+            )
+        for mode, target in targets.items():
+            raw = cost[f"status {mode}"][0]
+            res.add(
+                Figure(
+                    "2",
+                    f"status {mode}: marginal cost per extra host, raw (one more real rsync "
+                    "dry run per host on the same CPUs)",
+                    raw,
+                    "ms",
+                    note=f"judged on the next row; raw against ≤ {target:g} ms: "
+                    + ("met" if raw <= target else "**not met**"),
+                ),
+                Figure(
+                    "2",
+                    f"status {mode}: marginal cost per extra host above the floor (raw − "
+                    f"`bare rsync xK` slope {floor:.2f} ms)",
+                    raw - floor,
+                    "ms",
+                    target,
+                ),
+            )
+        res.text(
+            "2",
+            f"Marginal cost per extra host (ms): the {fit} (the Summary's figure), and "
+            f"(median at {many} − median at {one}) / {many - one} as a check.",
+            "",
+            "| run | least-squares slope | two-point slope | target |",
+            "|---|---|---|---|",
+            *(
+                f"| {run} | {ls:.2f} ms | {two:.2f} ms | "
+                + (f"≤ {targets[run.split()[1]]:g} ms" if run in runs else "— (the floor)")
+                + " |"
+                for run, (ls, two) in cost.items()
+            ),
+        )
+
     # -- item 3: a simulated fleet behind the proxy
+
+    def start_fleet(self, home: Path, ini: Path, count: int, processes: int) -> Fleet:
+        """bench/fleet.py serving `count` simulated agents from `processes` processes."""
+        ready = home / "ready"
+        ready.unlink(missing_ok=True)
+        self.log(f"item 3: {processes} process(es) serving {count} simulated agents")
+        launcher = self.procs.start(
+            f"fleet x{processes}",
+            [
+                sys.executable,
+                str(BENCH / "fleet.py"),
+                f"--ini={ini}",
+                f"--count={count}",
+                f"--processes={processes}",
+                f"--port={self.agent_port}",
+                f"--ready={ready}",
+                f"--log={self.logs / f'fleet-x{processes}.log'}",
+                f"--state={home / 'state'}",
+                "--lifetime=1800",
+            ],
+            self.logs / f"fleet-x{processes}.out",
+            cwd=home,
+            env=python_env(),
+        )
+
+        def fleet_ready() -> bool:
+            if launcher.proc.poll() is not None:
+                raise RuntimeError(f"fleet exited: {launcher.log_text()[-2000:]}")
+            return ready.exists() and ready.read_text().endswith("\n")
+
+        wait_until(fleet_ready, 180, what="the simulated fleet to listen")
+        return Fleet(launcher, [int(line) for line in ready.read_text().split()])
+
+    def fleet_runs(
+        self, fleet: Fleet, proxy: Any, proxy_port: int, hosts: dict[int, list[str]], orders: dict
+    ) -> dict[str, Callable[[], Any]]:
+        """For each k in `hosts` and each order: deploy-client to the k simulated agents via
+        the proxy (`<order> proxy k`) and straight to them (`<order> direct k`), with the CPU
+        of every process involved."""
+        via = [f"--hosts=127.0.0.1:{proxy_port}", f"--api-key={API_KEY}", "--thread-timeout=120"]
+        runs: dict[str, Callable[[], Any]] = {}
+        for k, addresses in hosts.items():
+            direct = "--hosts=" + ",".join(f"{a}:{self.agent_port}" for a in addresses)
+            for order, options in orders.items():
+                for mode, args, extra in (
+                    ("proxy", [*via, f"--args=groups:fleet{k}"], [proxy.pid]),
+                    ("direct", [direct, "--thread-timeout=120"], []),
+                ):
+                    runs[f"{order} {mode} {k}"] = self.fleet_cpu(
+                        lambda a=args, o=order, op=options, n=k, m=mode: self.timed_run(
+                            self.client(
+                                *a, f"--order={o}", f"--options={op}", hosts=n, proxy=m == "proxy"
+                            )
+                        ),
+                        fleet.workers,
+                        extra,
+                    )
+        return runs
+
+    @staticmethod
+    def fleet_cpu(fn: Callable[[], Any], workers: list[int], proxy: list[int]) -> Callable[[], Any]:
+        """`fn`, also measuring the CPU seconds spent while it ran by the fleet's processes
+        (their reaped children included, and without them), its busiest process, the proxy."""
+
+        def measured() -> Any:
+            before = [(cpu_seconds(w), cpu_seconds(w, children=False)) for w in workers]
+            before_proxy = sum(map(cpu_seconds, proxy))
+            seconds, metrics = fn()
+            spent = [
+                (cpu_seconds(w) - b, cpu_seconds(w, children=False) - o)
+                for w, (b, o) in zip(workers, before, strict=True)
+            ]
+            metrics["fleet CPU"] = sum(s for s, _ in spent)
+            metrics["fleet own CPU (no children)"] = sum(o for _, o in spent)
+            metrics["busiest fleet process CPU"] = max(s for s, _ in spent)
+            if proxy:
+                metrics["proxy CPU"] = sum(map(cpu_seconds, proxy)) - before_proxy
+            return seconds, metrics
+
+        return measured
 
     def item3(self) -> None:
         from bench.fleet import fleet_address
@@ -843,95 +996,112 @@ class Bench:
                 jobs=self.jobs,
             )
         )
-        ready = home / "ready"
         addresses = [fleet_address(i) for i in range(biggest)]
-        self.log(f"item 3: one process serving {biggest} agents")
-        fleet = self.procs.start(
-            "fleet",
-            [
-                sys.executable,
-                str(BENCH / "fleet.py"),
-                f"--ini={ini}",
-                f"--count={biggest}",
-                f"--port={self.agent_port}",
-                f"--ready={ready}",
-                f"--log={self.logs / 'fleet.log'}",
-                "--lifetime=1800",
-            ],
-            self.logs / "fleet.out",
-            cwd=home,
-            env=python_env(),
+        hosts = {k: addresses[:k] for k in cfg.fleet}
+        proxy, proxy_port = self.start_proxy(
+            {f"fleet{k}": a for k, a in hosts.items()}, "proxy-fleet"
         )
-
-        def fleet_ready() -> bool:
-            if fleet.proc.poll() is not None:
-                raise RuntimeError(f"fleet exited: {fleet.log.read_text()[-2000:]}")
-            return ready.exists()
-
-        wait_until(fleet_ready, 120, what="the simulated fleet to listen")
-        groups = {f"fleet{k}": addresses[:k] for k in cfg.fleet}
-        proxy, proxy_port = self.start_proxy(groups, "proxy-fleet")
         proxy_idle = rss_mb(proxy.pid)
-        via = [f"--hosts=127.0.0.1:{proxy_port}", f"--api-key={API_KEY}", "--thread-timeout=120"]
-        runs: dict[str, Callable[[], Any]] = {}
-        watch = {"fleet CPU": [fleet.pid], "proxy CPU": [proxy.pid]}
-        own = {"fleet own CPU (no children)": fleet.pid}
-        for k in cfg.fleet:
-            for order, options in (("exec", ECHO), ("rkill", "noop")):
-                runs[f"{order} proxy {k}"] = self.with_cpu(
-                    lambda n=k, o=order, op=options: self.timed_run(
-                        self.client(
-                            *via,
-                            f"--args=groups:fleet{n}",
-                            f"--order={o}",
-                            f"--options={op}",
-                            hosts=n,
-                            proxy=True,
-                        )
-                    ),
-                    watch,
-                    own,
-                )
-            direct = "--hosts=" + ",".join(f"{a}:{self.agent_port}" for a in addresses[:k])
-            runs[f"exec direct {k}"] = self.with_cpu(
-                lambda d=direct, n=k: self.timed_run(
-                    self.client(
-                        d, "--order=exec", f"--options={ECHO}", "--thread-timeout=120", hosts=n
-                    )
-                ),
-                {"fleet CPU": [fleet.pid]},
-                own,
+
+        # How many processes the simulator needs: exec to the biggest fleet with each count.
+        sweep: dict[int, dict[str, float]] = {}
+        direct, via = f"exec direct {biggest}", f"exec proxy {biggest}"
+        for processes in cfg.fleet_sweep:
+            self.check_time(f"item 3 sweep x{processes}")
+            fleet = self.start_fleet(home, ini, biggest, processes)
+            runs = self.fleet_runs(
+                fleet, proxy, proxy_port, {biggest: addresses}, {"exec": ECHO, "rkill": "noop"}
             )
+            s, x = self.interleave(runs, cfg.reps_sweep, f"item 3 x{processes}"), self.extras
+            fleet.stop()
+            sweep[processes] = {
+                "direct": s[direct].median,
+                "via": s[via].median,
+                "fleet direct": x[direct]["fleet CPU"].median,
+                "busiest direct": x[direct]["busiest fleet process CPU"].median,
+                "fleet proxy": x[via]["fleet CPU"].median,
+                "proxy CPU": x[via]["proxy CPU"].median,
+                "rkill direct": s[f"rkill direct {biggest}"].median,
+                "rkill via": s[f"rkill proxy {biggest}"].median,
+            }
+            res.data.setdefault("fleet_sweep", {})[str(processes)] = {
+                k: v.values for k, v in s.items()
+            }
+        chosen = cfg.fleet_processes or min(sweep, key=lambda p: sweep[p]["direct"])
+        if sweep:
+            res.text(
+                "3",
+                f"**How many simulator processes: exec /bin/echo (and rkill, no child) to "
+                f"{biggest} simulated agents served by P processes (medians of "
+                f"{cfg.reps_sweep}; CPU: user + system seconds, children included)**",
+                "",
+                "| P | direct (the simulator's ceiling) | via proxy | fleet CPU, direct | "
+                "busiest fleet process CPU, direct | fleet CPU, via proxy | proxy CPU | "
+                "rkill direct | rkill via proxy |",
+                "|---|---|---|---|---|---|---|---|---|",
+                *(
+                    f"| {p} | {m['direct']:.3f} s | {m['via']:.3f} s | {m['fleet direct']:.2f} s "
+                    f"| {m['busiest direct']:.2f} s | {m['fleet proxy']:.2f} s "
+                    f"| {m['proxy CPU']:.2f} s | {m['rkill direct']:.3f} s "
+                    f"| {m['rkill via']:.3f} s |"
+                    for p, m in sweep.items()
+                ),
+                "",
+                f"Kept: P = {chosen}"
+                + (
+                    " (given by --fleet-processes)."
+                    if cfg.fleet_processes
+                    else ", the fastest direct run (the simulator's own ceiling) of this sweep."
+                ),
+            )
+
+        fleet = self.start_fleet(home, ini, biggest, chosen)
+        reset_hwm(proxy.pid)
+        runs = self.fleet_runs(fleet, proxy, proxy_port, hosts, {"exec": ECHO, "rkill": "noop"})
         samples = self.interleave(runs, cfg.reps_fleet, "item 3")
         proxy_peak = hwm_mb(proxy.pid)
-        fleet_peak = hwm_mb(fleet.pid)
+        fleet_peak = max(hwm_mb(w) for w in fleet.workers)
         res.table(
             "3",
-            f"Simulated fleet (one process, {biggest} listening addresses): exec /bin/echo, and "
-            "rkill of an idle group (an order that starts no child process); CPU: user + "
-            "system seconds, children included",
+            f"Simulated fleet ({chosen} process{'es' if chosen > 1 else ''}, {biggest} "
+            "listening addresses, the real agent code answering): exec /bin/echo (the real "
+            "exec handler: one `setsid /bin/echo` child per host), and rkill of an idle group "
+            "(the real rkill handler; it starts no child). `proxy`: one deploy-client order to "
+            "the proxy, which fans out; `direct`: deploy-client straight to the simulated "
+            "agents, the simulator's own ceiling for that order. CPU: user + system seconds, "
+            "children included unless said",
             list(samples.items()),
             self.extras,
         )
         res.text(
             "3",
-            f"Proxy RSS idle {proxy_idle:.1f} MB, peak (VmHWM) {proxy_peak:.1f} MB; "
-            f"the fleet process's peak {fleet_peak:.1f} MB. Proxy `max_parallel` = 64 "
-            "(the default), deploy-client `--max-parallel` = 64 (the default).",
+            f"Proxy RSS idle {proxy_idle:.1f} MB, peak (VmHWM, reset before this table) "
+            f"{proxy_peak:.1f} MB; the biggest fleet process's peak {fleet_peak:.1f} MB. Proxy "
+            "`max_parallel` = 64 (the default), deploy-client `--max-parallel` = 64 (the default).",
         )
         res.data["fleet"] = {k: v.values for k, v in samples.items()}
+        proxy_exec = samples[f"exec proxy {biggest}"].median
+        direct_exec = samples[f"exec direct {biggest}"].median
         res.add(
             Figure(
                 "3",
-                f"exec to {biggest} simulated hosts via proxy",
-                samples[f"exec proxy {biggest}"].median,
+                f"exec to {biggest} simulated hosts via proxy ({chosen} simulator process"
+                + ("es)" if chosen > 1 else ")"),
+                proxy_exec,
                 "s",
                 2.0 if biggest == 1000 else None,
             ),
             Figure(
                 "3",
-                f"exec to {biggest} simulated hosts, direct",
-                samples[f"exec direct {biggest}"].median,
+                f"exec to {biggest} simulated hosts, direct: the simulator's own ceiling",
+                direct_exec,
+                "s",
+                note="no target; the floor under the figure above",
+            ),
+            Figure(
+                "3",
+                f"exec to {biggest}: what the proxy adds (via proxy − direct)",
+                proxy_exec - direct_exec,
                 "s",
                 note="no target",
             ),
@@ -940,9 +1110,16 @@ class Bench:
                 f"rkill (no child process) to {biggest} simulated hosts via proxy",
                 samples[f"rkill proxy {biggest}"].median,
                 "s",
-                note="no target; the fan-out without 1000 children spawned by one process",
+                note="no target; the fan-out without a fork+exec per host",
             ),
-            Figure("3", "proxy peak RSS", proxy_peak, "MB", 150.0),
+            Figure(
+                "3",
+                f"rkill (no child process) to {biggest} simulated hosts, direct",
+                samples[f"rkill direct {biggest}"].median,
+                "s",
+                note="no target; the simulator's own ceiling for rkill",
+            ),
+            Figure("3", f"proxy peak RSS, fan-out to {biggest}", proxy_peak, "MB", 150.0),
         )
         proxy.stop()
         fleet.stop()
@@ -1117,6 +1294,7 @@ def plot(cfg: Settings, data: dict[str, Any]) -> None:
         "status direct": ("tab:green", "--", "o"),
         "status via proxy": ("tab:red", "--", "s"),
         "rkill via proxy": ("tab:purple", ":", "^"),
+        "rkill direct": ("tab:purple", "-", "v"),
         "bare rsync --dry-run, k at once": ("grey", ":", "x"),
     }
     for key, points in series.items():
@@ -1125,7 +1303,7 @@ def plot(cfg: Settings, data: dict[str, Any]) -> None:
         ax.plot(xs, [points[x] for x in xs], line, marker=marker, color=color, label=key)
     real = max(cfg.fanout)
     ax.axvspan(real * 1.5, max(cfg.fleet) * 1.3, color="grey", alpha=0.08)
-    ax.text(real * 1.7, ax.get_ylim()[1] * 0.92, "simulated fleet\n(one process)", fontsize=8)
+    ax.text(real * 1.7, ax.get_ylim()[1] * 0.92, "simulated fleet\n(real agent code)", fontsize=8)
     if not cfg.quick:
         ax.plot([50], [0.45], "v", color="tab:blue", alpha=0.5, label="target exec 50 direct")
         ax.plot([50], [0.55], "v", color="tab:orange", alpha=0.5, label="target exec 50 proxy")
@@ -1174,6 +1352,26 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="most seconds to wait for that before each item (default 300; --quick 20)",
     )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="write the report here (default: bench/RESULTS.md for a full run of every item; "
+        "bench/work/items-<items>/RESULTS.md for a subset, so it never overwrites the full one)",
+    )
+    p.add_argument(
+        "--fleet-processes",
+        type=int,
+        default=0,
+        help="item 3: serve the simulated fleet from this many processes (default: the fastest "
+        "of --fleet-sweep)",
+    )
+    p.add_argument(
+        "--fleet-sweep",
+        default=None,
+        help="item 3: process counts to measure first (default 1,2,4,8,16; --quick 1,2); "
+        "'' to skip",
+    )
     args = p.parse_args(argv)
     ensure_requirements()
     if importlib.util.find_spec("deploy") is None:
@@ -1185,6 +1383,16 @@ def main(argv: list[str] | None = None) -> int:
     items = [i.strip() for i in args.items.split(",") if i.strip()]
     if not set(items) <= {"1", "2", "3", "4", "5"}:
         p.error("--items: choose among 1,2,3,4,5")
+    if args.fleet_sweep is not None:
+        cfg.fleet_sweep = tuple(int(n) for n in args.fleet_sweep.split(",") if n.strip())
+    cfg.fleet_processes = args.fleet_processes
+    if not cfg.fleet_sweep and not cfg.fleet_processes:
+        cfg.fleet_processes = FLEET_PROCESSES
+    if args.out is not None:
+        cfg.out = args.out
+    elif sorted(items) != ["1", "2", "3", "4", "5"]:
+        cfg.out = WORK / f"items-{'-'.join(items)}" / "RESULTS.md"
+    cfg.plot = cfg.out.parent / cfg.plot.name
     procs = Processes()
 
     def stop(signum: int, _frame: Any) -> None:
