@@ -47,7 +47,7 @@ from deploy.process import (
 from deploy.rsync_output import Progress, RsyncOutputParser, TailBuffer, clock, rsync_environment
 from deploy.source_listing import refusal, source_lists_nothing, synced_nothing
 from deploy.source_retry import SourceRetry, sleep_unless, source_busy
-from deploy.supervise_argv import USAGE, UsageError, parse_args
+from deploy.supervise_argv import USAGE, UsageError, drop_import_path, parse_args
 
 GOOD = (OUTCOME_OK, OUTCOME_WARNING)
 PROGRESS_INTERVAL = 0.5
@@ -397,6 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         os.write(2, f"{USAGE}\ndeploy.supervise: error: {e}\n".encode())
         return 2
+    drop_import_path(os.environ)  # rsync and the release hooks get the agent's environment
     try:
         os.setsid()  # our own session: signals to the agent's group do not reach the sync
     except OSError:

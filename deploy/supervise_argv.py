@@ -1,9 +1,11 @@
-"""The sync supervisor's command line, both ends of it: the one the agent spawns
-(`supervisor_command`) and how the supervisor reads it back (`parse_args`)."""
+"""The sync supervisor's command line and environment, both ends of them: what the agent spawns
+(`supervisor_command`, `import_path_env`) and how the supervisor reads them back (`parse_args`,
+`drop_import_path`)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import os
+from collections.abc import Callable, MutableMapping, Sequence
 from typing import Any
 
 # The supervisor starts with every sync: `-S` spares it the site processing (every .pth file of
@@ -76,3 +78,28 @@ def parse_args(argv: list[str]) -> tuple[dict[str, Any], list[str]]:
     if len(rsync_argv) < 3:
         raise UsageError("need an rsync command line after --")
     return options, rsync_argv
+
+
+def package_root() -> str:
+    """The directory `deploy` is imported from (installed or a checkout)."""
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def import_path_env(env: dict[str, str]) -> dict[str, str]:
+    """`env` with `deploy` importable as here: our package root first on PYTHONPATH."""
+    env = dict(env)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root(), env.get("PYTHONPATH")) if p)
+    return env
+
+
+def drop_import_path(env: MutableMapping[str, str]) -> None:
+    """Undo `import_path_env` in `env` (the supervisor's own, once `deploy` is imported): rsync
+    and the release hooks it runs get the agent's environment, not a PYTHONPATH that puts
+    deploy's site-packages before their own interpreter's libraries."""
+    parts = env.get("PYTHONPATH", "").split(os.pathsep)
+    if parts[0] != package_root():
+        return
+    if len(parts) > 1:
+        env["PYTHONPATH"] = os.pathsep.join(parts[1:])
+    else:
+        del env["PYTHONPATH"]

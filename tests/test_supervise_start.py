@@ -5,6 +5,7 @@ answer from a finished sync's own stats (deploy.source_listing)."""
 from __future__ import annotations
 
 import inspect
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,14 @@ from deploy.jobstart import child_env
 from deploy.rsync_output import RsyncOutputParser
 from deploy.source_listing import refusal, synced_nothing
 from deploy.supervise import Supervisor, main
-from deploy.supervise_argv import UsageError, parse_args, supervisor_command
+from deploy.supervise_argv import (
+    UsageError,
+    drop_import_path,
+    import_path_env,
+    package_root,
+    parse_args,
+    supervisor_command,
+)
 
 RSYNC = ["rsync", "--archive", "--delete", "--", "h::M/", "/t"]
 
@@ -127,3 +135,24 @@ def test_the_refusal_says_why_and_how_to_allow_it() -> None:
         text = refusal("h::M/", release)
         assert "source h::M/ lists no files" in text and "allow_empty_source = true" in text
     assert "--delete" in refusal("h::M/", False) and "release" in refusal("h::M/", True)
+
+
+def test_rsync_and_the_hooks_get_the_agents_environment() -> None:
+    """The supervisor needs deploy's package root on PYTHONPATH to start (-S); it takes it off
+    again, so what it runs (rsync, after_activate, check) sees the agent's own PYTHONPATH."""
+    root = package_root()
+    for before in ({}, {"PYTHONPATH": "/opt/hooks"}, {"PYTHONPATH": f"{root}{os.pathsep}/x"}):
+        env = import_path_env({"PATH": "/bin", **before})
+        assert env["PYTHONPATH"].split(os.pathsep)[0] == root
+        drop_import_path(env)
+        assert env == {"PATH": "/bin", **before}
+    code = (
+        "import os, subprocess, sys\n"
+        "from deploy.supervise_argv import drop_import_path\n"
+        "drop_import_path(os.environ)\n"
+        "subprocess.run([sys.executable, '-S', '-c', "
+        "'import os; print(os.environ.get(\"PYTHONPATH\", \"-\"))'])\n"
+    )
+    env = import_path_env({k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    out = subprocess.run([sys.executable, "-S", "-c", code], env=env, capture_output=True)
+    assert out.stdout.decode().strip() == "-", out
