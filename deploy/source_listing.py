@@ -7,7 +7,7 @@ sync's own --stats, before its release can go live."""
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from deploy.rsync_output import rsync_environment
 
@@ -56,10 +56,10 @@ def lists_nothing(output: bytes) -> bool:
 
 def source_lists_nothing(
     sync_argv: list[str], started: Callable[[subprocess.Popen[bytes]], None]
-) -> bool:
+) -> bool | None:
     """Run the listing of the source of `sync_argv` (in its own process group; `started` is
-    given the process, so that a stop can kill it): True when it shows `.` alone. A listing that
-    cannot run or fails answers False: the real run then reports why."""
+    given the process, so that a stop can kill it): True when it shows `.` alone, False when it
+    shows more; None when it cannot tell (it cannot run, fails, is stopped or times out)."""
     try:
         lister = subprocess.Popen(
             listing_argv(sync_argv),
@@ -70,27 +70,42 @@ def source_lists_nothing(
             env=rsync_environment(),
         )
     except OSError:
-        return False
+        return None
     started(lister)
     try:
         out, _ = lister.communicate(timeout=LIST_TIMEOUT)
     except subprocess.TimeoutExpired:
         lister.kill()
         lister.communicate()
-        return False
-    return lister.returncode == 0 and lists_nothing(out)
+        return None
+    if lister.returncode != 0:
+        return None
+    return lists_nothing(out)
 
 
-def synced_nothing(files: int | None, kinds: dict[str, int] | None) -> bool | None:
+def synced_nothing(
+    files: int | None, kinds: dict[str, int] | None, sync_argv: Sequence[str] = ()
+) -> bool | None:
     """What a finished sync's --stats say, as `lists_nothing` asks it of the source: True when
     rsync's file list held its top directory alone (`Number of files: 1 (dir: 1)`, whatever the
     filters left out). None when they cannot tell: no count (the group's options silenced the
-    stats, e.g. --quiet), or a lone entry without the breakdown by kind (rsync before 3.1)."""
-    if files is None:
+    stats, e.g. --quiet), a lone entry without the breakdown by kind (rsync before 3.1), or a
+    file list that holds more than the source's tree (--relative adds the implied directories
+    of the source's path; --files-from lists other names)."""
+    if files is None or _lists_more_than_the_tree(sync_argv):
         return None
     if files != 1:
         return files < 1
     return None if kinds is None else kinds.get("dir", 0) == 1
+
+
+def _lists_more_than_the_tree(sync_argv: Sequence[str]) -> bool:
+    for arg in sync_argv[1:-2]:
+        if arg in ("--relative", "--files-from") or arg.startswith("--files-from="):
+            return True
+        if arg.startswith("-") and not arg.startswith("--") and "R" in arg:
+            return True  # -R in a bundle of short options (conservative: the listing decides)
+    return False
 
 
 def refusal(source: str, release: bool) -> str:

@@ -159,7 +159,9 @@ class Supervisor:
         parser = RsyncOutputParser(keep_lists=False)
         # A release-mode sync fills a partial no reader sees: its own file list answers the
         # guard before the release can go live (see pump), with no listing connection first.
-        if self.refuse_empty and not self.release_mode() and self.source_is_empty():
+        # before a sync into the live target; a listing that cannot tell lets the sync run (it
+        # reports an unreachable source itself)
+        if self.refuse_empty and not self.release_mode() and self.source_is_empty() is True:
             refused = refusal(self.argv[-2], release=False)
             return self.finish(OUTCOME_REFUSED, None, None, refused, parser)
         return self.start_rsync(parser)
@@ -191,9 +193,9 @@ class Supervisor:
         self.tell(f"pid {self.child.pid}")
         return self.pump()
 
-    def source_is_empty(self) -> bool:
+    def source_is_empty(self) -> bool | None:
         """List the top level of the source (as a directory, with the sync's filters): `.` alone
-        means a sync with --delete would empty the target."""
+        means a sync with --delete would empty the target; None: the listing could not tell."""
         return source_lists_nothing(self.argv, self._listing_started)
 
     def _listing_started(self, lister: subprocess.Popen[bytes]) -> None:
@@ -251,16 +253,26 @@ class Supervisor:
             return self.start_rsync(parser)
         else:
             outcome, message = outcome_of(exit_code, sig, text)
-            if self.empty_release(outcome, parser):
+            empty = self.empty_release(outcome, parser)
+            if self.kill_requested:  # stopped while the guard listed the source
+                outcome, message = OUTCOME_KILLED, "stopped by rkill"
+            elif empty is True:
                 outcome, message = OUTCOME_REFUSED, refusal(self.argv[-2], release=True)
+            elif empty is None:  # fail closed: nothing may go live unchecked
+                outcome = OUTCOME_FAILED
+                message = (
+                    f"cannot tell whether source {self.argv[-2]} lists any files (rsync's stats "
+                    "did not say, and listing the source failed): the release is not activated"
+                )
         return self.finish(outcome, exit_code, sig, message, parser, text)
 
-    def empty_release(self, outcome: str, parser: RsyncOutputParser) -> bool:
+    def empty_release(self, outcome: str, parser: RsyncOutputParser) -> bool | None:
         """The guard of a release-mode sync: rsync filled the partial from a source that lists
-        no files (its stats say so, else the listing), which must not become the live release."""
+        no files (its stats say so, else the listing), which must not become the live release.
+        None when neither can tell."""
         if not (self.refuse_empty and self.release_mode() and outcome in GOOD):
             return False
-        said = synced_nothing(parser.stats.files, parser.file_kinds)
+        said = synced_nothing(parser.stats.files, parser.file_kinds, self.argv)
         return self.source_is_empty() if said is None else said
 
     def waited_for_source(self, exit_code: int | None, stderr_text: str) -> bool:

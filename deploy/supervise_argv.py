@@ -11,7 +11,9 @@ from typing import Any
 # The supervisor starts with every sync: `-S` spares it the site processing (every .pth file of
 # the environment, e.g. setuptools' distutils hack), which it does not need: it imports only the
 # standard library and `deploy`, found through PYTHONPATH (deploy.jobstart.child_env).
-PYTHON_FLAGS = ("-S",)
+# -P: nor the working directory it inherits from the agent first on sys.path (a module there
+# would run as root).
+PYTHON_FLAGS = ("-S", "-P")
 MODULE = "deploy.supervise"
 USAGE = (
     f"usage: python -m {MODULE} --state FILE [--run ID] [--grace S] [--refuse-empty] "

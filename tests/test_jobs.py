@@ -235,7 +235,7 @@ def test_start_writes_starting_record_then_spawns_supervisor(registry, reactor, 
     assert record["state"] == "starting" and record["checksum"] == TARGET.checksum
     assert record["runId"] == job.run_id and record["created"] == reactor.seconds()
     args = spawned.args
-    assert args[:4] == ["/usr/bin/python3", "-S", "-m", "deploy.supervise"]
+    assert args[:5] == ["/usr/bin/python3", "-S", "-P", "-m", "deploy.supervise"]
     assert args[args.index("--state") + 1] == job.state_file
     assert args[args.index("--run") + 1] == job.run_id
     assert args[args.index("--grace") + 1] == str(GRACE)

@@ -30,10 +30,11 @@ RSYNC = ["rsync", "--archive", "--delete", "--", "h::M/", "/t"]
 
 def test_the_command_the_agent_builds_is_the_one_the_supervisor_reads() -> None:
     """supervisor_command and parse_args agree on every option, with and without the optional
-    ones; the interpreter runs with -S (no site processing) and the module by name."""
+    ones; the interpreter runs with -S (no site processing), -P (not the working directory
+    first on sys.path) and the module by name."""
     cmd = supervisor_command("/py", "/s/j.json", "run-1", 2.5, True, 30.0, RSYNC)
-    assert cmd[:4] == ["/py", "-S", "-m", "deploy.supervise"]
-    options, argv = parse_args(cmd[4:])
+    assert cmd[:5] == ["/py", "-S", "-P", "-m", "deploy.supervise"]
+    options, argv = parse_args(cmd[5:])
     assert argv == RSYNC
     assert options == {
         "state_path": "/s/j.json",
@@ -42,7 +43,7 @@ def test_the_command_the_agent_builds_is_the_one_the_supervisor_reads() -> None:
         "refuse_empty": True,
         "source_retry": 30.0,
     }
-    options, argv = parse_args(supervisor_command("/py", "/s", "r", 5, False, None, RSYNC)[4:])
+    options, argv = parse_args(supervisor_command("/py", "/s", "r", 5, False, None, RSYNC)[5:])
     assert argv == RSYNC and not options["refuse_empty"] and options["source_retry"] == 0.0
     options, argv = parse_args(["--state=/s", "--grace=1", *RSYNC])
     assert options["state_path"] == "/s" and options["grace"] == 1.0 and argv == RSYNC
@@ -100,6 +101,12 @@ def test_synced_nothing_reads_the_stats_as_the_listing_would() -> None:
     assert synced_nothing(201, {"reg": 200, "dir": 1}) is False
     assert synced_nothing(5, None) is False and synced_nothing(0, None) is True
     assert synced_nothing(1, None) is None and synced_nothing(None, None) is None
+    # --relative adds the source path's implied directories to the file list (an empty source
+    # shows `3 (dir: 3)`), --files-from lists other names: the listing decides
+    for option in ("--relative", "-aR", "--files-from=/tmp/list", "--files-from"):
+        argv = ["rsync", "--archive", option, "--", "h::M/", "/t/"]
+        assert synced_nothing(3, {"dir": 3}, argv) is None
+    assert synced_nothing(3, {"dir": 3}, ["rsync", "-av", "--", "h::M/", "/t/"]) is False
 
 
 def test_the_release_guard_lists_the_source_only_when_the_stats_cannot_tell(tmp_path: Path) -> None:
@@ -127,6 +134,20 @@ def test_the_release_guard_lists_the_source_only_when_the_stats_cannot_tell(tmp_
     assert supervisor.empty_release("ok", empty)  # the stats say nothing: the listing unasked
     supervisor.state = {}
     assert not supervisor.empty_release("ok", empty)
+
+
+def test_a_release_the_guard_cannot_check_is_not_activated(tmp_path: Path) -> None:
+    """After a release sync whose stats cannot tell, a listing that fails (a busy or unreachable
+    source, a timeout) must not let the release go live: the guard answers None (the run then
+    ends `failed`, saying why), never False."""
+    fake = tmp_path / "rsync"
+    fake.write_text("#!/bin/sh\nexit 5\n")  # @ERROR: max connections
+    fake.chmod(0o755)
+    argv = [str(fake), "--archive", "--quiet", "--", "h::M/", "/t/"]
+    supervisor = Supervisor(str(tmp_path / "j.json"), argv, 1.0, refuse_empty=True)
+    supervisor.state = {"release": {}, "releaseId": "r"}
+    assert supervisor.empty_release("ok", RsyncOutputParser(keep_lists=False)) is None
+    assert supervisor.source_is_empty() is None
 
 
 def test_the_refusal_says_why_and_how_to_allow_it() -> None:
