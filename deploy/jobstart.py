@@ -21,7 +21,7 @@ from deploy.jobstate import (
 )
 from deploy.process import SYNC_TAG
 from deploy.rsync import RsyncTarget, build_argv
-from deploy.supervise_argv import import_path_env, supervisor_command
+from deploy.supervise_argv import supervisor_command
 
 if TYPE_CHECKING:
     from deploy.jobs import Job, JobRegistry
@@ -147,11 +147,9 @@ class SyncStarter:
 
 
 def child_env(run_id: str | None = None) -> dict[str, str]:
-    """The supervisor's environment: ours, `deploy` importable as here, and the sync's tag."""
+    """The supervisor's environment: ours and the sync's tag (it finds `deploy` through its
+    command line: deploy.supervise_argv.bootstrap)."""
     env = {k: v for k, v in os.environ.items() if k != SYNC_TAG}
-    # The supervisor imports `deploy` the way this process did, installed or from a checkout
-    # (and takes it off again for its own children: deploy.supervise_argv.drop_import_path).
-    env = import_path_env(env)
     if run_id is not None:
         env[SYNC_TAG] = run_id
     return env

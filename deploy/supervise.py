@@ -1,14 +1,14 @@
 """The sync supervisor: a tiny process that runs one background rsync, records its progress and its
 outcome in the job's state file, and outlives the agent that started it.
 
-Run as `python -S -m deploy.supervise --state FILE --run ID --grace S [--refuse-empty] -- RSYNC
-ARGV...` (see deploy.supervise_argv). It runs only if FILE still holds the `starting` record of run
-ID, so a late or duplicate supervisor never runs a second sync. It speaks to its parent on stdout
-only until the sync is under way (`pid N`, then `ready` or `ended`), so an agent that dies or
-restarts costs the sync nothing. SIGTERM stops the sync: TERM to rsync's process group, KILL after
-the grace period. The end is recorded only once no process of that group is left; while the state
-file system is full, the supervisor stays and tries again until the end is written (the sync is
-reported with its real outcome once there is space, not as lost)."""
+Run as `python -S -P -c BOOTSTRAP --state FILE --run ID --grace S [--refuse-empty] -- RSYNC
+ARGV...` (or `-m deploy.supervise`; see deploy.supervise_argv). It runs only if FILE still holds
+the `starting` record of run ID, so a late or duplicate supervisor never runs a second sync. It
+speaks to its parent on stdout only until the sync is under way (`pid N`, then `ready` or `ended`),
+so an agent that dies or restarts costs the sync nothing. SIGTERM stops the sync: TERM to rsync's
+process group, KILL after the grace period. The end is recorded only once no process of that group
+is left; while the state file system is full, the supervisor stays and tries again until the end is
+written (the sync is reported with its real outcome once there is space, not as lost)."""
 
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ from deploy.process import (
 from deploy.rsync_output import Progress, RsyncOutputParser, TailBuffer, clock, rsync_environment
 from deploy.source_listing import refusal, source_lists_nothing, synced_nothing
 from deploy.source_retry import SourceRetry, sleep_unless, source_busy
-from deploy.supervise_argv import USAGE, UsageError, drop_import_path, parse_args
+from deploy.supervise_argv import USAGE, UsageError, parse_args
 
 GOOD = (OUTCOME_OK, OUTCOME_WARNING)
 PROGRESS_INTERVAL = 0.5
@@ -409,7 +409,6 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         os.write(2, f"{USAGE}\ndeploy.supervise: error: {e}\n".encode())
         return 2
-    drop_import_path(os.environ)  # rsync and the release hooks get the agent's environment
     try:
         os.setsid()  # our own session: signals to the agent's group do not reach the sync
     except OSError:

@@ -1,18 +1,19 @@
-"""The sync supervisor's command line and environment, both ends of them: what the agent spawns
-(`supervisor_command`, `import_path_env`) and how the supervisor reads them back (`parse_args`,
-`drop_import_path`)."""
+"""The sync supervisor's command line, both ends of it: the one the agent spawns
+(`supervisor_command`) and how the supervisor reads it back (`parse_args`)."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, MutableMapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 # The supervisor starts with every sync: `-S` spares it the site processing (every .pth file of
 # the environment, e.g. setuptools' distutils hack), which it does not need: it imports only the
-# standard library and `deploy`, found through PYTHONPATH (deploy.jobstart.child_env).
-# -P: nor the working directory it inherits from the agent first on sys.path (a module there
-# would run as root).
+# standard library and `deploy`. `-P`: the working directory it inherits from the agent is not on
+# sys.path (a module there would run as root). `deploy` is found by appending its package root to
+# sys.path (`bootstrap`): after the standard library, where PYTHONPATH would put it before (and
+# with it any stdlib-named backport of that directory), and without changing the environment
+# rsync and the release hooks get.
 PYTHON_FLAGS = ("-S", "-P")
 MODULE = "deploy.supervise"
 USAGE = (
@@ -42,7 +43,8 @@ def supervisor_command(
     rsync_argv: Sequence[str],
 ) -> list[str]:
     """The argv that runs the supervisor of one sync with `python`."""
-    cmd = [python, *PYTHON_FLAGS, "-m", MODULE, "--state", state, "--run", run_id]
+    cmd = [python, *PYTHON_FLAGS, "-c", bootstrap(package_root()), "--state", state]
+    cmd += ["--run", run_id]
     cmd += ["--grace", str(grace)]
     if refuse_empty:
         cmd.append("--refuse-empty")
@@ -87,21 +89,9 @@ def package_root() -> str:
     return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def import_path_env(env: dict[str, str]) -> dict[str, str]:
-    """`env` with `deploy` importable as here: our package root first on PYTHONPATH."""
-    env = dict(env)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root(), env.get("PYTHONPATH")) if p)
-    return env
-
-
-def drop_import_path(env: MutableMapping[str, str]) -> None:
-    """Undo `import_path_env` in `env` (the supervisor's own, once `deploy` is imported): rsync
-    and the release hooks it runs get the agent's environment, not a PYTHONPATH that puts
-    deploy's site-packages before their own interpreter's libraries."""
-    parts = env.get("PYTHONPATH", "").split(os.pathsep)
-    if parts[0] != package_root():
-        return
-    if len(parts) > 1:
-        env["PYTHONPATH"] = os.pathsep.join(parts[1:])
-    else:
-        del env["PYTHONPATH"]
+def bootstrap(root: str) -> str:
+    """The `-c` program that runs the supervisor with `deploy` imported from `root`."""
+    return (
+        f"import sys; sys.path.append({root!r}); "
+        f"from {MODULE} import exit_now, main; exit_now(main())"
+    )

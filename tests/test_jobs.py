@@ -44,13 +44,15 @@ from deploy.process import (
 )
 from deploy.rsync import RsyncTarget
 from deploy.statedir import probe, secure_state_dir
-from deploy.supervise_argv import PYTHON_FLAGS
+from deploy.supervise_argv import package_root, supervisor_command
 from tests.harness import wait_until
 
 TARGET = RsyncTarget(dest="127.0.0.1::DEST/", src="/srv/www")
 OTHER = RsyncTarget(dest="127.0.0.1::OTHER/", src="/srv/other")
 KEY = target_key(TARGET)
 GRACE = 3.0
+
+ROOT = package_root()  # where `deploy` is imported from, for child processes
 
 
 # --------------------------------------------------------------------------- fakes
@@ -228,14 +230,16 @@ def started_job(registry, reactor, target=TARGET, **kw) -> tuple[Job, Spawned]:
 
 
 def test_start_writes_starting_record_then_spawns_supervisor(registry, reactor, tmp_path):
-    """start() records `starting` with a run id, then spawns `python -S -m deploy.supervise` with
-    that id, the grace, the rsync argv (progress2), stderr to the job log, stdin closed."""
+    """start() records `starting` with a run id, then spawns the supervisor (`python -S -P -c`
+    appending deploy's root to sys.path) with that id, the grace, the rsync argv (progress2),
+    stderr to the job log, stdin closed."""
     job, spawned = started_job(registry, reactor, refuse_empty=True)
     record = read_state(job.state_file)
     assert record["state"] == "starting" and record["checksum"] == TARGET.checksum
     assert record["runId"] == job.run_id and record["created"] == reactor.seconds()
     args = spawned.args
-    assert args[:5] == ["/usr/bin/python3", "-S", "-P", "-m", "deploy.supervise"]
+    assert args[:4] == ["/usr/bin/python3", "-S", "-P", "-c"]
+    assert "sys.path.append(" in args[4] and "from deploy.supervise import" in args[4]
     assert args[args.index("--state") + 1] == job.state_file
     assert args[args.index("--run") + 1] == job.run_id
     assert args[args.index("--grace") + 1] == str(GRACE)
@@ -253,7 +257,8 @@ def test_start_writes_starting_record_then_spawns_supervisor(registry, reactor, 
     assert spawned.child_fds[0] == "w" and spawned.child_fds[1] == "r"
     assert isinstance(spawned.child_fds[2], int) and os.path.exists(job.log_file)
     assert spawned.transport.stdin_closed
-    assert "PYTHONPATH" in spawned.env and "PATH" in spawned.env
+    assert "PATH" in spawned.env  # the agent's environment: rsync and the hooks get it as is
+    assert spawned.env.get("PYTHONPATH") == os.environ.get("PYTHONPATH")
 
 
 def test_start_without_refuse_empty_passes_no_flag(registry, reactor):
@@ -819,7 +824,7 @@ def test_write_state_process_killed_mid_write_keeps_old_record(tmp_path):
         "os.fsync = lambda fd: os._exit(9)\n"
         f"j.write_state({str(path)!r}, {{'outcome': 'failed', 'pad': 'x' * 100000}})\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], env=child_env())
+    proc = subprocess.run([sys.executable, "-c", code], env=dict(child_env(), PYTHONPATH=ROOT))
     assert proc.returncode == 9
     assert read_state(str(path)) == {"outcome": "ok"}
     assert any(p.name.startswith(".tmp-") for p in tmp_path.iterdir())
@@ -929,10 +934,10 @@ def supervise(
     write_state(
         str(state), record_state or {"state": "starting", "runId": "run-1", "checksum": "c"}
     )
-    cmd = [sys.executable, *PYTHON_FLAGS, "-m", "deploy.supervise", "--state", str(state)]
-    cmd += ["--run", run_id]
-    cmd += ["--grace", str(grace)] + (["--refuse-empty"] if refuse_empty else [])
-    cmd += ["--", rsync or str(fake), "--archive", "--delete", "--port=873", "--", "h::M/", "/t"]
+    rsync_argv = [rsync or str(fake), "--archive", "--delete", "--port=873", "--", "h::M/", "/t"]
+    cmd = supervisor_command(
+        sys.executable, str(state), run_id, grace, refuse_empty, None, rsync_argv
+    )
     proc = subprocess.Popen(
         cmd,
         stdin=subprocess.DEVNULL,

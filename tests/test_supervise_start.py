@@ -18,8 +18,7 @@ from deploy.source_listing import refusal, synced_nothing
 from deploy.supervise import Supervisor, main
 from deploy.supervise_argv import (
     UsageError,
-    drop_import_path,
-    import_path_env,
+    bootstrap,
     package_root,
     parse_args,
     supervisor_command,
@@ -31,9 +30,9 @@ RSYNC = ["rsync", "--archive", "--delete", "--", "h::M/", "/t"]
 def test_the_command_the_agent_builds_is_the_one_the_supervisor_reads() -> None:
     """supervisor_command and parse_args agree on every option, with and without the optional
     ones; the interpreter runs with -S (no site processing), -P (not the working directory
-    first on sys.path) and the module by name."""
+    first on sys.path) and a program that appends deploy's root to sys.path."""
     cmd = supervisor_command("/py", "/s/j.json", "run-1", 2.5, True, 30.0, RSYNC)
-    assert cmd[:5] == ["/py", "-S", "-P", "-m", "deploy.supervise"]
+    assert cmd[:5] == ["/py", "-S", "-P", "-c", bootstrap(package_root())]
     options, argv = parse_args(cmd[5:])
     assert argv == RSYNC
     assert options == {
@@ -74,16 +73,17 @@ def test_a_command_line_the_supervisor_cannot_run(
 
 
 def test_the_supervisor_imports_little() -> None:
-    """Started as the agent starts it (-S, child_env), the supervisor and its release steps
-    load no site processing, no argparse, no dataclasses (nor the inspect they import), no
-    ctypes, no secrets and no Twisted: each would be paid again by every sync."""
+    """Started as the agent starts it (-S -P, deploy's root appended), the supervisor and its
+    release steps load no site processing, no argparse, no dataclasses (nor the inspect they
+    import), no ctypes, no secrets and no Twisted: each would be paid again by every sync."""
     code = (
         "import sys\n"
         "import deploy.supervise, deploy.release_steps\n"
         "print(' '.join(sorted(m.split('.')[0] for m in sys.modules)))\n"
     )
+    code = f"import sys; sys.path.append({package_root()!r})\n" + code
     out = subprocess.run(
-        [sys.executable, "-S", "-c", code], env=child_env(), capture_output=True, check=True
+        [sys.executable, "-S", "-P", "-c", code], env=child_env(), capture_output=True, check=True
     )
     loaded = set(out.stdout.decode().split())
     assert {"deploy", "subprocess", "json"} <= loaded
@@ -158,22 +158,28 @@ def test_the_refusal_says_why_and_how_to_allow_it() -> None:
     assert "--delete" in refusal("h::M/", False) and "release" in refusal("h::M/", True)
 
 
-def test_rsync_and_the_hooks_get_the_agents_environment() -> None:
-    """The supervisor needs deploy's package root on PYTHONPATH to start (-S); it takes it off
-    again, so what it runs (rsync, after_activate, check) sees the agent's own PYTHONPATH."""
-    root = package_root()
-    for before in ({}, {"PYTHONPATH": "/opt/hooks"}, {"PYTHONPATH": f"{root}{os.pathsep}/x"}):
-        env = import_path_env({"PATH": "/bin", **before})
-        assert env["PYTHONPATH"].split(os.pathsep)[0] == root
-        drop_import_path(env)
-        assert env == {"PATH": "/bin", **before}
-    code = (
-        "import os, subprocess, sys\n"
-        "from deploy.supervise_argv import drop_import_path\n"
-        "drop_import_path(os.environ)\n"
-        "subprocess.run([sys.executable, '-S', '-c', "
-        "'import os; print(os.environ.get(\"PYTHONPATH\", \"-\"))'])\n"
+def test_the_supervisor_finds_deploy_after_the_standard_library(tmp_path: Path) -> None:
+    """Started as the agent starts it, from a working directory holding a module named like a
+    standard one, with deploy's root (a site-packages, say) holding another: the supervisor
+    imports neither (-P; the root appended after the standard library) and still finds deploy;
+    the environment it gets (and rsync and the release hooks with it) is the agent's."""
+    (tmp_path / "selectors.py").write_text("raise SystemExit(7)\n")
+    root = tmp_path / "site-packages"
+    root.mkdir()
+    (root / "deploy").symlink_to(Path(package_root()) / "deploy")
+    (root / "json.py").write_text("raise SystemExit(8)\n")
+    env = {k: v for k, v in child_env().items() if k != "PYTHONPATH"}
+    assert child_env().get("PYTHONPATH") == os.environ.get("PYTHONPATH")  # nothing added
+    cmd = supervisor_command(sys.executable, str(tmp_path / "j.json"), "r", 1, False, None, RSYNC)
+    assert cmd[4] == bootstrap(package_root())
+    code = bootstrap(str(root)).replace(
+        "exit_now(main())", "import json, selectors; print(main(['--state']))"
     )
-    env = import_path_env({k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
-    out = subprocess.run([sys.executable, "-S", "-c", code], env=env, capture_output=True)
-    assert out.stdout.decode().strip() == "-", out
+    out = subprocess.run(
+        [*cmd[:4], code],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        timeout=60,
+    )
+    assert out.returncode == 0 and out.stdout.decode().strip() == "2", out
