@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -176,6 +177,7 @@ def main() -> int:
     finally:
         for d in reversed(started):
             d.stop()  # type: ignore[attr-defined]
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
