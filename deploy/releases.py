@@ -205,9 +205,9 @@ class ReleaseHistory:
             layout.doom(SPARE + old)
         data["privateSpares"] = []
         data["releases"] = records = [r for r in records if r["id"] not in leftovers]
-        live = layout.live_id()
-        linked = self.spec.link_dest and live is not None  # as rsync_extras decides
-        live_record = self.record(data, live) if linked and live else None
+        link_base = self._link_base()
+        linked = link_base is not None
+        live_record = self.record(data, link_base) if link_base else None
         if live_record is not None:
             live_record["private"] = False  # the new release's files will be links to its inodes
         records.append(_record(release_id, self.spec.label, source, now, None))
@@ -217,10 +217,13 @@ class ReleaseHistory:
 
     def rsync_extras(self) -> list[str]:
         """Options the sync into a partial adds: --link-dest to the live release."""
-        live = self.layout.live_id()
-        if self.spec.link_dest and live is not None:
-            return [f"--link-dest={self.layout.path(live)}"]
-        return []
+        link_base = self._link_base()
+        return [f"--link-dest={self.layout.path(link_base)}"] if link_base else []
+
+    def _link_base(self) -> str | None:
+        """The release a new one is linked to (`begin` marks it shared): the live one, with
+        link_dest."""
+        return self.layout.live_id() if self.spec.link_dest else None
 
     def complete(
         self,

@@ -108,6 +108,14 @@ def _lists_more_than_the_tree(sync_argv: Sequence[str]) -> bool:
     return False
 
 
+def unverified(source: str) -> str:
+    """Why a release the guard could not check is not activated (the `failed` outcome)."""
+    return (
+        f"cannot tell whether source {source} lists any files (rsync's stats did not say, and "
+        "listing the source failed): the release is not activated"
+    )
+
+
 def refusal(source: str, release: bool) -> str:
     """Why the guard refused `source`: the message of the `refused` outcome."""
     doing = "to make it a release" if release else "to sync it with --delete"

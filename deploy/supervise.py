@@ -45,7 +45,7 @@ from deploy.process import (
     signal_group,
 )
 from deploy.rsync_output import Progress, RsyncOutputParser, TailBuffer, clock, rsync_environment
-from deploy.source_listing import refusal, source_lists_nothing, synced_nothing
+from deploy.source_listing import refusal, source_lists_nothing, synced_nothing, unverified
 from deploy.source_retry import SourceRetry, sleep_unless, source_busy
 from deploy.supervise_argv import USAGE, UsageError, parse_args
 
@@ -259,11 +259,7 @@ class Supervisor:
             elif empty is True:
                 outcome, message = OUTCOME_REFUSED, refusal(self.argv[-2], release=True)
             elif empty is None:  # fail closed: nothing may go live unchecked
-                outcome = OUTCOME_FAILED
-                message = (
-                    f"cannot tell whether source {self.argv[-2]} lists any files (rsync's stats "
-                    "did not say, and listing the source failed): the release is not activated"
-                )
+                outcome, message = OUTCOME_FAILED, unverified(self.argv[-2])
         return self.finish(outcome, exit_code, sig, message, parser, text)
 
     def empty_release(self, outcome: str, parser: RsyncOutputParser) -> bool | None:
