@@ -106,6 +106,8 @@ class SyncStarter:
         }
         if release is not None:
             job.state.update(release=release["spec"], releaseId=release["id"])
+            if release.get("twoPass"):  # from a prepared base (deploy.release_sync)
+                job.state["releaseTwoPass"] = True
         directory = os.path.dirname(path)
         log_fd = -1
         try:

@@ -12,6 +12,10 @@ PARTIAL = ".partial-"
 DOOMED = ".delete-"
 # a release cleanup took out of the set, kept as the base the next sync brings up to date
 SPARE = ".spare-"
+# a hard-link copy of a release (`.base-<its id>`), the base of the next two-pass sync
+# (deploy.release_sync), made as `.basetmp-<maker's pid>-<its start ticks>-<random>`
+BASE = ".base-"
+BASE_TEMP = ".basetmp-"
 # renameat2(2) flag (linux/fs.h)
 RENAME_EXCHANGE = 2
 AT_FDCWD = -100
@@ -80,6 +84,10 @@ class ReleaseLayout:
     def spares(self) -> list[str]:
         return sorted(n[len(SPARE) :] for n in self._names() if n.startswith(SPARE))
 
+    def bases(self) -> list[str]:
+        """Ids of the releases a prepared base is a copy of, oldest first."""
+        return sorted(n[len(BASE) :] for n in self._names() if n.startswith(BASE))
+
     def release_dirs(self) -> list[str]:
         return sorted(n for n in self._names() if is_release_id(n))
 
@@ -125,6 +133,49 @@ class ReleaseLayout:
         """A spare (a complete older tree) becomes the base of a new release: rsync only brings
         it up to date, instead of creating every entry anew."""
         os.rename(os.path.join(self.root, SPARE + spare_id), self.partial(new_id))
+
+    def take_base(self, base_id: str, new_id: str) -> None:
+        """A prepared base becomes the partial of a new release (see deploy.release_sync)."""
+        os.rename(os.path.join(self.root, BASE + base_id), self.partial(new_id))
+
+    def copy_release(self, release_id: str, owner: tuple[int, int]) -> str | None:
+        """A hard-link copy of a release (`cp -al`: its own directories, every other entry a
+        link to the release's inode) under a temporary name that names its maker (`owner`: pid,
+        start ticks); the name, or None when the copy failed (it is then doomed)."""
+        import subprocess  # here: only the sync supervisor, after the sync's end, copies
+
+        name = f"{BASE_TEMP}{owner[0]}-{owner[1]}-{os.urandom(3).hex()}"
+        argv = ["cp", "-al", "--no-target-directory", "--", self.path(release_id)]
+        done = subprocess.run(
+            [*argv, os.path.join(self.root, name)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        if done.returncode != 0:
+            self.doom(name)
+            return None
+        return name
+
+    def make_base(self, temp: str, release_id: str) -> None:
+        """A finished copy (`copy_release`) becomes the prepared base; older bases are doomed."""
+        older = self.bases()
+        os.rename(os.path.join(self.root, temp), os.path.join(self.root, BASE + release_id))
+        for old in older:
+            if old != release_id:
+                self.doom(BASE + old)
+
+    def base_copies(self) -> list[tuple[str, int, int]]:
+        """The copies in the making (`copy_release`): name, maker's pid and start ticks."""
+        copies = []
+        for name in self._names():
+            pid, _, rest = name[len(BASE_TEMP) :].partition("-")
+            ticks = rest.partition("-")[0]
+            if name.startswith(BASE_TEMP) and pid.isdigit() and ticks.isdigit():
+                copies.append((name, int(pid), int(ticks)))
+            elif name.startswith(BASE_TEMP):
+                copies.append((name, 0, 0))
+        return copies
 
     def doom(self, name: str) -> None:
         """Take a directory of the layout out of sight (atomic); `purge` removes it later."""

@@ -23,6 +23,7 @@ from deploy.jobs import JobRegistry, target_key
 from deploy.jobstate import OUTCOME_OK
 from deploy.release_layout import default_releases_path
 from deploy.release_steps import recover, switch_back
+from deploy.release_sync import eligible
 from deploy.releases import (
     OUTCOME_CHECK_FAILED,
     ReleaseHistory,
@@ -137,6 +138,8 @@ class ReleaseOrders:
             check_timeout=group.check_timeout,
             rollback_on_failed_check=group.rollback_on_failed_check,
             label=label,
+            two_pass=group.link_dest
+            and eligible(target.options if target.options is not None else DEFAULT_FLAGS),
         )
 
     def stage(self, target: RsyncTarget, group: RsyncGroup, label: str) -> dict[str, Any]:
@@ -148,14 +151,16 @@ class ReleaseOrders:
         run_id = _run_id()
         with history.locked() as data:
             release_id = history.begin(data, time.time(), run_id, target.dest)
-            extras = history.rsync_extras()
+            extras = history.rsync_extras(data, release_id)
+            two_pass = history.two_pass(data, release_id)
         options = list(target.options if target.options is not None else DEFAULT_FLAGS)
         if not any(o == "--del" or o.startswith("--delete") for o in options):
             options.append("--delete")  # a recycled or resumed base must end up the source
         sync = dataclasses.replace(
             target, src=history.layout.partial(release_id) + "/", options=(*options, *extras)
         )
-        return {"sync": sync, "runId": run_id, "spec": spec.to_dict(), "id": release_id}
+        release = {"sync": sync, "runId": run_id, "spec": spec.to_dict(), "id": release_id}
+        return dict(release, twoPass=two_pass)
 
     def live_release(self, target: RsyncTarget, group: RsyncGroup) -> dict[str, Any] | None:
         history = ReleaseHistory(self.spec_for(target, group))

@@ -80,8 +80,16 @@ def after_sync(
 
 
 def purge_after_sync(spec_data: dict[str, Any]) -> None:
-    """Remove the directories the switch doomed (see `after_sync`)."""
-    ReleaseHistory(ReleaseSpec.from_dict(spec_data)).layout.purge()
+    """Remove the directories the switch doomed (see `after_sync`), then, for a group that
+    makes its releases in two passes, prepare the next sync's base (deploy.release_sync)."""
+    spec = ReleaseSpec.from_dict(spec_data)
+    history = ReleaseHistory(spec)
+    history.layout.purge()
+    if spec.two_pass and spec.link_dest:
+        try:
+            history.prepare_base()
+        except (OSError, ReleaseError):
+            pass  # the next sync links into a fresh directory instead
 
 
 # -- the steps after a switch, recorded in the release's history record (`steps`): each is

@@ -12,7 +12,9 @@ from contextlib import contextmanager
 from typing import Any, NamedTuple
 
 from deploy.jobstate import OUTCOME_OK, OUTCOME_WARNING, read_state, write_state
+from deploy.process import is_same_process, proc_start_ticks
 from deploy.release_layout import (
+    BASE,
     PARTIAL,
     SPARE,
     ReleaseError,
@@ -27,6 +29,8 @@ STATE_GOOD = "good"
 STATE_BAD = "bad"
 STATE_PARTIAL = "partial"
 OUTCOME_CHECK_FAILED = "check_failed"
+# a release record's `base`: its partial started as a prepared base (deploy.release_sync)
+BASE_PREPARED = "prepared"
 
 
 class ReleaseConflict(ReleaseError):
@@ -50,6 +54,9 @@ class ReleaseSpec(NamedTuple):
     check_timeout: float = 30.0
     rollback_on_failed_check: bool = True
     label: str = ""
+    # with link_dest: new releases made in two passes from a prepared base (the group's rsync
+    # options allow it, see deploy.release_sync.eligible)
+    two_pass: bool = False
     extra: dict[str, Any] = {}  # shared by every spec that has none: never changed in place
 
     @classmethod
@@ -133,6 +140,9 @@ class ReleaseHistory:
         before = repr(data)
         layout = self.layout
         layout.clear_switch_leftovers()
+        for name, pid, ticks in layout.base_copies():
+            if not is_same_process(pid, ticks):  # its maker died mid-copy
+                layout.doom(name)
         live = layout.live_id()
         records: list[dict[str, Any]] = data["releases"]
         pending = data.get("pending")
@@ -164,8 +174,9 @@ class ReleaseHistory:
 
     def begin(self, data: dict[str, Any], now: float, run_id: str, source: str) -> str:
         """Stage a new release: convert a live directory into the first release, then prepare
-        `.partial-<id>` from a leftover partial, a release cleanup would delete next, or
-        nothing. Answers the id."""
+        `.partial-<id>` from a leftover partial, a release cleanup would delete next, a prepared
+        base (two passes), or nothing. Answers the id; its record's `base` says whether the sync
+        runs in two passes."""
         layout = self.layout
         layout.ensure_root()
         if layout.src_is_directory():
@@ -189,6 +200,13 @@ class ReleaseHistory:
             r["id"] for r in records if r["id"] in leftovers and r.get("private") is True
         ]
         spares = [i for i in layout.spares() if i in data.get("privateSpares", [])]
+        # Two passes privatize every entry they change (deploy.release_sync), so a base made
+        # of hard links is safe for them: a prepared base, or a partial they left.
+        two_pass = self.spec.link_dest and self.spec.two_pass
+        resumable_two = [
+            r["id"] for r in records if r["id"] in leftovers and r.get("base") == BASE_PREPARED
+        ]
+        bases = layout.bases() if two_pass else []
         base = "fresh"
         if private and resumable:
             base = resumable[-1]
@@ -196,28 +214,63 @@ class ReleaseHistory:
         elif private and spares:
             layout.recycle(spares[-1], release_id)
             base = "spare"
+        elif two_pass and resumable_two:
+            base = resumable_two[-1]
+            layout.rename_partial(base, release_id)
+        elif bases:
+            layout.take_base(bases.pop(), release_id)
+            base = BASE_PREPARED
         else:
             os.mkdir(layout.partial(release_id), 0o755)
+        prepared = base == BASE_PREPARED or base in resumable_two
         for old in leftovers:
             if old != base:
                 layout.doom(PARTIAL + old)
         for old in layout.spares():
             layout.doom(SPARE + old)
+        for old in layout.bases() if not two_pass else bases:
+            layout.doom(BASE + old)  # older copies, or any once the group has no two passes
         data["privateSpares"] = []
         data["releases"] = records = [r for r in records if r["id"] not in leftovers]
-        link_base = self._link_base()
-        linked = link_base is not None
+        link_base = None if prepared else self._link_base()
         live_record = self.record(data, link_base) if link_base else None
         if live_record is not None:
             live_record["private"] = False  # the new release's files will be links to its inodes
         records.append(_record(release_id, self.spec.label, source, now, None))
-        records[-1].update(state=STATE_PARTIAL, runId=run_id, private=not linked)
+        records[-1].update(state=STATE_PARTIAL, runId=run_id)
+        records[-1]["private"] = link_base is None and not prepared
+        if prepared:
+            records[-1]["base"] = BASE_PREPARED
         self.save(data)
         return release_id
 
-    def rsync_extras(self) -> list[str]:
-        """Options the sync into a partial adds: --link-dest to the live release."""
-        link_base = self._link_base()
+    def two_pass(self, data: dict[str, Any], release_id: str) -> bool:
+        """Whether the sync of the partial `release_id` runs in two passes (see `begin`)."""
+        return (self.record(data, release_id) or {}).get("base") == BASE_PREPARED
+
+    def prepare_base(self) -> None:
+        """A hard-link copy of the live release, the base of the next two-pass sync, unless one
+        is ready. Slow (one link per file; run after a sync's end is recorded); the copy is made
+        outside the lock and becomes the base under it."""
+        layout = self.layout
+        live = layout.live_id()
+        if live is None or live in layout.bases():
+            return
+        pid = os.getpid()
+        temp = layout.copy_release(live, (pid, proc_start_ticks(pid) or 0))
+        if temp is None:
+            return
+        with self.locked() as data:
+            record = self.record(data, live)
+            if record is not None:
+                record["private"] = False  # the base's files are links to its inodes
+            layout.make_base(temp, live)
+            self.save(data)
+
+    def rsync_extras(self, data: dict[str, Any], release_id: str) -> list[str]:
+        """Options the sync into a partial adds: --link-dest to the live release (none for two
+        passes from a prepared base)."""
+        link_base = None if self.two_pass(data, release_id) else self._link_base()
         return [f"--link-dest={self.layout.path(link_base)}"] if link_base else []
 
     def _link_base(self) -> str | None:

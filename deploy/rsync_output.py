@@ -26,9 +26,12 @@ def _unescape_match(match: re.Match[bytes]) -> bytes:
 
 def unescape_name(raw: bytes) -> str:
     """Decode rsync's \\#ooo escapes; bytes that are not UTF-8 survive as surrogates."""
-    if b"\\#" in raw:
-        raw = _ESCAPE.sub(_unescape_match, raw)
-    return raw.decode("utf-8", "surrogateescape")
+    return unescape_bytes(raw).decode("utf-8", "surrogateescape")
+
+
+def unescape_bytes(raw: bytes) -> bytes:
+    """The name's own bytes: rsync's \\#ooo escapes decoded."""
+    return _ESCAPE.sub(_unescape_match, raw) if b"\\#" in raw else raw
 
 
 _SURROGATES = re.compile("[\udc80-\udcff]")
@@ -199,10 +202,13 @@ class RsyncOutputParser:
         keep_lists: bool = True,
         max_line: int = 65536,
         on_progress: Callable[[Progress], None] | None = None,
+        on_item: Callable[[bytes, bytes], None] | None = None,
     ) -> None:
         self.keep_lists = keep_lists
         self.max_line = max(1, max_line)
         self.on_progress = on_progress
+        # each itemized line: its code (`*deleting` for a deletion) and its name, unescaped
+        self.on_item = on_item
         self.stats = RsyncStats()
         self.progress: Progress | None = None
         # Raw (still escaped) names, each ended by \n: a 150,000-file list stays one ~5 MB
@@ -282,6 +288,8 @@ class RsyncOutputParser:
                     self.delete_count += 1
                 if self.keep_lists and name:
                     self.deleted_files.append(unescape_name(name))
+                if self.on_item is not None and name:
+                    self.on_item(_DELETING, unescape_bytes(name))
                 return
         else:
             match = _ITEMIZE.match(line)
@@ -306,6 +314,8 @@ class RsyncOutputParser:
     def _itemized(self, line: bytes, match: re.Match[bytes]) -> None:
         name_start = match.start(3)
         self._code_width = name_start - 1
+        if self.on_item is not None:
+            self.on_item(line[: name_start - 1], unescape_bytes(match.group(3)))
         if not self.keep_lists:
             return
         update_type = line[0]

@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 from deploy.jobstate import (
@@ -30,10 +31,8 @@ from deploy.jobstate import (
     STATE_RUNNING,
     STATE_STARTING,
     error_message,
-    is_disk_full,
     outcome_of,
     read_state,
-    write_state,
 )
 from deploy.process import (
     GROUP_GONE_WITHIN,
@@ -44,21 +43,18 @@ from deploy.process import (
     process_group_pids,
     signal_group,
 )
-from deploy.rsync_output import Progress, RsyncOutputParser, TailBuffer, clock, rsync_environment
+from deploy.rsync_output import Progress, RsyncOutputParser, TailBuffer, rsync_environment
 from deploy.source_listing import refusal, source_lists_nothing, synced_nothing, unverified
 from deploy.source_retry import SourceRetry, sleep_unless, source_busy
 from deploy.supervise_argv import USAGE, UsageError, parse_args
+from deploy.supervise_record import SyncRecord
 
 GOOD = (OUTCOME_OK, OUTCOME_WARNING)
 PROGRESS_INTERVAL = 0.5
 READY_AFTER = 1.0
 # Once rsync itself has exited, how long its forked children may keep our pipes open.
 DRAIN_AFTER_EXIT = 2.0
-# Writing the end on a full file system is tried again, every RECORD_RETRY_MAX seconds at most,
-# for RECORD_RETRY_FOR seconds before the supervisor gives up.
-RECORD_RETRY_FIRST = 0.25
-RECORD_RETRY_MAX = 2.0
-RECORD_RETRY_FOR = 24 * 3600.0
+
 
 class Supervisor:
     """Runs one rsync to its end and keeps its state record."""
@@ -78,15 +74,16 @@ class Supervisor:
         self.grace = grace
         self.refuse_empty = refuse_empty
         self.run_id = run_id
-        self.state: dict[str, Any] = {}
+        self.record = SyncRecord(state_path, self.complain)
         self.kill_requested = False
         self.stop = StopPolicy(grace)
         self.child: subprocess.Popen[bytes] | None = None
         self.lister: subprocess.Popen[bytes] | None = None
-        self.last_write = 0.0
         self.parent_open = True
-        self.save_failed = False
         self.rsync_started: float | None = None  # monotonic, once rsync runs
+        self.two_pass: Any = None  # a deploy.release_sync.TwoPass, for a two-pass release sync
+        # the parser whose stats count the release's files (the dry run's, in two passes)
+        self.release_stats: RsyncOutputParser | None = None
 
     # -- talking to the agent that started us, while it listens
 
@@ -114,10 +111,13 @@ class Supervisor:
 
     # -- state
 
-    def save(self, **changes: Any) -> None:
-        self.state.update(changes)
-        write_state(self.state_path, self.state)
-        self.last_write = time.monotonic()
+    @property
+    def state(self) -> dict[str, Any]:
+        return self.record.state
+
+    @state.setter
+    def state(self, value: dict[str, Any]) -> None:
+        self.record.state = value
 
     def on_term(self, signum: int, frame: Any) -> None:
         # Only flags here; the loops send the signals. A listing in flight is stopped at once.
@@ -145,7 +145,7 @@ class Supervisor:
             return 2
         self.state = record
         try:
-            self.save(
+            self.record.save(
                 state=STATE_RUNNING,
                 supervisorPid=os.getpid(),
                 supervisorStart=proc_start_ticks(os.getpid()),
@@ -157,13 +157,20 @@ class Supervisor:
             self.tell("ended")
             return 2
         parser = RsyncOutputParser(keep_lists=False)
-        # A release-mode sync fills a partial no reader sees: its own file list answers the
-        # guard before the release can go live (see pump), with no listing connection first.
-        # before a sync into the live target; a listing that cannot tell lets the sync run (it
-        # reports an unreachable source itself)
+        # Before a sync into the live target, a listing of the source (one that cannot tell
+        # lets the sync run: it reports an unreachable source itself). A release-mode sync
+        # fills a partial no reader sees: its own file list answers the guard before the
+        # release can go live (see pump), with no listing connection first.
         if self.refuse_empty and not self.release_mode() and self.source_is_empty() is True:
             refused = refusal(self.argv[-2], release=False)
             return self.finish(OUTCOME_REFUSED, None, None, refused, parser)
+        if self.state.get("releaseTwoPass") is True:
+            from deploy.release_sync import ReleaseSyncError, TwoPass
+
+            try:
+                self.two_pass = TwoPass(self.argv, os.path.dirname(self.state_path) or ".")
+            except ReleaseSyncError as e:
+                return self.finish(OUTCOME_FAILED, None, None, str(e), parser)
         return self.start_rsync(parser)
 
     def release_mode(self) -> bool:
@@ -175,23 +182,34 @@ class Supervisor:
             return self.finish(
                 OUTCOME_KILLED, None, None, "stopped by rkill before rsync ran", parser
             )
+        argv, stdin = self.argv, subprocess.DEVNULL
+        two = self.two_pass
+        if two is not None:
+            if not two.planned and (ended := two.first_pass(self, parser)) is not None:
+                return ended
+            argv, stdin = two.real_argv(), two.names_fd()
+        if not self.spawn(argv, stdin):
+            return self.finish(OUTCOME_FAILED, None, None, f"cannot run {argv[0]}", parser)
+        return self.pump()
+
+    def spawn(self, argv: list[str], stdin: int = subprocess.DEVNULL) -> bool:
+        """Start an rsync of this sync in its own process group (the one signals go to)."""
         try:
             self.child = subprocess.Popen(
-                self.argv,
-                stdin=subprocess.DEVNULL,
+                argv,
+                stdin=stdin,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 process_group=0,
                 env=rsync_environment(),
             )
         except OSError as e:
-            return self.finish(
-                OUTCOME_FAILED, None, None, f"cannot run {self.argv[0]}: {e}", parser
-            )
+            self.complain(f"cannot run {argv[0]}: {e}")
+            return False
         self.rsync_started = time.monotonic()
-        self._save_soft(rsyncPid=self.child.pid, rsyncStart=proc_start_ticks(self.child.pid))
+        self.record.save_soft(rsyncPid=self.child.pid, rsyncStart=proc_start_ticks(self.child.pid))
         self.tell(f"pid {self.child.pid}")
-        return self.pump()
+        return True
 
     def source_is_empty(self) -> bool | None:
         """List the top level of the source (as a directory, with the sync's filters): `.` alone
@@ -204,10 +222,47 @@ class Supervisor:
             lister.kill()
 
     def pump(self) -> int:
-        child = self.child
-        assert child is not None and child.stdout and child.stderr
         progress: list[Progress] = []
         parser = RsyncOutputParser(keep_lists=False, on_progress=progress.append)
+        code, text = self.drain(parser, progress)
+        exit_code = code if code >= 0 else None
+        sig = -code if code < 0 else None
+        if parser.progress is not None:
+            self.state["progress"] = self.record.progress(self.rsync_started, parser.progress)
+        if self.kill_requested:
+            outcome, message = OUTCOME_KILLED, "stopped by rkill"
+        elif self.waited_for_source(exit_code, text):
+            return self.start_rsync(parser)
+        else:
+            outcome, message = outcome_of(exit_code, sig, text)
+            if self.two_pass is not None and outcome in GOOD:  # guarded after its dry run
+                outcome, message = self.two_pass.top_pass(self, outcome, message)
+            elif self.two_pass is None:
+                outcome, message = self.guarded(outcome, message, parser)
+        return self.finish(outcome, exit_code, sig, message, parser, text)
+
+    def guarded(self, outcome: str, message: str, parser: RsyncOutputParser) -> tuple[str, str]:
+        """The outcome once the empty-source guard of a release has judged `parser`'s run."""
+        empty = self.empty_release(outcome, parser)
+        if self.kill_requested:  # stopped while the guard listed the source
+            return OUTCOME_KILLED, "stopped by rkill"
+        if empty is True:
+            return OUTCOME_REFUSED, refusal(self.argv[-2], release=True)
+        if empty is None:  # fail closed: nothing may go live unchecked
+            return OUTCOME_FAILED, unverified(self.argv[-2])
+        return outcome, message
+
+    def drain(
+        self,
+        parser: RsyncOutputParser,
+        progress: list[Progress],
+        stop: Callable[[], bool] = lambda: False,
+    ) -> tuple[int, str]:
+        """Read the running rsync's output to its end (stdout into `parser`, recording its
+        progress; a stop as `_send_due_signals` says, or once `stop()` is true); answers its
+        exit status (minus the signal that ended it) and the tail of its stderr."""
+        child = self.child
+        assert child is not None and child.stdout and child.stderr
         stderr = TailBuffer(8192)
         sel = selectors.DefaultSelector()
         sel.register(child.stdout, selectors.EVENT_READ, parser)
@@ -217,6 +272,8 @@ class Supervisor:
         open_streams = 2
         while open_streams:
             now = time.monotonic()
+            if stop():
+                self.stop.request(now)
             self._send_due_signals(now)
             if self.parent_open and now >= ready_at:
                 self.tell("ready")
@@ -236,36 +293,19 @@ class Supervisor:
                 if key.data is parser and self.parent_open:
                     self.tell("ready")  # rsync is talking: the source answered
                     self.hang_up()
-            if progress and time.monotonic() - self.last_write >= PROGRESS_INTERVAL:
-                self._save_soft(progress=self.progress_record(progress[-1]))
+            if progress and time.monotonic() - self.record.last_write >= PROGRESS_INTERVAL:
+                self.record.save_soft(
+                    progress=self.record.progress(self.rsync_started, progress[-1])
+                )
                 progress.clear()
         sel.close()
         parser.close()
-        code = self.wait_for_group(child)
-        exit_code = code if code >= 0 else None
-        sig = -code if code < 0 else None
-        text = stderr.text()
-        if parser.progress is not None:
-            self.state["progress"] = self.progress_record(parser.progress)
-        if self.kill_requested:
-            outcome, message = OUTCOME_KILLED, "stopped by rkill"
-        elif self.waited_for_source(exit_code, text):
-            return self.start_rsync(parser)
-        else:
-            outcome, message = outcome_of(exit_code, sig, text)
-            empty = self.empty_release(outcome, parser)
-            if self.kill_requested:  # stopped while the guard listed the source
-                outcome, message = OUTCOME_KILLED, "stopped by rkill"
-            elif empty is True:
-                outcome, message = OUTCOME_REFUSED, refusal(self.argv[-2], release=True)
-            elif empty is None:  # fail closed: nothing may go live unchecked
-                outcome, message = OUTCOME_FAILED, unverified(self.argv[-2])
-        return self.finish(outcome, exit_code, sig, message, parser, text)
+        return self.wait_for_group(child), stderr.text()
 
     def empty_release(self, outcome: str, parser: RsyncOutputParser) -> bool | None:
         """The guard of a release-mode sync: rsync filled the partial from a source that lists
         no files (its stats say so, else the listing), which must not become the live release.
-        None when neither can tell."""
+        None when neither can tell. `parser`: the run whose file list is the whole source."""
         if not (self.refuse_empty and self.release_mode() and outcome in GOOD):
             return False
         said = synced_nothing(parser.stats.files, parser.file_kinds, self.argv)
@@ -280,9 +320,9 @@ class Supervisor:
         if self.parent_open:  # the agent answers the order: the sync is under way, waiting
             self.tell("ready")
             self.hang_up()
-        self._save_soft(waiting=self.source.waiting(error_message(stderr_text), delay))
+        self.record.save_soft(waiting=self.source.waiting(error_message(stderr_text), delay))
         sleep_unless(delay, lambda: self.kill_requested)
-        self._save_soft(waiting=None)
+        self.record.save_soft(waiting=None)
         return True
 
     def wait_for_group(self, child: subprocess.Popen[bytes]) -> int:
@@ -315,29 +355,6 @@ class Supervisor:
             if self.child is not None:
                 signal_group(self.child.pid, sig)
 
-    def progress_record(self, p: Progress) -> dict[str, Any]:
-        """The `progress` of the record: rsync's figures, the time left as rsync means it, and
-        the time since rsync started by our own clock (rsync prints it only as a file ends)."""
-        since = 0.0 if self.rsync_started is None else time.monotonic() - self.rsync_started
-        return {
-            "bytes": p.bytes,
-            "percent": p.percent,
-            "rate": p.rate,
-            "eta": p.remaining(),
-            "elapsed": clock(since),
-        }
-
-    def _save_soft(self, **changes: Any) -> None:
-        """Record changes while the sync runs; a failure costs the record, not the sync (the
-        whole record is written again with the outcome)."""
-        try:
-            self.save(**changes)
-        except OSError as e:
-            self.last_write = time.monotonic()
-            if not self.save_failed:
-                self.save_failed = True
-                self.complain(f"cannot record the sync in {self.state_path}: {e}")
-
     def finish(
         self,
         outcome: str,
@@ -350,14 +367,17 @@ class Supervisor:
         stats = parser.stats
         # release mode (deploy.release_steps): rename, switch, after_activate, check
         release, release_id = self.state.get("release"), self.state.get("releaseId")
+        if self.two_pass is not None:
+            self.two_pass.close()
         if isinstance(release, dict) and isinstance(release_id, str):
             from deploy.release_steps import after_sync
 
+            whole = (self.release_stats or parser).stats
             outcome, more = after_sync(
-                release, release_id, outcome, stats.files, stats.total_file_size
+                release, release_id, outcome, whole.files, whole.total_file_size
             )
             message = f"{message}; {more}" if message and more else message or more
-        if not self.save_end(
+        if not self.record.save_end(
             state=STATE_ENDED,
             outcome=outcome,
             exitCode=exit_code,
@@ -377,26 +397,6 @@ class Supervisor:
 
             purge_after_sync(release)
         return 0
-
-    def save_end(self, **end: Any) -> bool:
-        """Record the end; a full file system is waited out (tried again, less and less often,
-        for RECORD_RETRY_FOR seconds), any other error gives up at once."""
-        delay = RECORD_RETRY_FIRST
-        give_up_at = time.monotonic() + RECORD_RETRY_FOR
-        said = False
-        while True:
-            try:
-                self.save(**end)
-                return True
-            except OSError as e:
-                if not is_disk_full(e) or time.monotonic() >= give_up_at:
-                    self.complain(f"cannot record the outcome ({end.get('outcome')}): {e}")
-                    return False
-                if not said:
-                    said = True
-                    self.complain(f"cannot record the outcome yet: {e}; trying again")
-            time.sleep(delay)
-            delay = min(delay * 2, RECORD_RETRY_MAX)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -312,7 +312,7 @@ def test_with_link_dest_no_base_shares_an_inode_with_the_live_release(tmp_path: 
     assert history.layout.spares() == []
     with history.locked() as data:
         partial = history.begin(data, 2000.0, "run", "src")
-        assert history.rsync_extras() == [
+        assert history.rsync_extras(data, partial) == [
             f"--link-dest={history.layout.path(history.layout.live_id() or '')}"
         ]
     assert os.listdir(history.layout.partial(partial)) == []

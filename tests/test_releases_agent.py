@@ -15,6 +15,7 @@ import pytest
 
 from deploy.jobs import target_key
 from deploy.jobstate import read_state
+from deploy.release_sync import eligible
 from deploy.rsync import RsyncTarget
 from tests.conftest import Daemons
 from tests.harness import AgentProcess, ask, make_tree, run_client, wait_until
@@ -52,6 +53,8 @@ class Rel:
         deleting = ("--delete",) if delete else ()
         keys = self.rsyncd.group(self.src, "--archive", *deleting, *options)
         keys.update(releases=3, **group)
+        # a two-pass group prepares the next base after each sync (deploy.release_sync)
+        self.two_pass = group.get("link_dest", "true") == "true" and eligible(options)
         self.agent = daemons.agent(
             groups={"web": keys}, jobs=jobs, state=self.state, allow_paths=[self.targets]
         )
@@ -77,7 +80,15 @@ class Rel:
 
         record = wait_until(ended, 60, what="the release sync to end")
         assert record["outcome"] == expect, record
+        if self.two_pass and expect == "ok":  # the next sync's base, made after the end
+            wait_until(self.base_ready, 30, what="the prepared base")
         return body
+
+    def base_ready(self) -> bool:
+        if not os.path.islink(self.src):
+            return True  # nothing live (activate = manual): nothing to copy
+        live = os.path.basename(os.path.realpath(self.src))
+        return os.path.isdir(f"{self.src}.releases/.base-{live}")
 
     def releases(self) -> list[dict[str, Any]]:
         status, body = ask(self.agent, "releases", "web")
@@ -145,8 +156,9 @@ def test_an_empty_source_never_goes_live_and_costs_no_listing(
     daemons: Daemons, tmp_path: Path, delete: bool
 ) -> None:
     """Release mode's empty-source guard: a source that lists no files is refused before its
-    release can go live (the live one stays), decided from the sync's own file list: one
-    connection to the source per sync, no listing first. A source with files syncs again.
+    release can go live (the live one stays), decided from the sync's own file list (in two
+    passes, the dry run's, before the real run): one connection to the source, no listing
+    first. A source with files syncs again (dry run, real run, and the top directory's run).
     Also without --delete: a new release starts empty, so an empty source is an empty release."""
     rel = Rel(daemons, tmp_path, delete=delete)
     first = rel.sync("v1")["release"]
@@ -168,7 +180,7 @@ def test_an_empty_source_never_goes_live_and_costs_no_listing(
     assert [r["id"] for r in rel.releases() if r["state"] == "live"] == [first]
     set_version(rel.tree, "v2")
     rel.sync("v2")
-    assert rel.live_version() == "v2" and connected() == before + 2
+    assert rel.live_version() == "v2" and connected() == before + 1 + 3
 
 
 def _ended(rel: Rel, run: str) -> dict[str, Any] | None:
