@@ -9,21 +9,23 @@ inode another release holds is ever changed:
    the rollback target too; after the dry run the entries it would delete are unlinked from the
    base (names in the base's own directories: the inodes stay with the releases holding them);
 3. the real run syncs exactly the names the dry run itemized (`--files-from`, no recursion), so
-   rsync touches no entry the dry run did not name.
+   rsync touches no entry the dry run did not name but the directories above them (private to
+   the base: listed, so that rsync sets again the times the passes moved).
 
 The supervisor runs both passes (deploy.supervise); this module owns their command lines, the
-plan between them and which groups can use them at all (`eligible`: options the passes cannot
-mirror send a group back to --link-dest into a fresh directory)."""
+plan between them (its private copies: deploy.release_private) and which groups can use them at
+all (`eligible`: options the passes cannot mirror send a group back to --link-dest into a fresh
+directory)."""
 
 from __future__ import annotations
 
 import errno
 import os
-import stat
 from collections.abc import Sequence
 from typing import Any
 
 from deploy.jobstate import OUTCOME_FAILED, OUTCOME_KILLED, OUTCOME_OK, OUTCOME_WARNING, outcome_of
+from deploy.release_private import privatize, write_all
 from deploy.rsync_output import RsyncOutputParser
 
 # Options the two passes cannot mirror: hard links across the tree, file lists of the group's
@@ -36,7 +38,7 @@ _REFUSED = frozenset(
         "--append-verify", "--remove-source-files", "--write-batch", "--only-write-batch",
         "--read-batch", "--dry-run", "--list-only", "--keep-dirlinks", "--quiet", "--info",
         "--out-format", "--log-format", "--iconv", "--delete-missing-args", "--no-implied-dirs",
-        "--old-args",
+        "--old-args", "--stderr", "--msgs2stderr",
     )
 )  # fmt: skip
 _REFUSED_SHORT = frozenset("HRbKqn0")
@@ -52,9 +54,8 @@ _DELETE = frozenset(
     )
 )  # fmt: skip
 _TRANSFER = (b"<", b">")
+_DIRECTORY = b"d"
 GOOD = (OUTCOME_OK, OUTCOME_WARNING)
-PRIVATE_TEMP = ".deploy-private-"
-_COPY_CHUNK = 1 << 30
 
 
 class ReleaseSyncError(Exception):
@@ -117,6 +118,7 @@ class TwoPass:
         self._doomed: int | None = None  # what the dry run would delete, in its order
         self._root: int | None = None
         self._dirs: tuple[bytes, int] | None = None  # the last parent walked to, and its fd
+        self._listed_dirs: set[bytes] = set()
 
     # -- the command lines
 
@@ -186,7 +188,9 @@ class TwoPass:
         options = self._without_deletions()
         # --files-from implies --dirs: a listed directory is made, not its contents (those are
         # listed themselves); the top directory is never listed: "." would send its contents.
+        # Not -m: a listed directory whose (unchanged) files are not listed is no empty one.
         options += ["--files-from=-", "--no-implied-dirs", "--no-recursive"]
+        options.append("--no-prune-empty-dirs")
         if self.from0:
             options.append("--from0")
         return [self.rsync, *options, "--", self.source, self.dest]
@@ -222,6 +226,7 @@ class TwoPass:
         self.planned = False
         self.error = None
         self.top = False
+        self._listed_dirs.clear()
         self._names = self._spool()
         self._doomed = self._spool()
         try:
@@ -246,7 +251,7 @@ class TwoPass:
         """One line of the dry run (`name` unescaped): an entry to delete after the dry run, or
         one to privatize now and list for the real run. The first error stops the plan
         (`error`, which the supervisor checks: the dry run is then stopped)."""
-        if self.error is not None:
+        if self.error is not None or _unchanged(code):
             return
         try:
             self._item(code, name)
@@ -260,15 +265,29 @@ class TwoPass:
         parts = _parts(name)
         if code.startswith(b"*"):
             self.deletions += 1
-            _write_all(self._doomed, name + b"\0")
+            write_all(self._doomed, name + b"\0")
             return
         if code[:1] in _TRANSFER and code[1:2] == b"f":
             self.transfers += 1
         if not parts:
             self.top = True  # the top directory: private, and set by `top_pass`
             return
+        # The directories above the entry change too (a private copy renamed into one, rsync's
+        # temporary file renamed over a changed file): listed, rsync sets their times again
+        # at the end, as an in-place run does; the top directory's are `top_pass`'s.
+        self.top = self.top or len(parts) == 1
+        for depth in range(1, len(parts)):
+            self._list(parts[:depth])
         self._privatize(parts)
+        self._list(parts, code[1:2] == _DIRECTORY)
+
+    def _list(self, parts: list[bytes], directory: bool = True) -> None:
+        assert self._names is not None
         listed = b"/".join(parts)
+        if directory:
+            if listed in self._listed_dirs:
+                return
+            self._listed_dirs.add(listed)
         if not self.from0 and (b"\n" in listed or b"\r" in listed):
             raise ReleaseSyncError(
                 f"{listed!r}: a name with a line break cannot be listed one per line (the "
@@ -276,7 +295,7 @@ class TwoPass:
                 "or set link_dest = false"
             )
         # "./": a name starting with '#' or ';' would be a comment in rsync's --files-from
-        _write_all(self._names, b"./" + listed + (b"\0" if self.from0 else b"\n"))
+        write_all(self._names, b"./" + listed + (b"\0" if self.from0 else b"\n"))
         self.listed += 1
 
     def finish(self, transferred: int | None) -> None:
@@ -355,15 +374,24 @@ class TwoPass:
         directory = self._parent(parts)
         if directory is None:
             return
+        # the directory keeps its times: when they change, the dry run listed it (rsync sets
+        # them); else an in-place run would have set them back
+        times = os.fstat(directory)
         try:
             if name.endswith(b"/"):
                 os.rmdir(parts[-1], dir_fd=directory)
             else:
                 os.unlink(parts[-1], dir_fd=directory)
+            os.utime(directory, ns=(times.st_atime_ns, times.st_mtime_ns))
         except FileNotFoundError:
             pass
         except OSError as e:
             raise ReleaseSyncError(f"cannot delete {name!r} from the base: {e.strerror}") from e
+
+
+def _unchanged(code: bytes) -> bool:
+    """An entry rsync itemizes only to say it stays as it is (-ii, -vv): nothing to do."""
+    return code[:1] == b"." and not code[2:].strip(b" ")
 
 
 def _parts(name: bytes) -> list[bytes]:
@@ -372,71 +400,3 @@ def _parts(name: bytes) -> list[bytes]:
     if any(p in (b"", b"..") for p in parts) or name.startswith(b"/"):
         raise ReleaseSyncError(f"the dry run named an unsafe path: {name!r}")
     return parts
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
-def privatize(directory: int, name: bytes) -> None:
-    """Make the entry `name` of the directory `directory` an inode of its own when it shares one
-    (a hard link to another release): a regular file is copied, a symlink made anew, each with its
-    owner, mode and times, and renamed over the name; any other kind is unlinked (rsync makes it
-    anew). A directory, or an entry with one link, is left alone."""
-    st = os.stat(name, dir_fd=directory, follow_symlinks=False)
-    if stat.S_ISDIR(st.st_mode) or st.st_nlink < 2:
-        return
-    if not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
-        os.unlink(name, dir_fd=directory)
-        return
-    temp = (PRIVATE_TEMP + os.urandom(6).hex()).encode()
-    try:
-        if stat.S_ISLNK(st.st_mode):
-            os.symlink(os.readlink(name, dir_fd=directory), temp, dir_fd=directory)
-            os.chown(temp, st.st_uid, st.st_gid, dir_fd=directory, follow_symlinks=False)
-            os.utime(temp, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=directory,
-                     follow_symlinks=False)  # fmt: skip
-        else:
-            _copy_file(directory, name, temp, st)
-        os.rename(temp, name, src_dir_fd=directory, dst_dir_fd=directory)
-    except BaseException:
-        try:
-            os.unlink(temp, dir_fd=directory)
-        except OSError:
-            pass
-        raise
-
-
-def _copy_file(directory: int, name: bytes, temp: bytes, st: os.stat_result) -> None:
-    source = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=directory)
-    try:
-        if os.fstat(source).st_ino != st.st_ino:
-            raise OSError(errno.EAGAIN, "the file changed while it was copied")
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        target = os.open(temp, flags, 0o600, dir_fd=directory)
-        try:
-            _copy_data(source, target)
-            os.fchown(target, st.st_uid, st.st_gid)
-            os.fchmod(target, stat.S_IMODE(st.st_mode))  # after chown, which clears set-id bits
-            os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
-        finally:
-            os.close(target)
-    finally:
-        os.close(source)
-
-
-def _copy_data(source: int, target: int) -> None:
-    try:
-        while os.copy_file_range(source, target, _COPY_CHUNK):
-            pass
-        return
-    except OSError as e:
-        if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
-            raise
-    os.lseek(source, 0, os.SEEK_SET)
-    os.ftruncate(target, 0)
-    os.lseek(target, 0, os.SEEK_SET)
-    while chunk := os.read(source, 1 << 20):
-        _write_all(target, chunk)
