@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Callable
 
 PRIVATE_TEMP = ".deploy-private-"
 _COPY_CHUNK = 1 << 30
@@ -18,11 +19,34 @@ def write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
+def in_writable(directory: int, change: Callable[[], None]) -> None:
+    """Make `change` (of an entry of `directory`, one of the base's own directories). When the
+    directory is not writable to its owner and that refuses the change (an agent that does not
+    run as root), write access is given to the owner for the change and taken back after, as
+    rsync does."""
+    try:
+        change()
+        return
+    except PermissionError:
+        st = os.fstat(directory)
+        if st.st_mode & stat.S_IWUSR or st.st_uid != os.geteuid():
+            raise
+    os.fchmod(directory, stat.S_IMODE(st.st_mode) | stat.S_IWUSR)
+    try:
+        change()
+    finally:
+        os.fchmod(directory, stat.S_IMODE(st.st_mode))
+
+
 def privatize(directory: int, name: bytes) -> None:
     """Make the entry `name` of the directory `directory` an inode of its own when it shares one
     (a hard link to another release): a regular file is copied, a symlink made anew, each with its
     owner, mode and times, and renamed over the name; any other kind is unlinked (rsync makes it
     anew). A directory, or an entry with one link, is left alone."""
+    in_writable(directory, lambda: _privatize(directory, name))
+
+
+def _privatize(directory: int, name: bytes) -> None:
     st = os.stat(name, dir_fd=directory, follow_symlinks=False)
     if stat.S_ISDIR(st.st_mode) or st.st_nlink < 2:
         return

@@ -87,9 +87,35 @@ def purge_after_sync(spec_data: dict[str, Any]) -> None:
     history.layout.purge()
     if spec.two_pass and spec.link_dest:
         try:
-            history.prepare_base()
+            prepare_base(history)
         except (OSError, ReleaseError):
             pass  # the next sync links into a fresh directory instead
+
+
+def prepare_base(history: ReleaseHistory) -> None:
+    """A hard-link copy of the live release, the base of the next two-pass sync, unless one is
+    ready. Slow (one link per file; run after a sync's end is recorded): the copy is made
+    outside the history's lock, and becomes the base under it, only once the history says its
+    release is shared (a flag saying so wrongly costs nothing; the other way round, cleanup
+    could keep that release as a private spare and rsync it in place)."""
+    layout = history.layout
+    live = layout.live_id()
+    if live is None or live in layout.bases():
+        return
+    pid = os.getpid()
+    temp = layout.copy_release(live, (pid, proc_start_ticks(pid) or 0))
+    if temp is None:
+        return
+    try:
+        with history.locked() as data:
+            record = history.record(data, live)
+            if record is not None and record.get("private") is not False:
+                record["private"] = False  # the base's files are links to its inodes
+                history.save(data)
+            layout.make_base(temp, live)
+    except BaseException:
+        layout.doom(temp)
+        raise
 
 
 # -- the steps after a switch, recorded in the release's history record (`steps`): each is

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from deploy.jobstate import OUTCOME_FAILED, OUTCOME_KILLED, OUTCOME_OK, OUTCOME_WARNING, outcome_of
-from deploy.release_private import privatize, write_all
+from deploy.release_private import in_writable, privatize, write_all
 from deploy.rsync_output import RsyncOutputParser
 
 # Options the two passes cannot mirror: hard links across the tree, file lists of the group's
@@ -119,6 +119,7 @@ class TwoPass:
         self._root: int | None = None
         self._dirs: tuple[bytes, int] | None = None  # the last parent walked to, and its fd
         self._listed_dirs: set[bytes] = set()
+        self._top_times: tuple[int, int] | None = None  # the top directory's, before the passes
 
     # -- the command lines
 
@@ -133,8 +134,8 @@ class TwoPass:
         except (OSError, ReleaseSyncError) as e:
             return int(sup.finish(OUTCOME_FAILED, None, None, str(e), parser))
         dry = RsyncOutputParser(keep_lists=False, on_item=self.on_item)
-        if not sup.spawn(self.dry_argv()):
-            return int(sup.finish(OUTCOME_FAILED, None, None, f"cannot run {self.rsync}", parser))
+        if (error := sup.spawn(self.dry_argv())) is not None:
+            return int(sup.finish(OUTCOME_FAILED, None, None, error, parser))
         code, text = sup.drain(dry, [], stop=lambda: self.error is not None)
         exit_code, sig = (code, None) if code >= 0 else (None, -code)
         if sup.kill_requested:
@@ -160,12 +161,13 @@ class TwoPass:
 
     def top_pass(self, sup: Any, outcome: str, message: str) -> tuple[str, str]:
         """After a real run that ended well: the top directory's own attributes, when the dry
-        run said they change (a third, small run: `top_argv`). Answers the sync's outcome and
-        message."""
+        run said they change (a third, small run: `top_argv`), else its times as they were
+        before the passes. Answers the sync's outcome and message."""
         if not self.top:
+            self.restore_top()
             return outcome, message
-        if not sup.spawn(self.top_argv()):
-            return OUTCOME_FAILED, f"cannot run {self.rsync}"
+        if (error := sup.spawn(self.top_argv())) is not None:
+            return OUTCOME_FAILED, error
         code, text = sup.drain(RsyncOutputParser(keep_lists=False), [])
         exit_code, sig = (code, None) if code >= 0 else (None, -code)
         if sup.kill_requested:
@@ -174,6 +176,12 @@ class TwoPass:
         if ended in GOOD:
             return (outcome if ended == OUTCOME_OK else ended), message or why
         return ended, f"setting the top directory: {why}"
+
+    def restore_top(self) -> None:
+        """The top directory's times as before the passes (its attributes are the source's:
+        the dry run did not itemize it; only entries made or replaced in it moved them)."""
+        assert self._root is not None and self._top_times is not None
+        os.utime(self._root, ns=self._top_times)
 
     def dry_argv(self) -> list[str]:
         options = [o for o in self.options if o != "--info=progress2"]
@@ -235,6 +243,8 @@ class TwoPass:
             )
         except OSError as e:
             raise ReleaseSyncError(f"cannot open {self.dest}: {e.strerror}") from e
+        top = os.fstat(self._root)
+        self._top_times = (top.st_atime_ns, top.st_mtime_ns)
 
     def _spool(self) -> int:
         """An anonymous file in `spool_dir` (the agent's state directory): gone with its fd."""
@@ -275,7 +285,6 @@ class TwoPass:
         # The directories above the entry change too (a private copy renamed into one, rsync's
         # temporary file renamed over a changed file): listed, rsync sets their times again
         # at the end, as an in-place run does; the top directory's are `top_pass`'s.
-        self.top = self.top or len(parts) == 1
         for depth in range(1, len(parts)):
             self._list(parts[:depth])
         self._privatize(parts)
@@ -377,11 +386,9 @@ class TwoPass:
         # the directory keeps its times: when they change, the dry run listed it (rsync sets
         # them); else an in-place run would have set them back
         times = os.fstat(directory)
+        remove = os.rmdir if name.endswith(b"/") else os.unlink
         try:
-            if name.endswith(b"/"):
-                os.rmdir(parts[-1], dir_fd=directory)
-            else:
-                os.unlink(parts[-1], dir_fd=directory)
+            in_writable(directory, lambda: remove(parts[-1], dir_fd=directory))
             os.utime(directory, ns=(times.st_atime_ns, times.st_mtime_ns))
         except FileNotFoundError:
             pass

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from typing import Any, NamedTuple
 
 from deploy.jobstate import OUTCOME_OK, OUTCOME_WARNING, read_state, write_state
-from deploy.process import is_same_process, proc_start_ticks
+from deploy.process import is_same_process
 from deploy.release_layout import (
     BASE,
     PARTIAL,
@@ -228,8 +228,10 @@ class ReleaseHistory:
                 layout.doom(PARTIAL + old)
         for old in layout.spares():
             layout.doom(SPARE + old)
-        for old in layout.bases() if not two_pass else bases:
-            layout.doom(BASE + old)  # older copies, or any once the group has no two passes
+        # older copies (the newest stays for a later sync when a leftover partial was taken),
+        # or every one once the group has no two passes
+        for old in bases[:-1] if base in resumable_two else bases if two_pass else layout.bases():
+            layout.doom(BASE + old)
         data["privateSpares"] = []
         data["releases"] = records = [r for r in records if r["id"] not in leftovers]
         link_base = None if prepared else self._link_base()
@@ -247,25 +249,6 @@ class ReleaseHistory:
     def two_pass(self, data: dict[str, Any], release_id: str) -> bool:
         """Whether the sync of the partial `release_id` runs in two passes (see `begin`)."""
         return (self.record(data, release_id) or {}).get("base") == BASE_PREPARED
-
-    def prepare_base(self) -> None:
-        """A hard-link copy of the live release, the base of the next two-pass sync, unless one
-        is ready. Slow (one link per file; run after a sync's end is recorded); the copy is made
-        outside the lock and becomes the base under it."""
-        layout = self.layout
-        live = layout.live_id()
-        if live is None or live in layout.bases():
-            return
-        pid = os.getpid()
-        temp = layout.copy_release(live, (pid, proc_start_ticks(pid) or 0))
-        if temp is None:
-            return
-        with self.locked() as data:
-            record = self.record(data, live)
-            if record is not None:
-                record["private"] = False  # the base's files are links to its inodes
-            layout.make_base(temp, live)
-            self.save(data)
 
     def rsync_extras(self, data: dict[str, Any], release_id: str) -> list[str]:
         """Options the sync into a partial adds: --link-dest to the live release (none for two

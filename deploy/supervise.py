@@ -188,12 +188,13 @@ class Supervisor:
             if not two.planned and (ended := two.first_pass(self, parser)) is not None:
                 return ended
             argv, stdin = two.real_argv(), two.names_fd()
-        if not self.spawn(argv, stdin):
-            return self.finish(OUTCOME_FAILED, None, None, f"cannot run {argv[0]}", parser)
+        if (error := self.spawn(argv, stdin)) is not None:
+            return self.finish(OUTCOME_FAILED, None, None, error, parser)
         return self.pump()
 
-    def spawn(self, argv: list[str], stdin: int = subprocess.DEVNULL) -> bool:
-        """Start an rsync of this sync in its own process group (the one signals go to)."""
+    def spawn(self, argv: list[str], stdin: int = subprocess.DEVNULL) -> str | None:
+        """Start an rsync of this sync in its own process group (the one signals go to); None,
+        or why it could not."""
         try:
             self.child = subprocess.Popen(
                 argv,
@@ -204,12 +205,11 @@ class Supervisor:
                 env=rsync_environment(),
             )
         except OSError as e:
-            self.complain(f"cannot run {argv[0]}: {e}")
-            return False
+            return f"cannot run {argv[0]}: {e}"
         self.rsync_started = time.monotonic()
         self.record.save_soft(rsyncPid=self.child.pid, rsyncStart=proc_start_ticks(self.child.pid))
         self.tell(f"pid {self.child.pid}")
-        return True
+        return None
 
     def source_is_empty(self) -> bool | None:
         """List the top level of the source (as a directory, with the sync's filters): `.` alone

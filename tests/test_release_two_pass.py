@@ -122,11 +122,13 @@ def run_two_pass(source: Path, live: Path, base: Path, *options: str) -> TwoPass
     real = subprocess.run(
         tp.real_argv(), stdin=tp.names_fd(), capture_output=True, env=rsync_environment()
     )
-    tp.close()
     assert real.returncode == 0, real.stderr
     if tp.top:
         top = subprocess.run(tp.top_argv(), capture_output=True, env=rsync_environment())
         assert top.returncode == 0, top.stderr
+    else:
+        tp.restore_top()
+    tp.close()
     return tp
 
 

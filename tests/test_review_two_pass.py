@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from deploy.release_steps import prepare_base
 from deploy.release_sync import eligible
 from deploy.releases import ReleaseHistory, ReleaseSpec
 from tests.test_release_two_pass import run_two_pass, snapshot
@@ -117,14 +118,9 @@ def test_output_sent_to_stderr_is_not_eligible(tmp_path: Path, option: str) -> N
     assert not eligible(["--archive", option])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="deploy/releases.py (not this branch's file): prepare_base renames the base into "
-    "place before the history says its release is shared",
-)
 def test_a_base_never_exists_while_its_release_is_recorded_private(tmp_path: Path) -> None:
-    """prepare_base renames `.base-<id>` into place, then saves `private: false` for <id>. A
-    save that fails (a full disk: purge_after_sync swallows the OSError) or a kill -9 between
+    """prepare_base used to rename `.base-<id>` into place, then save `private: false` for <id>.
+    A save that fails (a full disk: purge_after_sync swallows the OSError) or a kill -9 between
     the two leaves a base whose inodes <id> shares while the history calls <id> private. The
     next release is made from that base (sharing the inodes); if the group later turns
     link_dest off, cleanup keeps <id> as a private spare and rsync brings it up to date in
@@ -153,7 +149,7 @@ def test_a_base_never_exists_while_its_release_is_recorded_private(tmp_path: Pat
 
     real_save, history.save = history.save, failing_save  # type: ignore[method-assign]
     with pytest.raises(OSError):
-        history.prepare_base()
+        prepare_base(history)
     history.save = real_save  # type: ignore[method-assign]
     assert saves == 1
     with history.locked() as data:
