@@ -97,14 +97,21 @@ def sync(agent: AgentProcess, state: Path, group: str, src: str, dest: str) -> f
     return time.perf_counter() - started
 
 
-def wait_for_base(dest: str) -> float:
-    """A two-pass group's supervisor prepares the next base (a hard-link copy of the live
-    release) after the sync's end: wait for it, so that no timed sync shares the machine with
-    it; answers how long it took past the end."""
+def wait_for_supervisor(record: Path) -> float:
+    """After the end is recorded the sync's supervisor still removes the releases cleanup took
+    out and, for two passes, prepares the next base: wait for it to exit, so that no timed sync
+    shares the machine with that work; answers how long it took past the end."""
+    from deploy.process import is_same_process
+
     started = time.perf_counter()
-    live = os.path.basename(os.path.realpath(dest))
-    wait_until(lambda: os.path.isdir(f"{dest}.releases/.base-{live}"), 600, interval=0.005)
-    return time.perf_counter() - started
+    state = read_state(str(record)) or {}
+    pid, ticks = state.get("supervisorPid"), state.get("supervisorStart")
+    wait_until(lambda: not is_same_process(pid, ticks), 600, interval=0.005)
+    took = time.perf_counter() - started
+    # and the kernel's writeback of what it dirtied (a hard-link copy dirties every inode it
+    # links): each timed sync starts with nothing left to flush, as one a while later would
+    os.sync()
+    return took
 
 
 def new_inode_bytes(live: Path, previous: Path | None) -> tuple[int, int]:
@@ -176,12 +183,11 @@ def main() -> int:
             port,
         )
         started.append(agent)
-        prepared: list[float] = []
+        after: dict[str, list[float]] = {k: [] for k in kinds}  # past the end, per group
 
         def timed(group: str) -> float:
             took = sync(agent, state, group, str(targets / group), dest)
-            if group == "rel":
-                prepared.append(wait_for_base(str(targets / group)))
+            after[group].append(wait_for_supervisor(RECORDS[group]))
             return took
 
         for group in kinds:
@@ -190,7 +196,8 @@ def main() -> int:
             change(tree, args.files, 0.01, 100 + seed)
             for group in kinds:
                 timed(group)
-        prepared.clear()
+        for spent in after.values():
+            spent.clear()
         times: dict[str, list[float]] = {k: [] for k in kinds}
         disk: dict[str, list[tuple[float, int, int]]] = {"rel": [], "private": []}
         for seed in range(args.rounds):
@@ -203,6 +210,8 @@ def main() -> int:
                 previous = rels[-2] if len(rels) > 1 else None
                 added, count = new_inode_bytes(live, previous)
                 disk[group].append((added / changed, count, changed))
+        for group in kinds:
+            print(group, " ".join(f"{t:.3f}" for t in times[group]), flush=True)
         ratio = {
             g: statistics.median(t / i for t, i in zip(times[g], times["inplace"], strict=True))
             for g in disk
@@ -234,15 +243,17 @@ def main() -> int:
         lines += [
             f"| activate/rollback round trip (ms, median of {args.switches}) | "
             f"{statistics.median(switch_times) * 1000:.1f} | <= 20 ms |",
-            "| link_dest = true: next base prepared after the end, in the background (s, "
-            f"median) | {statistics.median(prepared):.3f} | |",
+            "| after the end, in the background: link_dest = true (purge, next base), "
+            f"link_dest = false (purge) (s, median) | {statistics.median(after['rel']):.3f}, "
+            f"{statistics.median(after['private']):.3f} | |",
             "",
             "Directory/inode overhead: with link_dest every release is a full tree of "
             f"directories (200 here) and {args.files:,} directory entries, its unchanged files "
             "hard links to the inodes of the releases before it; its sync runs in two passes "
             "from a prepared base (deploy.release_sync), which costs one more such tree "
             f"({base_dirs} directories, {base_entries:,} entries, no file data) between syncs, "
-            "made after each sync's end (not in the sync's time: it is the row above). Without "
+            "made after each sync's end (not in the sync's time: the row above; "
+            "each timed sync starts once the previous sync's supervisor is gone). Without "
             "link_dest every release is a private copy (the spare cleanup keeps is brought up "
             "to date instead of being rebuilt). Doomed releases are removed after the sync's "
             "end is recorded, so their removal is not in these times either.",
