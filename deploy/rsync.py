@@ -25,7 +25,11 @@ from deploy.rsync_output import (  # noqa: F401  (re-exported: the parser's publ
 )
 
 DEFAULT_FLAGS: tuple[str, ...] = ("--archive", "--delete", "--force")
-FORCED_FLAGS: tuple[str, ...] = ("--stats", "--itemize-changes")
+# TCP_NODELAY on a daemon connection (rsync ignores it otherwise): rsync's small exchanges (the
+# start of a session, a short file list) are not held back by Nagle's algorithm waiting for a
+# delayed ACK, ~40 ms a time on loopback; a two-pass release sync's second run is such a session.
+# Bulk transfers measured the same with it and without.
+FORCED_FLAGS: tuple[str, ...] = ("--stats", "--itemize-changes", "--sockopts=TCP_NODELAY")
 
 
 @dataclass(frozen=True)

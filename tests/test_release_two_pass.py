@@ -19,7 +19,7 @@ from deploy.rsync import RsyncTarget, build_argv
 from deploy.rsync_output import RsyncOutputParser, rsync_environment
 from tests.conftest import Daemons
 from tests.harness import ask, wait_until
-from tests.test_releases_agent import Rel, set_version
+from tests.test_releases_agent import Rel, ask_with, set_version
 
 
 @pytest.mark.parametrize(
@@ -278,3 +278,58 @@ def test_releases_from_a_prepared_base_never_touch_the_live_or_rollback_inodes(r
     assert status == 200, body
     assert rel.live_version() == "v1"
     assert stat.S_IMODE(os.lstat(rel.src / relative).st_mode) != 0o600
+
+
+def test_random_kills_during_two_passes_never_touch_another_release(
+    daemons: Daemons, tmp_path: Path
+) -> None:
+    """kill -9 of the supervisor or of its rsync (the dry run, the real run) at random moments
+    of two-pass syncs that privatize hundreds of files: the live release and the rollback target
+    keep every inode, mode, time and byte, `src` resolves, and the next sync, from the partial the
+    killed one left, makes the source's tree (TWO_PASS_KILLS rounds, 4 by default)."""
+    import random
+    import signal
+    import time
+
+    from deploy.process import is_same_process
+
+    rel = Rel(daemons, tmp_path, "--bwlimit=100", files=2000)
+    rounds = int(os.environ.get("TWO_PASS_KILLS", "4"))
+    rng = random.Random(os.environ.get("TWO_PASS_KILL_SEED", "23"))
+    record_path = rel.state / f"{rel.key()}.json"
+    rel.sync("v0")
+    rel.sync("v1")  # two releases: a live one and a rollback target
+    files = sorted(rel.tree.rglob("*.dat"))
+    for n in range(rounds):
+        kept = {p: snapshot(p) for p in Path(f"{rel.src}.releases").iterdir() if p.name[0] != "."}
+        for i, path in enumerate(files):  # permission-only changes: each one a private copy
+            os.chmod(path, 0o664 if (i + n) % 2 else 0o644)  # the daemon (nobody) reads them
+        for path in files[n * 40 : n * 40 + 40]:
+            path.write_bytes(os.urandom(2000))  # content: the real run takes a while
+        set_version(rel.tree, f"round{n}")
+        status, body = ask_with(rel.agent, "rsync", "web", release=f"r{n}")
+        assert status == 200, body
+        # early moments hit the dry run and the private copies, later ones the real run
+        at = time.monotonic() + (rng.uniform(0.0, 0.3) if n % 3 else rng.uniform(0.3, 1.0))
+        wait_until(lambda at=at: time.monotonic() >= at, what="the chosen moment")
+        record = read_state(str(record_path)) or {}
+        victim = ("supervisor", "rsync")[(n // 3) % 2]
+        pid, start = record.get(f"{victim}Pid"), record.get(f"{victim}Start")
+        if record.get("runId") == body["runId"] and pid and is_same_process(pid, start):
+            os.kill(pid, signal.SIGKILL)
+
+        def settled(run: str = body["runId"]) -> bool:
+            now = read_state(str(record_path)) or {}
+            if now.get("runId") != run:
+                return True
+            return not is_same_process(now.get("supervisorPid"), now.get("supervisorStart"))
+
+        wait_until(settled, 60, what="the supervisor to be gone")
+        for path, before in kept.items():
+            if path.exists():  # cleanup may have taken an old one out after a switch
+                assert snapshot(path) == before, f"{path.name} changed"
+        assert os.path.exists(rel.src / "VERSION"), "src does not resolve"
+        wait_until(lambda: ask(rel.agent, "status", "web")[1].get("alreadyRsync") != "true", 60)
+    rel.sync("after")  # from what the last killed sync left, when it left something
+    assert rel.live_version() == f"round{rounds - 1}"
+    same_tree(rel.tree, Path(os.path.realpath(rel.src)))

