@@ -162,6 +162,13 @@ def main() -> int:
         dest = rsyncd.url("DEST")
         groups = {
             "inplace": {"dest": dest, "src": targets / "inplace", "option": base},
+            # the same without the empty-source listing an in-place sync runs first
+            "unguarded": {
+                "dest": dest,
+                "src": targets / "unguarded",
+                "option": base,
+                "allow_empty_source": "true",
+            },
             "rel": {"dest": dest, "src": targets / "rel", "option": base, "releases": 3},
             "private": {
                 "dest": dest,
@@ -171,7 +178,7 @@ def main() -> int:
                 "link_dest": "false",
             },
         }
-        kinds = ("inplace", "rel", "private")
+        kinds = ("inplace", "unguarded", "rel", "private")
         port = free_port()
         state = work / "state"
         agent = AgentProcess(
@@ -231,10 +238,19 @@ def main() -> int:
             "|---|---|---|",
             f"| in-place sync (s, median) | {statistics.median(times['inplace']):.3f} | |",
         ]
+        unguarded = {
+            g: statistics.median(t / i for t, i in zip(times[g], times["unguarded"], strict=True))
+            for g in disk
+        }
+        lines.append(
+            "| in-place sync without its empty-source listing (s, median) | "
+            f"{statistics.median(times['unguarded']):.3f} | |"
+        )
         for g, name in (("rel", "link_dest = true"), ("private", "link_dest = false")):
             lines += [
                 f"| release sync, {name} (s, median) | {statistics.median(times[g]):.3f} | |",
                 f"| release / in-place, {name} | {ratio[g]:.2f}x | <= 1.3x |",
+                f"| release / in-place without its listing, {name} | {unguarded[g]:.2f}x | |",
                 f"| new-inode bytes / changed bytes, {name} | "
                 f"{statistics.median(d[0] for d in disk[g]):.2f}x ({disk[g][-1][1]} new inodes "
                 f"for {disk[g][-1][2]} changed bytes) | <= 1.1x |",
