@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from deploy.jobstate import OUTCOME_FAILED, OUTCOME_KILLED, OUTCOME_OK, OUTCOME_WARNING, outcome_of
+from deploy.release_layout import ReleaseError
 from deploy.release_private import in_writable, privatize, write_all
 from deploy.rsync_output import RsyncOutputParser
 
@@ -58,7 +59,7 @@ _DIRECTORY = b"d"
 GOOD = (OUTCOME_OK, OUTCOME_WARNING)
 
 
-class ReleaseSyncError(Exception):
+class ReleaseSyncError(ReleaseError):
     """The plan between the passes cannot be carried out; the message says what and why."""
 
 
@@ -72,25 +73,21 @@ def _shorts(option: str) -> str:
     return letters
 
 
-def eligible(options: Sequence[str]) -> bool:
-    """Whether a group with these rsync options can make its releases in two passes."""
+def _any_of(options: Sequence[str], long: frozenset[str], short: frozenset[str]) -> bool:
+    """Whether `options` hold one of the `long` options (with or without a value) or one of
+    the `short` letters in a bundle."""
     for option in options:
         if option.startswith("--"):
-            if option.partition("=")[0] in _REFUSED:
-                return False
-        elif option.startswith("-") and _REFUSED_SHORT.intersection(_shorts(option)):
-            return False
-    return True
-
-
-def _uses_filter_files(options: Sequence[str]) -> bool:
-    for option in options:
-        if option.startswith("--"):
-            if option.partition("=")[0] in _FILTER_FILES:
+            if option.partition("=")[0] in long:
                 return True
-        elif option.startswith("-") and _FILTER_FILES_SHORT.intersection(_shorts(option)):
+        elif option.startswith("-") and short.intersection(_shorts(option)):
             return True
     return False
+
+
+def eligible(options: Sequence[str]) -> bool:
+    """Whether a group with these rsync options can make its releases in two passes."""
+    return not _any_of(options, _REFUSED, _REFUSED_SHORT)
 
 
 class TwoPass:
@@ -105,7 +102,8 @@ class TwoPass:
         self.rsync = sync_argv[0]
         self.options = list(sync_argv[1:fence])
         self.source, self.dest = sync_argv[fence + 1], sync_argv[fence + 2]
-        self.from0 = not _uses_filter_files(self.options)
+        # filter files rsync would read NUL-separated under --from0: names one per line then
+        self.from0 = not _any_of(self.options, _FILTER_FILES, _FILTER_FILES_SHORT)
         self.spool_dir = spool_dir
         self.listed = 0
         self.transfers = 0
@@ -120,8 +118,6 @@ class TwoPass:
         self._dirs: tuple[bytes, int] | None = None  # the last parent walked to, and its fd
         self._listed_dirs: set[bytes] = set()
         self._top_times: tuple[int, int] | None = None  # the top directory's, before the passes
-
-    # -- the command lines
 
     # -- the passes, run by the supervisor (deploy.supervise: spawn, drain, finish)
 
@@ -164,7 +160,10 @@ class TwoPass:
         run said they change (a third, small run: `top_argv`), else its times as they were
         before the passes. Answers the sync's outcome and message."""
         if not self.top:
-            self.restore_top()
+            try:
+                self.restore_top()
+            except OSError as e:
+                return OUTCOME_FAILED, f"setting the top directory's times back: {e.strerror}"
             return outcome, message
         if (error := sup.spawn(self.top_argv())) is not None:
             return OUTCOME_FAILED, error
@@ -182,6 +181,8 @@ class TwoPass:
         the dry run did not itemize it; only entries made or replaced in it moved them)."""
         assert self._root is not None and self._top_times is not None
         os.utime(self._root, ns=self._top_times)
+
+    # -- the command lines
 
     def dry_argv(self) -> list[str]:
         options = [o for o in self.options if o != "--info=progress2"]
