@@ -166,12 +166,17 @@ class TwoPass:
         if not self.top:
             self.restore_top()
             return outcome, message
-        if (error := sup.spawn(self.top_argv())) is not None:
-            return OUTCOME_FAILED, error
-        code, text = sup.drain(RsyncOutputParser(keep_lists=False), [])
-        exit_code, sig = (code, None) if code >= 0 else (None, -code)
-        if sup.kill_requested:
-            return OUTCOME_KILLED, "stopped by rkill"
+        while True:  # a connection of its own: a busy source is waited for, as for the others
+            if (error := sup.spawn(self.top_argv())) is not None:
+                return OUTCOME_FAILED, error
+            code, text = sup.drain(RsyncOutputParser(keep_lists=False), [])
+            exit_code, sig = (code, None) if code >= 0 else (None, -code)
+            if sup.kill_requested:
+                return OUTCOME_KILLED, "stopped by rkill"
+            if not sup.waited_for_source(exit_code, text):
+                break
+            if sup.kill_requested:  # stopped while it waited
+                return OUTCOME_KILLED, "stopped by rkill"
         ended, why = outcome_of(exit_code, sig, text)
         if ended in GOOD:
             return (outcome if ended == OUTCOME_OK else ended), message or why

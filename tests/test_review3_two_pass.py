@@ -5,9 +5,10 @@ with the live tree's inodes checked after every run."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
+from deploy.jobstate import OUTCOME_OK
+from deploy.release_sync import TwoPass
 from tests.test_release_two_pass import run_two_pass, snapshot
 from tests.test_review_two_pass import first_release, in_place, pin_dir_times, tree
 
@@ -31,3 +32,43 @@ def test_a_directory_kept_by_excluded_files_does_not_fail_the_sync(tmp_path: Pat
     expected = tree(in_place(live, source, tmp_path / "in-place", *options))
     assert "gone/sub/run.log" in expected  # rsync keeps it, and the directories above it
     assert tree(tmp_path / "base") == expected
+
+
+class BusySource:
+    """What `TwoPass.top_pass` asks of the supervisor (deploy.supervise): the rsync daemon has no
+    connection left the first time, then the run ends ok."""
+
+    kill_requested = False
+
+    def __init__(self) -> None:
+        self.runs = 0
+        self.waits = 0
+
+    def spawn(self, argv: list[str]) -> str | None:
+        self.runs += 1
+        return None
+
+    def drain(self, parser: object, progress: list[object]) -> tuple[int, str]:
+        if self.runs == 1:
+            return 5, "@ERROR: max connections (1) reached -- try again later\n"
+        return 0, ""
+
+    def waited_for_source(self, exit_code: int | None, stderr_text: str) -> bool:
+        from deploy.source_retry import source_busy
+
+        self.waits += 1
+        return source_busy(exit_code, stderr_text)
+
+
+def test_the_top_pass_waits_for_a_busy_source_like_the_other_runs(tmp_path: Path) -> None:
+    """The third run (the top directory's attributes) is a connection of its own: an rsync daemon
+    at its `max connections` answers it "try again later" as it may the dry run or the real run.
+    Those two wait as `source_retry` says and try again; the top pass failed the sync at once,
+    after the whole release had been made."""
+    tp = TwoPass(["rsync", "--archive", "--", "h::m/", f"{tmp_path}/"], str(tmp_path))
+    tp.start()
+    tp.top = True
+    sup = BusySource()
+    outcome, message = tp.top_pass(sup, OUTCOME_OK, "")
+    tp.close()
+    assert (outcome, message, sup.runs) == (OUTCOME_OK, "", 2)
