@@ -164,7 +164,10 @@ class TwoPass:
         run said they change (a third, small run: `top_argv`), else its times as they were
         before the passes. Answers the sync's outcome and message."""
         if not self.top:
-            self.restore_top()
+            try:
+                self.restore_top()
+            except OSError as e:  # the end is still recorded: the release is not made
+                return OUTCOME_FAILED, f"cannot set the top directory's times: {e.strerror}"
             return outcome, message
         while True:  # a connection of its own: a busy source is waited for, as for the others
             if (error := sup.spawn(self.top_argv())) is not None:

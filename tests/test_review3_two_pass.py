@@ -5,7 +5,10 @@ with the live tree's inodes checked after every run."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+import pytest
 
 from deploy.jobstate import OUTCOME_OK
 from deploy.release_sync import TwoPass
@@ -72,3 +75,21 @@ def test_the_top_pass_waits_for_a_busy_source_like_the_other_runs(tmp_path: Path
     outcome, message = tp.top_pass(sup, OUTCOME_OK, "")
     tp.close()
     assert (outcome, message, sup.runs) == (OUTCOME_OK, "", 2)
+
+
+def test_a_failure_to_put_the_top_times_back_ends_the_sync_failed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`restore_top` (a utime on the partial's top directory) runs in the supervisor after the
+    real run; its OSError (EPERM for a non-root agent on a top it does not own, EROFS) went up
+    through `pump` and ended the supervisor with a traceback: no end recorded for the sync."""
+    tp = TwoPass(["rsync", "--archive", "--", "h::m/", f"{tmp_path}/"], str(tmp_path))
+    tp.start()
+
+    def refused(*args: object, **kwargs: object) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "utime", refused)
+    outcome, message = tp.top_pass(BusySource(), OUTCOME_OK, "")
+    tp.close()
+    assert outcome == "failed" and "top directory" in message
