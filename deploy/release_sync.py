@@ -74,13 +74,29 @@ def _shorts(option: str) -> str:
 
 def eligible(options: Sequence[str]) -> bool:
     """Whether a group with these rsync options can make its releases in two passes."""
-    for option in options:
+    for i, option in enumerate(options):
         if option.startswith("--"):
             if option.partition("=")[0] in _REFUSED:
                 return False
         elif option.startswith("-") and _REFUSED_SHORT.intersection(_shorts(option)):
             return False
+        if _clears_filters(option, options[i + 1] if i + 1 < len(options) else ""):
+            return False
     return True
+
+
+def _clears_filters(option: str, following: str) -> bool:
+    """A filter rule that clears the rules before it (`!`, `clear`): it would clear the top
+    pass's own `--exclude=/*` (`top_argv`), which then sends every top-level entry."""
+    if option == "--filter" or (option.startswith("-f") and len(option) == 2):
+        value = following
+    elif option.startswith("--filter="):
+        value = option.partition("=")[2]
+    elif option.startswith("-") and not option.startswith("--") and "f" in _shorts(option):
+        value = option[len(_shorts(option)) + 1 :] or following
+    else:
+        return False
+    return value.strip() in ("!", "clear")
 
 
 def _uses_filter_files(options: Sequence[str]) -> bool:

@@ -6,12 +6,13 @@ with the live tree's inodes checked after every run."""
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from deploy.jobstate import OUTCOME_OK
-from deploy.release_sync import TwoPass
+from deploy.release_sync import TwoPass, eligible
 from tests.test_release_two_pass import run_two_pass, snapshot
 from tests.test_review_two_pass import first_release, in_place, pin_dir_times, tree
 
@@ -93,3 +94,22 @@ def test_a_failure_to_put_the_top_times_back_ends_the_sync_failed(
     outcome, message = tp.top_pass(BusySource(), OUTCOME_OK, "")
     tp.close()
     assert outcome == "failed" and "top directory" in message
+
+
+@pytest.mark.parametrize(
+    "options", [["-a", "--filter=!"], ["-a", "--filter", "clear"], ["-af!"], ["-a", "-f", "!"]]
+)
+def test_a_rule_that_clears_the_filters_is_not_eligible(tmp_path: Path, options: list[str]) -> None:
+    """`!` (or `clear`) in the group's filters clears every rule before it, the top pass's own
+    `--exclude=/*` too: the top pass then sent every top-level entry, none of them privatized
+    (an attribute changed at the source since the dry run is a chmod of the live release's
+    inode). Shown with a real rsync, then refused."""
+    source, dest = tmp_path / "s", tmp_path / "d"
+    (source / "sub").mkdir(parents=True)
+    (source / "f").write_text("f")
+    dest.mkdir()
+    tp = TwoPass(["rsync", *options, "--", f"{source}/", f"{dest}/"], str(tmp_path))
+    subprocess.run(tp.top_argv(), check=True)
+    assert sorted(os.listdir(dest)) == ["f", "sub"]  # the top pass went past the top directory
+    assert not eligible(options)
+    assert eligible(["-a", "--filter=- *.log", "-f", "+ keep"])
