@@ -192,8 +192,13 @@ def main() -> int:
         started.append(agent)
         after: dict[str, list[float]] = {k: [] for k in kinds}  # past the end, per group
 
+        two_pass: list[bool] = []  # per rel sync: made in two passes (not --link-dest)
+
         def timed(group: str) -> float:
             took = sync(agent, state, group, str(targets / group), dest)
+            if group == "rel":
+                record = read_state(str(RECORDS[group])) or {}
+                two_pass.append(record.get("releaseTwoPass") is True)
             after[group].append(wait_for_supervisor(RECORDS[group]))
             return took
 
@@ -205,6 +210,7 @@ def main() -> int:
                 timed(group)
         for spent in after.values():
             spent.clear()
+        two_pass.clear()
         times: dict[str, list[float]] = {k: [] for k in kinds}
         disk: dict[str, list[tuple[float, int, int]]] = {"rel": [], "private": []}
         for seed in range(args.rounds):
@@ -259,6 +265,7 @@ def main() -> int:
         lines += [
             f"| activate/rollback round trip (ms, median of {args.switches}) | "
             f"{statistics.median(switch_times) * 1000:.1f} | <= 20 ms |",
+            f"| link_dest = true syncs made in two passes | {sum(two_pass)} of {len(two_pass)} | |",
             "| after the end, in the background: link_dest = true (purge, next base), "
             f"link_dest = false (purge) (s, median) | {statistics.median(after['rel']):.3f}, "
             f"{statistics.median(after['private']):.3f} | |",

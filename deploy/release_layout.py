@@ -16,6 +16,8 @@ SPARE = ".spare-"
 # (deploy.release_sync), made as `.basetmp-<maker's pid>-<its start ticks>-<random>`
 BASE = ".base-"
 BASE_TEMP = ".basetmp-"
+# where a two-pass sync makes its private copies: `.private-` + the partial's name
+SCRATCH = ".private-"
 # renameat2(2) flag (linux/fs.h)
 RENAME_EXCHANGE = 2
 AT_FDCWD = -100
@@ -83,6 +85,10 @@ class ReleaseLayout:
 
     def spares(self) -> list[str]:
         return sorted(n[len(SPARE) :] for n in self._names() if n.startswith(SPARE))
+
+    def scratches(self) -> list[str]:
+        """Names of the scratch directories of two-pass syncs (see deploy.release_private)."""
+        return [n for n in self._names() if n.startswith(SCRATCH)]
 
     def bases(self) -> list[str]:
         """Ids of the releases a prepared base is a copy of, oldest first."""

@@ -21,9 +21,9 @@ from deploy.config import AgentConfig, ConfigError, RsyncGroup
 from deploy.errors import InvalidTarget
 from deploy.jobs import JobRegistry, target_key
 from deploy.jobstate import OUTCOME_OK
+from deploy.release_argv import eligible
 from deploy.release_layout import default_releases_path
 from deploy.release_steps import recover, switch_back
-from deploy.release_sync import eligible
 from deploy.releases import (
     OUTCOME_CHECK_FAILED,
     ReleaseHistory,

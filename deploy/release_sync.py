@@ -12,48 +12,24 @@ inode another release holds is ever changed:
    rsync touches no entry the dry run did not name but the directories above them (private to
    the base: listed, so that rsync sets again the times the passes moved).
 
-The supervisor runs both passes (deploy.supervise); this module owns their command lines, the
-plan between them (its private copies: deploy.release_private) and which groups can use them at
-all (`eligible`: options the passes cannot mirror send a group back to --link-dest into a fresh
-directory)."""
+The supervisor runs the passes (deploy.supervise); this module owns the plan between them (its
+private copies: deploy.release_private; their command lines, and which groups can use them at
+all: deploy.release_argv)."""
 
 from __future__ import annotations
 
 import errno
 import os
+import shutil
 from collections.abc import Sequence
 from typing import Any
 
 from deploy.jobstate import OUTCOME_FAILED, OUTCOME_KILLED, OUTCOME_OK, OUTCOME_WARNING, outcome_of
-from deploy.release_layout import ReleaseError
+from deploy.release_argv import dry_argv, reads_filter_files, real_argv, top_argv
+from deploy.release_layout import SCRATCH, ReleaseError
 from deploy.release_private import in_writable, privatize, write_all
 from deploy.rsync_output import RsyncOutputParser
 
-# Options the two passes cannot mirror: hard links across the tree, file lists of the group's
-# own, dry runs, in-place writes, backups beside the files, other base directories, and output
-# options that would hide or reshape the dry run's itemized list.
-_REFUSED = frozenset(
-    (
-        "--hard-links", "--relative", "--files-from", "--from0", "--link-dest", "--copy-dest",
-        "--compare-dest", "--backup", "--backup-dir", "--suffix", "--inplace", "--append",
-        "--append-verify", "--remove-source-files", "--write-batch", "--only-write-batch",
-        "--read-batch", "--dry-run", "--list-only", "--keep-dirlinks", "--quiet", "--info",
-        "--out-format", "--log-format", "--iconv", "--delete-missing-args", "--no-implied-dirs",
-        "--old-args", "--stderr", "--msgs2stderr",
-    )
-)  # fmt: skip
-_REFUSED_SHORT = frozenset("HRbKqn0")
-# Short options whose value is the rest of their bundle (or the next word).
-_VALUE_SHORT = frozenset("eBfTM@")
-# Filter files rsync reads NUL-separated under --from0: the list is then one name per line.
-_FILTER_FILES = frozenset(("--exclude-from", "--include-from", "--filter"))
-_FILTER_FILES_SHORT = frozenset("fF")
-_DELETE = frozenset(
-    (
-        "--del", "--delete", "--delete-before", "--delete-during", "--delete-delay",
-        "--delete-after", "--delete-excluded", "--max-delete",
-    )
-)  # fmt: skip
 _TRANSFER = (b"<", b">")
 _DIRECTORY = b"d"
 GOOD = (OUTCOME_OK, OUTCOME_WARNING)
@@ -61,33 +37,6 @@ GOOD = (OUTCOME_OK, OUTCOME_WARNING)
 
 class ReleaseSyncError(ReleaseError):
     """The plan between the passes cannot be carried out; the message says what and why."""
-
-
-def _shorts(option: str) -> str:
-    """The letters of a bundle of short options, up to one that takes a value."""
-    letters = ""
-    for letter in option[1:]:
-        letters += letter
-        if letter in _VALUE_SHORT:
-            break
-    return letters
-
-
-def _any_of(options: Sequence[str], long: frozenset[str], short: frozenset[str]) -> bool:
-    """Whether `options` hold one of the `long` options (with or without a value) or one of
-    the `short` letters in a bundle."""
-    for option in options:
-        if option.startswith("--"):
-            if option.partition("=")[0] in long:
-                return True
-        elif option.startswith("-") and short.intersection(_shorts(option)):
-            return True
-    return False
-
-
-def eligible(options: Sequence[str]) -> bool:
-    """Whether a group with these rsync options can make its releases in two passes."""
-    return not _any_of(options, _REFUSED, _REFUSED_SHORT)
 
 
 class TwoPass:
@@ -103,7 +52,7 @@ class TwoPass:
         self.options = list(sync_argv[1:fence])
         self.source, self.dest = sync_argv[fence + 1], sync_argv[fence + 2]
         # filter files rsync would read NUL-separated under --from0: names one per line then
-        self.from0 = not _any_of(self.options, _FILTER_FILES, _FILTER_FILES_SHORT)
+        self.from0 = not reads_filter_files(self.options)
         self.spool_dir = spool_dir
         self.listed = 0
         self.transfers = 0
@@ -115,6 +64,8 @@ class TwoPass:
         self._names: int | None = None  # the real run's --files-from
         self._doomed: int | None = None  # what the dry run would delete, in its order
         self._root: int | None = None
+        self._scratch: int | None = None  # where private copies are made (`_make_scratch`)
+        self._scratch_path: str | None = None
         self._dirs: tuple[bytes, int] | None = None  # the last parent walked to, and its fd
         self._listed_dirs: set[bytes] = set()
         self._top_times: tuple[int, int] | None = None  # the top directory's, before the passes
@@ -165,12 +116,17 @@ class TwoPass:
             except OSError as e:
                 return OUTCOME_FAILED, f"setting the top directory's times back: {e.strerror}"
             return outcome, message
-        if (error := sup.spawn(self.top_argv())) is not None:
-            return OUTCOME_FAILED, error
-        code, text = sup.drain(RsyncOutputParser(keep_lists=False), [])
-        exit_code, sig = (code, None) if code >= 0 else (None, -code)
-        if sup.kill_requested:
-            return OUTCOME_KILLED, "stopped by rkill"
+        while True:  # a connection of its own: a busy source is waited for, as for the others
+            if (error := sup.spawn(self.top_argv())) is not None:
+                return OUTCOME_FAILED, error
+            code, text = sup.drain(RsyncOutputParser(keep_lists=False), [])
+            exit_code, sig = (code, None) if code >= 0 else (None, -code)
+            if sup.kill_requested:
+                return OUTCOME_KILLED, "stopped by rkill"
+            if not sup.waited_for_source(exit_code, text):
+                break
+            if sup.kill_requested:  # stopped while it waited
+                return OUTCOME_KILLED, "stopped by rkill"
         ended, why = outcome_of(exit_code, sig, text)
         if ended in GOOD:
             return (outcome if ended == OUTCOME_OK else ended), message or why
@@ -185,41 +141,15 @@ class TwoPass:
     # -- the command lines
 
     def dry_argv(self) -> list[str]:
-        options = [o for o in self.options if o != "--info=progress2"]
-        # "%i %n": no " -> target" after a symlink's name, which a name could itself hold
-        options += ["--dry-run", "--out-format=%i %n"]
-        return [self.rsync, *options, "--", self.source, self.dest]
+        return dry_argv(self.rsync, self.options, self.source, self.dest)
 
     def real_argv(self) -> list[str]:
-        """The real run: the dry run's names (read from its stdin: `names_fd`), nothing else.
-        (Not /dev/fd/N: rsync 3.4+ opens the --files-from path without following symlinks.)"""
+        """The real run: the dry run's names (read from its stdin: `names_fd`), nothing else."""
         assert self._names is not None
-        options = self._without_deletions()
-        # --files-from implies --dirs: a listed directory is made, not its contents (those are
-        # listed themselves); the top directory is never listed: "." would send its contents.
-        # Not -m: a listed directory whose (unchanged) files are not listed is no empty one.
-        options += ["--files-from=-", "--no-implied-dirs", "--no-recursive"]
-        options.append("--no-prune-empty-dirs")
-        if self.from0:
-            options.append("--from0")
-        return [self.rsync, *options, "--", self.source, self.dest]
+        return real_argv(self.rsync, self.options, self.source, self.dest, self.from0)
 
     def top_argv(self) -> list[str]:
-        """The top directory alone: every entry in it excluded by the first filter rule (first
-        match wins, so no rule of the group's can let one through)."""
-        options = [*self._without_deletions(), "--dirs", "--no-recursive"]
-        return [self.rsync, "--exclude=/*", *options, "--", self.source, self.dest]
-
-    def _without_deletions(self) -> list[str]:
-        options, skip = [], False
-        for option in self.options:
-            if skip:
-                skip = False
-            elif option.partition("=")[0] in _DELETE:
-                skip = option == "--max-delete"  # its value is the next word
-            else:
-                options.append(option)
-        return options
+        return top_argv(self.rsync, self.options, self.source, self.dest)
 
     def names_fd(self) -> int:
         assert self._names is not None
@@ -246,6 +176,20 @@ class TwoPass:
             raise ReleaseSyncError(f"cannot open {self.dest}: {e.strerror}") from e
         top = os.fstat(self._root)
         self._top_times = (top.st_atime_ns, top.st_mtime_ns)
+        self._scratch = self._make_scratch()
+
+    def _make_scratch(self) -> int:
+        """The directory private copies are made in (`SCRATCH` + the partial's name, beside it:
+        the same file system, outside the tree); what a killed plan left there is removed."""
+        partial = self.dest.rstrip("/")
+        path = os.path.join(os.path.dirname(partial), SCRATCH + os.path.basename(partial))
+        if os.path.lexists(path):
+            if os.path.islink(path) or not os.path.isdir(path):
+                raise ReleaseSyncError(f"{path} is not a directory of ours: not touching it")
+            shutil.rmtree(path)
+        os.mkdir(path, 0o700)
+        self._scratch_path = path
+        return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
 
     def _spool(self) -> int:
         """An anonymous file in `spool_dir` (the agent's state directory): gone with its fd."""
@@ -328,10 +272,16 @@ class TwoPass:
 
     def close(self) -> None:
         self._forget_dir()
-        for fd in (self._root, self._names, self._doomed):
+        for fd in (self._root, self._names, self._doomed, self._scratch):
             if fd is not None:
                 os.close(fd)
-        self._root = self._names = self._doomed = None
+        self._root = self._names = self._doomed = self._scratch = None
+        if self._scratch_path is not None:
+            try:
+                os.rmdir(self._scratch_path)  # empty: every copy was renamed into the tree
+            except OSError:
+                pass  # the next sync's `begin` dooms it
+            self._scratch_path = None
 
     # -- in the base
 
@@ -369,7 +319,8 @@ class TwoPass:
         if directory is None:
             return
         try:
-            privatize(directory, parts[-1])
+            assert self._scratch is not None
+            privatize(directory, parts[-1], self._scratch)
         except FileNotFoundError:
             pass  # a new entry: nothing of another release's to protect
         except OSError as e:
@@ -394,6 +345,10 @@ class TwoPass:
         except FileNotFoundError:
             pass
         except OSError as e:
+            if e.errno in (errno.ENOTEMPTY, errno.EEXIST) and remove is os.rmdir:
+                # it holds entries the filters protect: rsync itemizes the directory's deletion
+                # in a dry run, then keeps it ("cannot delete non-empty directory")
+                return
             raise ReleaseSyncError(f"cannot delete {name!r} from the base: {e.strerror}") from e
 
 

@@ -228,6 +228,8 @@ class ReleaseHistory:
                 layout.doom(PARTIAL + old)
         for old in layout.spares():
             layout.doom(SPARE + old)
+        for name in layout.scratches():
+            layout.doom(name)  # a killed two-pass sync's (none runs now: this one starts)
         # older copies (the newest stays for a later sync when a leftover partial was taken),
         # or every one once the group has no two passes
         for old in bases[:-1] if base in resumable_two else bases if two_pass else layout.bases():

@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 
 from deploy.jobstate import read_state
-from deploy.release_sync import ReleaseSyncError, TwoPass, eligible, privatize
+from deploy.release_argv import eligible
+from deploy.release_private import privatize
+from deploy.release_sync import ReleaseSyncError, TwoPass
 from deploy.rsync import RsyncTarget, build_argv
 from deploy.rsync_output import RsyncOutputParser, rsync_environment
 from tests.conftest import Daemons
@@ -66,8 +68,11 @@ def test_command_lines(tmp_path: Path) -> None:
     assert real.index("--no-recursive") > real.index("-r")  # the later one wins
     assert {"--files-from=-", "--no-implied-dirs"} <= set(real)
     top = tp.top_argv()
-    assert top[1] == "--exclude=/*"  # the first filter rule: no entry of the top goes through
     assert not any(o.startswith("--del") for o in top) and "--dirs" in top
+    filtered = two_pass(["-avzF", "--exclude=*.tmp", "--filter", "! x", "-f- y", "-C"], tmp_path)
+    top = filtered.top_argv()  # its own rule alone: none of the group's could clear it
+    assert [o for o in top if "exclude" in o or "filter" in o] == ["--exclude=/*"]
+    assert "-avz" in top and "! x" not in top and "-f- y" not in top and "-C" not in top
     newline = two_pass(["--archive", "--exclude-from=/x"], tmp_path)
     newline._names = 0
     assert "--from0" not in newline.real_argv()  # it would make rsync read /x NUL-separated
@@ -87,12 +92,17 @@ def test_privatize_breaks_shared_links_and_keeps_attributes(tmp_path: Path) -> N
     (base / "own").write_text("mine")
     for name in ("f", "l", "p"):
         os.link(live / name, base / name, follow_symlinks=False)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
     fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY)
+    sfd = os.open(scratch, os.O_RDONLY | os.O_DIRECTORY)
     try:
         for name in (b"f", b"l", b"p", b"own"):
-            privatize(fd, name)
+            privatize(fd, name, sfd)
     finally:
         os.close(fd)
+        os.close(sfd)
+    assert os.listdir(scratch) == []
     f, lf = os.lstat(base / "f"), os.lstat(live / "f")
     assert f.st_ino != lf.st_ino and lf.st_nlink == 1 and f.st_nlink == 1
     assert (base / "f").read_bytes() == b"data" * 1000

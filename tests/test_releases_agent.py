@@ -15,7 +15,7 @@ import pytest
 
 from deploy.jobs import target_key
 from deploy.jobstate import read_state
-from deploy.release_sync import eligible
+from deploy.release_argv import eligible
 from deploy.rsync import RsyncTarget
 from tests.conftest import Daemons
 from tests.harness import AgentProcess, ask, make_tree, run_client, wait_until

@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
+from deploy.release_argv import eligible
 from deploy.release_steps import prepare_base
-from deploy.release_sync import eligible
 from deploy.releases import ReleaseHistory, ReleaseSpec
 from tests.test_release_two_pass import run_two_pass, snapshot
 
