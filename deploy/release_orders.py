@@ -140,6 +140,7 @@ class ReleaseOrders:
             label=label,
             two_pass=group.link_dest
             and eligible(target.options if target.options is not None else DEFAULT_FLAGS),
+            two_pass_min_files=group.two_pass_min_files,
         )
 
     def stage(self, target: RsyncTarget, group: RsyncGroup, label: str) -> dict[str, Any]:

@@ -94,14 +94,19 @@ def purge_after_sync(spec_data: dict[str, Any]) -> None:
 
 def prepare_base(history: ReleaseHistory) -> None:
     """A hard-link copy of the live release, the base of the next two-pass sync, unless one is
-    ready. Slow (one link per file; run after a sync's end is recorded): the copy is made
-    outside the history's lock, and becomes the base under it, only once the history says its
-    release is shared (a flag saying so wrongly costs nothing; the other way round, cleanup
-    could keep that release as a private spare and rsync it in place)."""
+    ready or the release has fewer files than the group's `two_pass_min_files`. Slow (one link
+    per file; run after a sync's end is recorded): the copy is made outside the history's lock,
+    and becomes the base under it, only once the history says its release is shared (a flag
+    saying so wrongly costs nothing; the other way round, cleanup could keep that release as a
+    private spare and rsync it in place)."""
     layout = history.layout
     live = layout.live_id()
     if live is None or live in layout.bases():
         return
+    with history.locked() as data:
+        files = (history.record(data, live) or {}).get("files")
+    if not isinstance(files, int) or files < history.spec.two_pass_min_files:
+        return  # a small tree: one --link-dest run into a fresh directory costs as much
     pid = os.getpid()
     temp = layout.copy_release(live, (pid, proc_start_ticks(pid) or 0))
     if temp is None:

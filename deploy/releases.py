@@ -57,6 +57,7 @@ class ReleaseSpec(NamedTuple):
     # with link_dest: new releases made in two passes from a prepared base (the group's rsync
     # options allow it, see deploy.release_sync.eligible)
     two_pass: bool = False
+    two_pass_min_files: int = 2000
     extra: dict[str, Any] = {}  # shared by every spec that has none: never changed in place
 
     @classmethod

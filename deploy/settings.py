@@ -72,6 +72,9 @@ class RsyncGroup:
     releases_path: str | None = None
     activate: str = "auto"
     link_dest: bool = True
+    # with link_dest: releases are made in two passes once the live one has this many files
+    # (deploy.release_sync; below it one --link-dest run into a fresh directory costs as much)
+    two_pass_min_files: int = 2000
     after_activate: str | None = None
     check: str | None = None
     check_timeout: float = 30.0

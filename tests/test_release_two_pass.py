@@ -343,3 +343,23 @@ def test_random_kills_during_two_passes_never_touch_another_release(
     rel.sync("after")  # from what the last killed sync left, when it left something
     assert rel.live_version() == f"round{rounds - 1}"
     same_tree(rel.tree, Path(os.path.realpath(rel.src)))
+
+
+def test_a_small_tree_links_into_a_fresh_directory(daemons: Daemons, tmp_path: Path) -> None:
+    """Below `two_pass_min_files` (the live release's files) no base is prepared: for a small
+    tree one --link-dest run into a fresh directory costs as much as two passes, and a rollout
+    of small releases pays the extra runs on every host (bench/RESULTS.md)."""
+    from deploy.process import is_same_process
+
+    rel = Rel(daemons, tmp_path, two_pass_min_files=1000)  # 30 files
+    record_path = rel.state / f"{rel.key()}.json"
+    for label in ("v1", "v2"):
+        set_version(rel.tree, label)
+        rel.sync(label)
+        record = read_state(str(record_path)) or {}
+        assert "releaseTwoPass" not in record
+        linked = any(a.startswith("--link-dest=") for a in record["argv"])
+        assert linked == (label == "v2"), record["argv"]  # v1: nothing live to link to
+        pid, start = record.get("supervisorPid"), record.get("supervisorStart")
+        wait_until(lambda p=pid, s=start: not is_same_process(p, s), 30, what="the exit")
+        assert prepared_base(rel) == []

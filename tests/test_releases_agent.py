@@ -52,9 +52,10 @@ class Rel:
         jobs.write_text(JOBS)
         deleting = ("--delete",) if delete else ()
         keys = self.rsyncd.group(self.src, "--archive", *deleting, *options)
-        keys.update(releases=3, **group)
+        keys.update({"releases": 3, "two_pass_min_files": 0, **group})  # two passes, small tree
         # a two-pass group prepares the next base after each sync (deploy.release_sync)
         self.two_pass = group.get("link_dest", "true") == "true" and eligible(options)
+        self.two_pass = self.two_pass and not group.get("two_pass_min_files")
         self.agent = daemons.agent(
             groups={"web": keys}, jobs=jobs, state=self.state, allow_paths=[self.targets]
         )

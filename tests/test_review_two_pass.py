@@ -131,6 +131,7 @@ def test_a_base_never_exists_while_its_release_is_recorded_private(tmp_path: Pat
         history=str(tmp_path / "state" / "h.json"),
         keep=2,
         two_pass=True,
+        two_pass_min_files=0,
     )
     history = ReleaseHistory(spec)
     with history.locked() as data:
