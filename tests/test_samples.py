@@ -63,6 +63,7 @@ def test_agent_sample_documents_every_key():
         "releases_path",
         "activate",
         "link_dest",
+        "two_pass_min_files",  # two-pass release syncs (issue 17)
         "after_activate",
         "check",
         "check_timeout",
