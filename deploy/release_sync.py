@@ -1,16 +1,19 @@
 """The two-pass release sync: a new release made from a prepared base (a hard-link copy of an
-earlier release, see `ReleaseLayout.prepare_base`) at about the cost of an in-place sync, while no
-inode another release holds is ever changed:
+earlier release, see deploy.release_steps.prepare_base) at about the cost of an in-place sync,
+while no inode another release holds is ever changed:
 
 1. a dry run of the sync itemizes every entry it would change or delete (`TwoPass.on_item`);
 2. each changed entry that is still a hard link shared with another release is replaced by a
-   private copy before anything else touches it (`privatize`): rsync changes the attributes of
-   an up-to-date file in place (chmod, chown, utime), which would change the live release and
-   the rollback target too; after the dry run the entries it would delete are unlinked from the
-   base (names in the base's own directories: the inodes stay with the releases holding them);
+   private copy before anything else touches it (`privatize`, made in a scratch directory beside
+   the partial): rsync changes the attributes of an up-to-date file in place (chmod, chown,
+   utime), which would change the live release and the rollback target too; after the dry run
+   the entries it would delete are unlinked from the base (names in the base's own directories:
+   the inodes stay with the releases holding them);
 3. the real run syncs exactly the names the dry run itemized (`--files-from`, no recursion), so
    rsync touches no entry the dry run did not name but the directories above them (private to
-   the base: listed, so that rsync sets again the times the passes moved).
+   the base: listed, so that rsync sets again the times the passes moved);
+4. the top directory's own attributes: a third, small run when the dry run itemized it, else
+   its times put back (`top_pass`).
 
 The supervisor runs the passes (deploy.supervise); this module owns the plan between them (its
 private copies: deploy.release_private; their command lines, and which groups can use them at
