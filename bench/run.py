@@ -353,7 +353,9 @@ class Bench:
             src=str(self.run_dir / "agents" / host / "targets" / spec.name),
             options=(*socket, *RSYNC_OPTIONS),
         )
-        return build_argv(target, dry_run=True)
+        argv = build_argv(target, dry_run=True)
+        # the agent passes --sockopts=TCP_NODELAY itself: rsync's defaults are without it
+        return [a for a in argv if not a.startswith("--sockopts=")] if defaults else argv
 
     def bare(self, argv: list[str]) -> float:
         run = run_timed(argv, timeout=600, env=self.env)
