@@ -19,6 +19,8 @@ OUTCOME_FAILED = "failed"
 OUTCOME_KILLED = "killed"
 OUTCOME_LOST = "lost"
 OUTCOME_REFUSED = "refused"
+# the outcomes of a sync that did its work (a warning: some files vanished at the source, ...)
+GOOD_OUTCOMES = (OUTCOME_OK, OUTCOME_WARNING)
 
 # The `state` field of a record: the agent writes `starting` before it spawns the supervisor, the
 # supervisor `running` once it runs and `ended` with the outcome; the agent writes `ended` itself

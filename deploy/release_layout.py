@@ -174,13 +174,11 @@ class ReleaseLayout:
     def base_copies(self) -> list[tuple[str, int, int]]:
         """The copies in the making (`copy_release`): name, maker's pid and start ticks."""
         copies = []
-        for name in self._names():
+        for name in (n for n in self._names() if n.startswith(BASE_TEMP)):
             pid, _, rest = name[len(BASE_TEMP) :].partition("-")
             ticks = rest.partition("-")[0]
-            if name.startswith(BASE_TEMP) and pid.isdigit() and ticks.isdigit():
-                copies.append((name, int(pid), int(ticks)))
-            elif name.startswith(BASE_TEMP):
-                copies.append((name, 0, 0))
+            ours = pid.isdigit() and ticks.isdigit()  # else a name no maker of ours gave
+            copies.append((name, int(pid) if ours else 0, int(ticks) if ours else 0))
         return copies
 
     def doom(self, name: str) -> None:

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from deploy.jobstate import OUTCOME_OK, OUTCOME_WARNING
+from deploy.jobstate import GOOD_OUTCOMES, OUTCOME_OK
 from deploy.process import is_same_process, proc_start_ticks, signal_group
 from deploy.release_layout import ReleaseError
 from deploy.releases import (
@@ -85,7 +85,7 @@ def purge_after_sync(spec_data: dict[str, Any]) -> None:
     spec = ReleaseSpec.from_dict(spec_data)
     history = ReleaseHistory(spec)
     history.layout.purge()
-    if spec.two_pass and spec.link_dest:
+    if spec.two_pass:
         try:
             prepare_base(history)
         except (OSError, ReleaseError):
@@ -107,8 +107,8 @@ def prepare_base(history: ReleaseHistory) -> None:
         files = (history.record(data, live) or {}).get("files")
     if not isinstance(files, int) or files < history.spec.two_pass_min_files:
         return  # a small tree: one --link-dest run into a fresh directory costs as much
-    pid = os.getpid()
-    temp = layout.copy_release(live, (pid, proc_start_ticks(pid) or 0))
+    pid, ticks = me()
+    temp = layout.copy_release(live, (pid, ticks))
     if temp is None:
         return
     try:
@@ -189,7 +189,7 @@ def recover(
             r["id"]
             for r in data["releases"]
             if r["state"] == STATE_STAGED
-            and r.get("outcome") in (OUTCOME_OK, OUTCOME_WARNING)
+            and r.get("outcome") in GOOD_OUTCOMES
             and (live is None or r["id"] > live)
         ]
         switched = spec.activate == "auto" and bool(staged)

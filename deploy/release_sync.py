@@ -27,7 +27,7 @@ import shutil
 from collections.abc import Sequence
 from typing import Any
 
-from deploy.jobstate import OUTCOME_FAILED, OUTCOME_KILLED, OUTCOME_OK, OUTCOME_WARNING, outcome_of
+from deploy.jobstate import GOOD_OUTCOMES, OUTCOME_FAILED, OUTCOME_KILLED, OUTCOME_OK, outcome_of
 from deploy.release_argv import dry_argv, reads_filter_files, real_argv, top_argv
 from deploy.release_layout import SCRATCH, ReleaseError
 from deploy.release_private import in_writable, privatize, write_all
@@ -35,7 +35,6 @@ from deploy.rsync_output import RsyncOutputParser
 
 _TRANSFER = (b"<", b">")
 _DIRECTORY = b"d"
-GOOD = (OUTCOME_OK, OUTCOME_WARNING)
 
 
 class ReleaseSyncError(ReleaseError):
@@ -57,7 +56,7 @@ class TwoPass:
         # filter files rsync would read NUL-separated under --from0: names one per line then
         self.from0 = not reads_filter_files(self.options)
         self.spool_dir = spool_dir
-        self.listed = 0
+        self.listed = 0  # names given to the real run
         self.transfers = 0
         self.deletions = 0
         self.planned = False
@@ -93,16 +92,16 @@ class TwoPass:
         if self.error is None and sup.waited_for_source(exit_code, text):
             return int(sup.start_rsync(parser))
         outcome, message = outcome_of(exit_code, sig, text)
-        if self.error is None and outcome in GOOD:
+        if self.error is None and outcome in GOOD_OUTCOMES:
             # the guard, on the whole source's file list, before the base loses an entry
             outcome, message = sup.guarded(outcome, message, dry)
-            if outcome not in GOOD:
+            if outcome not in GOOD_OUTCOMES:
                 return int(sup.finish(outcome, exit_code, sig, message, parser, text))
             try:
                 self.finish(dry.stats.files_transferred)
             except (OSError, ReleaseSyncError) as e:
                 self.error = str(e)
-        if self.error is not None or outcome not in GOOD:
+        if self.error is not None or outcome not in GOOD_OUTCOMES:
             ended = OUTCOME_FAILED if self.error else outcome
             why = self.error or f"dry run: {message}"
             return int(sup.finish(ended, exit_code, sig, why, parser, text))
@@ -131,7 +130,7 @@ class TwoPass:
             if sup.kill_requested:  # stopped while it waited
                 return OUTCOME_KILLED, "stopped by rkill"
         ended, why = outcome_of(exit_code, sig, text)
-        if ended in GOOD:
+        if ended in GOOD_OUTCOMES:
             return (outcome if ended == OUTCOME_OK else ended), message or why
         return ended, f"setting the top directory: {why}"
 
@@ -172,9 +171,7 @@ class TwoPass:
         self._names = self._spool()
         self._doomed = self._spool()
         try:
-            self._root = os.open(
-                self.dest, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-            )
+            self._root = _open_dir(self.dest)
         except OSError as e:
             raise ReleaseSyncError(f"cannot open {self.dest}: {e.strerror}") from e
         top = os.fstat(self._root)
@@ -192,7 +189,7 @@ class TwoPass:
             shutil.rmtree(path)
         os.mkdir(path, 0o700)
         self._scratch_path = path
-        return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        return _open_dir(path)
 
     def _spool(self) -> int:
         """An anonymous file in `spool_dir` (the agent's state directory): gone with its fd."""
@@ -299,9 +296,7 @@ class TwoPass:
         fd = os.dup(self._root)
         for part in parts[:-1]:
             try:
-                child = os.open(
-                    part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd
-                )
+                child = _open_dir(part, fd)
             except OSError as e:
                 os.close(fd)
                 if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
@@ -353,6 +348,12 @@ class TwoPass:
                 # in a dry run, then keeps it ("cannot delete non-empty directory")
                 return
             raise ReleaseSyncError(f"cannot delete {name!r} from the base: {e.strerror}") from e
+
+
+def _open_dir(path: str | bytes, dir_fd: int | None = None) -> int:
+    """A directory, never through a symlink (ELOOP/ENOTDIR otherwise)."""
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    return os.open(path, flags, dir_fd=dir_fd)
 
 
 def _unchanged(code: bytes) -> bool:

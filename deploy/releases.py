@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, NamedTuple
 
-from deploy.jobstate import OUTCOME_OK, OUTCOME_WARNING, read_state, write_state
+from deploy.jobstate import GOOD_OUTCOMES, OUTCOME_OK, read_state, write_state
 from deploy.process import is_same_process
 from deploy.release_layout import (
     BASE,
@@ -22,12 +22,16 @@ from deploy.release_layout import (
     default_releases_path,
     new_release_id,
 )
+from deploy.release_rules import (
+    STATE_BAD,
+    STATE_GOOD,
+    STATE_LIVE,
+    STATE_PARTIAL,
+    STATE_STAGED,
+    cleanup_plan,
+    previous_good,
+)
 
-STATE_LIVE = "live"
-STATE_STAGED = "staged"
-STATE_GOOD = "good"
-STATE_BAD = "bad"
-STATE_PARTIAL = "partial"
 OUTCOME_CHECK_FAILED = "check_failed"
 # a release record's `base`: its partial started as a prepared base (deploy.release_sync)
 BASE_PREPARED = "prepared"
@@ -54,8 +58,8 @@ class ReleaseSpec(NamedTuple):
     check_timeout: float = 30.0
     rollback_on_failed_check: bool = True
     label: str = ""
-    # with link_dest: new releases made in two passes from a prepared base (the group's rsync
-    # options allow it, see deploy.release_sync.eligible)
+    # new releases made in two passes from a prepared base: link_dest, and rsync options that
+    # allow it (deploy.release_argv.eligible)
     two_pass: bool = False
     two_pass_min_files: int = 2000
     extra: dict[str, Any] = {}  # shared by every spec that has none: never changed in place
@@ -74,33 +78,6 @@ def history_file(state_dir: str, checksum: str) -> str:
 
 def spec_paths(src: str, releases_path: str | None) -> str:
     return releases_path or default_releases_path(src)
-
-
-# -- pure rules over the records
-
-
-def previous_good(records: list[dict[str, Any]], live: str | None) -> str | None:
-    """The rollback target: the good release other than the live one activated last."""
-    good = [r for r in records if r["state"] == STATE_GOOD and r["id"] != live]
-    good.sort(key=lambda r: (r.get("activated") or 0, r["id"]))
-    return good[-1]["id"] if good else None
-
-
-def cleanup_plan(records: list[dict[str, Any]], live: str | None, keep: int) -> list[str]:
-    """The releases to delete: good ones beyond the `keep` newest (the live one counts), bad ones
-    but the newest, staged ones older than the live one; never the live release, the rollback
-    target, or a partial."""
-    protected = {live, previous_good(records, live)}
-    newest_first = sorted(records, key=lambda r: r["id"], reverse=True)
-    good = [r["id"] for r in newest_first if r["state"] == STATE_GOOD or r["id"] == live]
-    bad = [r["id"] for r in newest_first if r["state"] == STATE_BAD and r["id"] != live]
-    staged = [
-        r["id"]
-        for r in newest_first
-        if r["state"] == STATE_STAGED and r["id"] != live and live is not None and r["id"] < live
-    ]
-    doomed = good[keep:] + bad[1:] + staged
-    return sorted(i for i in doomed if i not in protected)
 
 
 # -- the history file
@@ -203,7 +180,7 @@ class ReleaseHistory:
         spares = [i for i in layout.spares() if i in data.get("privateSpares", [])]
         # Two passes privatize every entry they change (deploy.release_sync), so a base made
         # of hard links is safe for them: a prepared base, or a partial they left.
-        two_pass = self.spec.link_dest and self.spec.two_pass
+        two_pass = self.spec.two_pass
         resumable_two = [
             r["id"] for r in records if r["id"] in leftovers and r.get("base") == BASE_PREPARED
         ]
@@ -231,9 +208,10 @@ class ReleaseHistory:
             layout.doom(SPARE + old)
         for name in layout.scratches():
             layout.doom(name)  # a killed two-pass sync's (none runs now: this one starts)
-        # older copies (the newest stays for a later sync when a leftover partial was taken),
-        # or every one once the group has no two passes
-        for old in bases[:-1] if base in resumable_two else bases if two_pass else layout.bases():
+        # one base at most: the newest stays for a later sync when a leftover partial was
+        # taken; none once the group has no two passes
+        stale = bases if two_pass else layout.bases()
+        for old in stale[:-1] if base in resumable_two else stale:
             layout.doom(BASE + old)
         data["privateSpares"] = []
         data["releases"] = records = [r for r in records if r["id"] not in leftovers]
@@ -281,7 +259,7 @@ class ReleaseHistory:
         if record is None:
             raise ReleaseError(f"release {release_id} is not in the history")
         record.update(outcome=outcome, files=files, bytes=size)
-        if outcome not in (OUTCOME_OK, OUTCOME_WARNING):
+        if outcome not in GOOD_OUTCOMES:
             self.save(data)
             return False, None
         self.layout.stage_to_release(release_id)

@@ -22,11 +22,10 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 from deploy.jobstate import (
+    GOOD_OUTCOMES,
     OUTCOME_FAILED,
     OUTCOME_KILLED,
-    OUTCOME_OK,
     OUTCOME_REFUSED,
-    OUTCOME_WARNING,
     STATE_ENDED,
     STATE_RUNNING,
     STATE_STARTING,
@@ -49,7 +48,6 @@ from deploy.source_retry import SourceRetry, sleep_unless, source_busy
 from deploy.supervise_argv import USAGE, UsageError, parse_args
 from deploy.supervise_record import SyncRecord
 
-GOOD = (OUTCOME_OK, OUTCOME_WARNING)
 PROGRESS_INTERVAL = 0.5
 READY_AFTER = 1.0
 # Once rsync itself has exited, how long its forked children may keep our pipes open.
@@ -235,7 +233,7 @@ class Supervisor:
             return self.start_rsync(parser)
         else:
             outcome, message = outcome_of(exit_code, sig, text)
-            if self.two_pass is not None and outcome in GOOD:  # guarded after its dry run
+            if self.two_pass is not None and outcome in GOOD_OUTCOMES:  # guarded after its dry run
                 outcome, message = self.two_pass.top_pass(self, outcome, message)
             elif self.two_pass is None:
                 outcome, message = self.guarded(outcome, message, parser)
@@ -306,7 +304,7 @@ class Supervisor:
         """The guard of a release-mode sync: rsync filled the partial from a source that lists
         no files (its stats say so, else the listing), which must not become the live release.
         None when neither can tell. `parser`: the run whose file list is the whole source."""
-        if not (self.refuse_empty and self.release_mode() and outcome in GOOD):
+        if not (self.refuse_empty and self.release_mode() and outcome in GOOD_OUTCOMES):
             return False
         said = synced_nothing(parser.stats.files, parser.file_kinds, self.argv)
         return self.source_is_empty() if said is None else said
